@@ -1,0 +1,75 @@
+"""LLMDeployment spec -> memory plan: the glue between the user's contract and the memory model."""
+
+from __future__ import annotations
+
+from kvpilot.operator.spec import LLMDeploymentSpec
+from kvpilot.runtime.devices import Device, GiB, custom_gpu, gpu_from_catalog, local_device, parse_quantity
+from kvpilot.runtime.model_facts import ModelFacts, resolve_model
+from kvpilot.runtime.planner import Plan, PlanRequest, plan
+
+# Memory a CPU pod plans with when its spec sets no memory limit.
+DEFAULT_CPU_POD_MEMORY = 16 * GiB
+
+
+def model_facts(spec: LLMDeploymentSpec) -> ModelFacts:
+    arch = spec.model.architecture
+    if arch is None:
+        return resolve_model(spec.model.source)
+    return ModelFacts(
+        name=spec.model.name.split("/")[-1],
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads or arch.num_heads,
+        head_dim=arch.head_dim or arch.hidden_size // arch.num_heads,
+        intermediate_size=arch.intermediate_size,
+        vocab_size=arch.vocab_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        qkv_bias=arch.qkv_bias,
+    )
+
+
+def target_device(spec: LLMDeploymentSpec) -> Device:
+    """The device the spec asks for: a catalog GPU, a custom GPU, or CPU pods."""
+    gpu = spec.gpu
+    if gpu.type == "cpu":
+        limits = (spec.runtime.resources or {}).get("limits", {})
+        memory = parse_quantity(limits["memory"]) if "memory" in limits else DEFAULT_CPU_POD_MEMORY
+        return Device("cpu", memory, 0.0, False, kind="cpu")
+    if gpu.memory:
+        base = gpu_from_catalog(gpu.type) if gpu.type else None
+        custom = custom_gpu(gpu.memory, fp8=gpu.fp8 or bool(base and base.fp8))
+        return custom if base is None else Device(base.name, custom.memory_bytes, base.bandwidth_gbps,
+                                                  base.fp8, base.bf16, base.product_label)
+    return gpu_from_catalog(gpu.type or "")
+
+
+def plan_request(spec: LLMDeploymentSpec, gpus_per_node: int | None = None) -> PlanRequest:
+    return PlanRequest(
+        max_context=spec.serving.max_context_length,
+        concurrency=spec.serving.concurrency,
+        max_batched_tokens=spec.serving.max_batched_tokens,
+        max_num_seqs=spec.serving.max_num_seqs,
+        quantization=spec.quantization,
+        kv_dtype=spec.kv_cache.dtype,
+        block_size=spec.kv_cache.block_size,
+        gpu_memory_utilization=spec.gpu_memory_utilization,
+        optimize=spec.serving.optimize,
+        gpus_per_node=gpus_per_node or spec.gpu.per_node,
+        max_gpus_per_replica=spec.gpu.max_per_replica,
+    )
+
+
+def plan_deployment(spec: LLMDeploymentSpec, device: Device | None = None,
+                    gpus_per_node: int | None = None) -> Plan:
+    """Plan the spec for its own GPU type, or for `device` (`kvpilot up` passes the local one)."""
+    if device is not None and device.kind == "cpu":
+        gpus_per_node = 1
+    return plan(model_facts(spec), device or target_device(spec), plan_request(spec, gpus_per_node))
+
+
+def local_plan(spec: LLMDeploymentSpec) -> Plan:
+    """Plan for this machine: its GPUs if pynvml finds any, else its CPU and RAM."""
+    device, count = local_device()
+    return plan_deployment(spec, device, gpus_per_node=count)

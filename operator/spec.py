@@ -1,0 +1,195 @@
+"""The LLMDeployment custom resource: the user's contract, as pydantic v2 models.
+
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+`crds/llmdeployment.yaml` is generated from these models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "kvpilot.io"
+API_VERSION = "v1alpha1"
+KIND = "LLMDeployment"
+DEFAULT_IMAGE = "ghcr.io/kvpilot/runtime:0.1.0"
+
+Quantization = Literal["auto", "fp32", "bf16", "fp16", "fp8", "int8", "int4"]
+KVDtype = Literal["auto", "fp32", "bf16", "fp16", "fp8"]
+
+
+class SpecError(ValueError):
+    """A manifest that cannot be read or does not match the LLMDeployment schema."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Architecture(_Model):
+    """Model facts given inline, for models outside the catalog (names as in a HF config.json)."""
+
+    num_layers: int = Field(ge=1, description="Decoder layers (num_hidden_layers).")
+    hidden_size: int = Field(ge=1, description="Hidden size.")
+    num_heads: int = Field(ge=1, description="Query heads (num_attention_heads).")
+    num_kv_heads: int | None = Field(None, ge=1, description="KV heads; defaults to numHeads (no GQA).")
+    head_dim: int | None = Field(None, ge=1, description="Head dimension; defaults to hiddenSize / numHeads.")
+    intermediate_size: int = Field(ge=1, description="MLP intermediate size.")
+    vocab_size: int = Field(ge=1, description="Vocabulary size.")
+    max_position_embeddings: int = Field(4096, ge=1, description="Longest context the model was trained for.")
+    tie_word_embeddings: bool = Field(False, description="lm_head shares the embedding matrix.")
+    qkv_bias: bool = Field(False, description="q/k/v projections have biases (Qwen2).")
+
+
+class ModelSource(_Model):
+    source: str = Field(min_length=1, description=(
+        "Where the weights are: hf://org/name, pvc://claim/path, file:///path (a HF directory or a "
+        ".gguf file), or a catalog name such as llama-3.1-8b."))
+    served_name: str | None = Field(None, description="Model name the OpenAI API answers to; defaults to the source's name.")
+    architecture: Architecture | None = Field(None, description="Inline model facts for models outside the catalog.")
+    revision: str | None = Field(None, description="Git revision (branch, tag or commit) of an hf:// source.")
+    token_secret: str | None = Field(None, description="Secret with key HF_TOKEN, for gated hf:// models.")
+
+    @property
+    def name(self) -> str:
+        return self.served_name or self.source.split("://", 1)[-1].rstrip("/")
+
+
+class GPU(_Model):
+    type: str | None = Field(None, description="GPU type from the catalog (h100-80gb, a100-80gb, l4, ...) or cpu.")
+    memory: str | None = Field(None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+                               description="Memory of a custom GPU (e.g. 48Gi); overrides the catalog's figure.")
+    fp8: bool = Field(False, description="A custom GPU supports fp8 (Ada or Hopper).")
+    per_node: int = Field(8, ge=1, le=64, description="GPUs on one node.")
+    max_per_replica: int | None = Field(None, ge=1, description=(
+        "Most GPUs one replica may use; unset: one node, or up to 4 nodes when one cannot hold the model."))
+
+    @model_validator(mode="after")
+    def _type_or_memory(self) -> GPU:
+        if not self.type and not self.memory:
+            raise ValueError("set gpu.type (a catalog name or cpu) or gpu.memory (a custom GPU)")
+        return self
+
+
+class KVCache(_Model):
+    dtype: KVDtype = Field("auto", description="KV cache dtype; auto: the compute dtype, fp8 if more room is needed.")
+    block_size: Literal[8, 16, 32] = Field(16, description="Tokens per KV block.")
+
+
+class Serving(_Model):
+    max_context_length: int | None = Field(None, ge=1, description="Longest prompt + completion; defaults to the model's.")
+    concurrency: int = Field(1, ge=1, description="Sequences at full context each replica must hold at once.")
+    max_batched_tokens: int | None = Field(None, ge=1, description="Token budget of one engine step (chunked prefill).")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences running at once per replica.")
+    optimize: Literal["quality", "cost"] = Field("quality", description=(
+        "quality: more GPUs before lower precision; cost: lower precision before more GPUs."))
+
+
+class Autoscaling(_Model):
+    enabled: bool = Field(False, description="Scale replicas on KV-cache utilisation.")
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(4, ge=1, description="Most replicas.")
+    target_kv_cache_utilization: float = Field(0.7, gt=0, le=1, alias="targetKVCacheUtilization",
+                                               description="Average KV-cache use (0..1) to hold.")
+    scale_up_stabilization_seconds: int = Field(0, ge=0, description="Window before scaling up.")
+    scale_down_stabilization_seconds: int = Field(300, ge=0, description="Window before scaling down.")
+    mode: Literal["operator", "hpa", "keda"] = Field("operator", description="Who scales: the operator, an HPA or KEDA.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.minReplicas ({self.min_replicas}) must be <= "
+                             f"autoscaling.maxReplicas ({self.max_replicas})")
+        return self
+
+
+class EnvVar(_Model):
+    name: str = Field(min_length=1)
+    value: str | None = None
+    value_from: dict[str, Any] | None = None
+
+
+class Runtime(_Model):
+    image: str = Field(DEFAULT_IMAGE, description="Runtime container image.")
+    resources: dict[str, dict[str, str]] | None = Field(None, description="Extra requests/limits (cpu, memory).")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra runtime arguments.")
+
+
+class LLMDeploymentSpec(_Model):
+    model: ModelSource
+    gpu: GPU
+    quantization: Quantization = Field("auto", description="Weight quantization; auto picks by the policy.")
+    kv_cache: KVCache = Field(default_factory=KVCache)
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="Fraction of each GPU's memory to use.")
+    serving: Serving = Field(default_factory=Serving)
+    replicas: int = Field(1, ge=0, description="Replicas (ignored while autoscaling is enabled).")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    runtime: Runtime = Field(default_factory=Runtime)
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str | None = None
+
+
+class LLMDeployment(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+    api_version: Literal["kvpilot.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["LLMDeployment"]
+    metadata: Metadata
+    spec: LLMDeploymentSpec
+
+
+def describe_errors(err: ValidationError, prefix: str = "") -> str:
+    """pydantic's errors as `field.path: what is wrong (got value)`, one per line."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        message = e["msg"].removeprefix("Value error, ")
+        got = "" if e["type"] in ("missing", "value_error") else f" (got {e['input']!r})"
+        lines.append(f"{path or 'manifest'}: {message}{got}")
+    return "; ".join(lines)
+
+
+def parse_spec(spec: dict[str, Any]) -> LLMDeploymentSpec:
+    try:
+        return LLMDeploymentSpec.model_validate(spec)
+    except ValidationError as err:
+        raise SpecError(describe_errors(err, "spec")) from None
+
+
+def parse_manifest(data: Any) -> LLMDeployment:
+    if not isinstance(data, dict):
+        raise SpecError("manifest: expected a YAML mapping with apiVersion, kind, metadata and spec")
+    try:
+        return LLMDeployment.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(describe_errors(err)) from None
+
+
+def load_manifest(path: str | Path) -> LLMDeployment:
+    """Read one LLMDeployment from a YAML file, with errors that name the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
+    deployments = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(deployments) != 1:
+        raise SpecError(f"{path}: expected one {KIND}, found {len(deployments)}")
+    try:
+        return parse_manifest(deployments[0])
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
