@@ -1,0 +1,73 @@
+"""`kvpilot plan`: tables for people, JSON for machines, one line and exit 2 for mistakes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvpilot.runtime.cli import main
+from kvpilot.runtime.devices import local_device
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvpilot.runtime.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_plan_manifest_table():
+    result = run("plan", "examples/llama-3.1-70b.yaml")
+    assert result.returncode == 0, result.stderr
+    for words in ("llama-3.1-70b", "tensor parallel", "KV cache", "weights", "headroom", "why:"):
+        assert words in result.stdout
+
+
+def test_plan_flags_json(capsys):
+    assert main(["plan", "--model", "llama-3.1-70b", "--gpu", "h100-80gb", "--max-context", "32768",
+                 "--concurrency", "16", "--output", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tensor_parallel"] == 8 and data["quantization"] == "bf16"
+    assert data["kv_capacity_sequences"] >= 16 and data["reasons"]
+
+
+def test_plan_overrides_on_manifest(capsys):
+    assert main(["plan", "examples/llama-3.1-70b.yaml", "--optimize", "cost", "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantization"] == "int4"
+
+
+def test_plan_local_machine(capsys):
+    assert main(["plan", "--model", "smollm2-135m", "--gpu", "local", "--max-context", "2048",
+                 "--output", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    local = local_device()[0]
+    assert (data["device"], data["device_kind"]) == (local.name, local.kind)
+    assert data["memory"]["headroom"] >= 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["plan", "--model", "llama-9000", "--gpu", "h100"], "not in the catalog"),
+    (["plan", "--model", "llama-3.1-8b", "--gpu", "b300"], "GPU type 'b300' is not in the catalog"),
+    (["plan", "--model", "llama-3.1-405b", "--gpu", "l4", "--max-gpus", "1"], "does not fit on l4"),
+    (["plan", "--model", "llama-3.1-8b", "--gpu", "h100", "--concurrency", "0"], "greater than or equal to 1"),
+    (["plan", "missing.yaml"], "missing.yaml: cannot read"),
+    (["plan"], "give a manifest, or --model and --gpu"),
+    (["plan", "--output", "xml", "--model", "x"], "invalid choice: 'xml'"),
+    (["launch"], "invalid choice: 'launch'"),
+])
+def test_mistakes_are_one_line_and_exit_2(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: kvpilot.io/v1alpha1\nkind: LLMDeployment\nspec: {model: [\n")
+    result = run("plan", str(bad))
+    assert result.returncode == 2 and "malformed YAML" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
