@@ -19,10 +19,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from kvpilot.runtime.devices import GiB, MiB, Device
+from kvpilot.runtime.devices import Device, GiB, MiB
 from kvpilot.runtime.model_facts import ModelFacts
 from kvpilot.runtime.quantization import (
-    DTYPE_BYTES, QUANT_MODES, kv_bytes_per_token, tp_compatible, weight_bytes_by_part,
+    DTYPE_BYTES,
+    QUANT_MODES,
+    kv_bytes_per_token,
+    tp_compatible,
+    weight_bytes_by_part,
 )
 
 # Non-torch memory of a CUDA runtime process: the CUDA context, cuBLAS workspaces and the loaded
