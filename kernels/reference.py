@@ -1,5 +1,5 @@
-"""Plain-torch references of every kernel: the CPU path and the ground truth the Triton kernels
-are tested against.
+"""Plain-torch references of every attention/cache kernel: the CPU path and the ground truth the
+Triton kernels are tested against.
 
 Shapes (the paged KV layout shared by the runtime and every kernel):
 - k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], one pair per layer;
@@ -8,13 +8,22 @@ Shapes (the paged KV layout shared by the runtime and every kernel):
   (padding).
 - block_tables: [num_seqs, max_blocks_per_seq] int32, unused entries arbitrary.
 - context_lens: [num_seqs] int32, tokens in the cache for each sequence (new ones included).
+  A sequence with context_len 0 (batch padding) gets an all-zero output.
+- query head h reads KV head h // (num_heads // num_kv_heads) (GQA / MQA).
+
+The batched functions (`paged_attention_decode_ref`, `paged_attention_prefill_ref`) gather every
+sequence's blocks at once and run one masked SDPA in fp32: this is what the CPU engine serves with.
+The `*_naive` functions walk one sequence at a time with an explicit softmax; tests hold the batched
+ones to them.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
 
 
 def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -26,9 +35,77 @@ def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
     blocks, offsets = slots // block_size, slots % block_size
     for cache, new, scale in ((k_cache, key[keep], k_scale), (v_cache, value[keep], v_scale)):
         if cache.dtype == FP8:
-            new = (new.float() / scale).clamp(-448.0, 448.0)
+            new = (new.float() / scale).clamp(-FP8_MAX, FP8_MAX)
         cache[blocks, offsets] = new.to(cache.dtype)
 
+
+def gather_kv_padded(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, length: int,
+                     scale: float = 1.0) -> torch.Tensor:
+    """Every sequence's first `length` slots, [num_seqs, length, num_kv_heads, head_dim] in fp32.
+
+    Slots past a sequence's own context length hold whatever block 0 holds; callers mask them.
+    """
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    table = block_tables[:, :num_blocks].long()
+    owned = torch.arange(num_blocks, device=table.device) * block_size < context_lens.long().unsqueeze(1)
+    table = torch.where(owned, table, 0)  # unused table entries are arbitrary: never index with them
+    out = cache[table].flatten(1, 2)[:, :length].float()
+    return out * scale if cache.dtype == FP8 else out
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q [S, n, H, D], k/v [S, L, KVH, D], mask [S, n, L] (True = attend) -> [S, n, H, D] fp32."""
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
+    out = out.transpose(1, 2)
+    return torch.where(mask.any(-1)[..., None, None], out, 0.0)  # nothing to attend to: zeros, not NaN
+
+
+def paged_attention_decode_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """One query token per sequence, query [num_seqs, H, D] -> [num_seqs, H, D] in query's dtype."""
+    max_len = int(context_lens.max()) if context_lens.numel() else 0
+    if max_len == 0:
+        return torch.zeros_like(query)
+    k = gather_kv_padded(k_cache, block_tables, context_lens, max_len, k_scale)
+    v = gather_kv_padded(v_cache, block_tables, context_lens, max_len, v_scale)
+    mask = torch.arange(max_len, device=query.device) < context_lens.long().unsqueeze(1)
+    out = _masked_attention(query.unsqueeze(1), k, v, mask.unsqueeze(1), scale)
+    return out.squeeze(1).to(query.dtype)
+
+
+def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                context_lens: torch.Tensor, scale: float,
+                                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """A chunk of query tokens per sequence, packed: query [total_q, H, D], cu_seqlens_q [num_seqs + 1].
+
+    The chunk's own K/V are already in the cache; sequence i's queries are its last
+    `cu_seqlens_q[i+1] - cu_seqlens_q[i]` tokens of `context_lens[i]`, attending causally.
+    """
+    out = torch.zeros_like(query)
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    if query.shape[0] == 0 or q_lens.numel() == 0:
+        return out
+    max_q, max_len = int(q_lens.max()), int(context_lens.max())
+    steps = torch.arange(max_q, device=query.device)
+    rows = cu_seqlens_q[:-1].long().unsqueeze(1) + steps  # [S, max_q] row of each padded query
+    is_query = steps < q_lens.unsqueeze(1)
+    positions = (context_lens.long() - q_lens).unsqueeze(1) + steps  # each query token's place in its sequence
+    q = query[rows.clamp(max=query.shape[0] - 1)]
+    k = gather_kv_padded(k_cache, block_tables, context_lens, max_len, k_scale)
+    v = gather_kv_padded(v_cache, block_tables, context_lens, max_len, v_scale)
+    key_pos = torch.arange(max_len, device=query.device)
+    mask = (key_pos <= positions.unsqueeze(-1)) & (key_pos < context_lens.long()[:, None, None])
+    attended = _masked_attention(q, k, v, mask, scale)
+    out[rows[is_query]] = attended[is_query].to(query.dtype)
+    return out
+
+
+# --- one sequence at a time: the oracle the batched references are tested against -------------
 
 def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, length: int, scale: float = 1.0) -> torch.Tensor:
     """One sequence's first `length` cached tokens, [length, num_kv_heads, head_dim], in fp32."""
@@ -41,6 +118,8 @@ def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, length: int, s
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None) -> torch.Tensor:
     """q [n, H, D], k/v [L, KVH, D] (fp32) -> [n, H, D]; query i sits at position causal_offset + i."""
+    if k.shape[0] == 0:
+        return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
@@ -52,10 +131,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
     return torch.einsum("hnl,lhd->nhd", scores.softmax(dim=-1), v)
 
 
-def paged_attention_decode_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """One query token per sequence, query [num_seqs, H, D] -> [num_seqs, H, D] in query's dtype."""
+def paged_attention_decode_naive(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                 k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     out = torch.empty_like(query)
     for i, length in enumerate(context_lens.tolist()):
         k = gather_kv_ref(k_cache, block_tables[i], length, k_scale)
@@ -64,15 +142,10 @@ def paged_attention_decode_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
     return out
 
 
-def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                                context_lens: torch.Tensor, scale: float,
-                                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """A chunk of query tokens per sequence, packed: query [total_q, H, D], cu_seqlens_q [num_seqs + 1].
-
-    The chunk's own K/V are already in the cache; sequence i's queries are its last
-    `cu_seqlens_q[i+1] - cu_seqlens_q[i]` tokens of `context_lens[i]`, attending causally.
-    """
+def paged_attention_prefill_naive(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                  context_lens: torch.Tensor, scale: float,
+                                  k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     out = torch.empty_like(query)
     starts = cu_seqlens_q.tolist()
     for i, length in enumerate(context_lens.tolist()):

@@ -34,7 +34,7 @@ def target_device(spec: LLMDeploymentSpec) -> Device:
     """The device the spec asks for: a catalog GPU, a custom GPU, or CPU pods."""
     gpu = spec.gpu
     if gpu.type == "cpu":
-        limits = (spec.runtime.resources or {}).get("limits", {})
+        limits = spec.runtime.resources.limits if spec.runtime.resources else {}
         memory = parse_quantity(limits["memory"]) if "memory" in limits else DEFAULT_CPU_POD_MEMORY
         return Device("cpu", memory, 0.0, False, kind="cpu")
     if gpu.memory:
@@ -62,11 +62,14 @@ def plan_request(spec: LLMDeploymentSpec, gpus_per_node: int | None = None) -> P
 
 
 def plan_deployment(spec: LLMDeploymentSpec, device: Device | None = None,
-                    gpus_per_node: int | None = None) -> Plan:
-    """Plan the spec for its own GPU type, or for `device` (`kvpilot up` passes the local one)."""
+                    gpus_per_node: int | None = None, facts: ModelFacts | None = None) -> Plan:
+    """Plan the spec for its own GPU type, or for `device` (`kvpilot up` passes the local one).
+
+    `facts` overrides what the spec and the catalog say (the operator passes facts it fetched from
+    the hub for models outside the catalog)."""
     if device is not None and device.kind == "cpu":
         gpus_per_node = 1
-    return plan(model_facts(spec), device or target_device(spec), plan_request(spec, gpus_per_node))
+    return plan(facts or model_facts(spec), device or target_device(spec), plan_request(spec, gpus_per_node))
 
 
 def local_plan(spec: LLMDeploymentSpec) -> Plan:

@@ -1,7 +1,9 @@
 """The LLMDeployment custom resource: the user's contract, as pydantic v2 models.
 
 Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
-`crds/llmdeployment.yaml` is generated from these models.
+`crds/llmdeployment.yaml` is generated from these models (`kvpilot crd`). Cross-field rules live
+twice, side by side: a pydantic validator (for `kvpilot plan` and `kvpilot up`, which never see an API
+server) and the same rule in CEL under `x-kubernetes-validations` (for `kubectl apply`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,22 @@ DEFAULT_IMAGE = "ghcr.io/kvpilot/runtime:0.1.0"
 
 Quantization = Literal["auto", "fp32", "bf16", "fp16", "fp8", "int8", "int4"]
 KVDtype = Literal["auto", "fp32", "bf16", "fp16", "fp8"]
+Quantity = str | int  # a Kubernetes quantity: 4Gi, 500m or 2 (int-or-string in the CRD)
+# DNS-1035: the name also names the Service, which must start with a letter.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
 class SpecError(ValueError):
     """A manifest that cannot be read or does not match the LLMDeployment schema."""
+
+
+def cel(rule: str, message: str) -> dict[str, str]:
+    """One CEL rule of the CRD, beside the pydantic validator that enforces the same thing."""
+    return {"rule": rule, "message": message}
+
+
+def cel_rules(*rules: dict[str, str]) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
 
 
 class _Model(BaseModel):
@@ -46,10 +60,13 @@ class Architecture(_Model):
 
 
 class ModelSource(_Model):
+    """Which model to serve and where its weights come from."""
+
     source: str = Field(min_length=1, description=(
         "Where the weights are: hf://org/name, pvc://claim/path, file:///path (a HF directory or a "
         ".gguf file), or a catalog name such as llama-3.1-8b."))
-    served_name: str | None = Field(None, description="Model name the OpenAI API answers to; defaults to the source's name.")
+    served_name: str | None = Field(None, description=(
+        "Model name the OpenAI API answers to; defaults to the source's name."))
     architecture: Architecture | None = Field(None, description="Inline model facts for models outside the catalog.")
     revision: str | None = Field(None, description="Git revision (branch, tag or commit) of an hf:// source.")
     token_secret: str | None = Field(None, description="Secret with key HF_TOKEN, for gated hf:// models.")
@@ -60,6 +77,11 @@ class ModelSource(_Model):
 
 
 class GPU(_Model):
+    """The accelerator of each pod: a catalog GPU type, a custom GPU (memory), or cpu."""
+
+    model_config = cel_rules(cel("has(self.type) || has(self.memory)",
+                                 "set gpu.type (a catalog name or cpu) or gpu.memory (a custom GPU)"))
+
     type: str | None = Field(None, description="GPU type from the catalog (h100-80gb, a100-80gb, l4, ...) or cpu.")
     memory: str | None = Field(None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
                                description="Memory of a custom GPU (e.g. 48Gi); overrides the catalog's figure.")
@@ -76,20 +98,45 @@ class GPU(_Model):
 
 
 class KVCache(_Model):
+    """The paged KV cache."""
+
     dtype: KVDtype = Field("auto", description="KV cache dtype; auto: the compute dtype, fp8 if more room is needed.")
     block_size: Literal[8, 16, 32] = Field(16, description="Tokens per KV block.")
 
 
 class Serving(_Model):
-    max_context_length: int | None = Field(None, ge=1, description="Longest prompt + completion; defaults to the model's.")
+    """What each replica must serve at once."""
+
+    model_config = cel_rules(cel(
+        "!has(self.maxNumSeqs) || !has(self.maxBatchedTokens) || self.maxBatchedTokens >= self.maxNumSeqs",
+        "serving.maxBatchedTokens must be >= serving.maxNumSeqs: each running sequence needs a token per step"))
+
+    max_context_length: int | None = Field(None, ge=1, description=(
+        "Longest prompt + completion; defaults to the model's."))
     concurrency: int = Field(1, ge=1, description="Sequences at full context each replica must hold at once.")
     max_batched_tokens: int | None = Field(None, ge=1, description="Token budget of one engine step (chunked prefill).")
     max_num_seqs: int | None = Field(None, ge=1, description="Most sequences running at once per replica.")
     optimize: Literal["quality", "cost"] = Field("quality", description=(
         "quality: more GPUs before lower precision; cost: lower precision before more GPUs."))
 
+    @model_validator(mode="after")
+    def _batch_holds_seqs(self) -> Serving:
+        if self.max_num_seqs and self.max_batched_tokens and self.max_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"serving.maxBatchedTokens ({self.max_batched_tokens}) must be >= "
+                             f"serving.maxNumSeqs ({self.max_num_seqs}): each running sequence needs a "
+                             "token per step")
+        return self
+
 
 class Autoscaling(_Model):
+    """Replicas that follow KV-cache utilisation."""
+
+    model_config = cel_rules(
+        cel("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
+        cel("!self.enabled || self.mode != 'hpa' || self.minReplicas >= 1",
+            "autoscaling.minReplicas 0 needs mode keda or operator: an HPA cannot scale to zero"),
+    )
+
     enabled: bool = Field(False, description="Scale replicas on KV-cache utilisation.")
     min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
     max_replicas: int = Field(4, ge=1, description="Most replicas.")
@@ -97,46 +144,85 @@ class Autoscaling(_Model):
                                                description="Average KV-cache use (0..1) to hold.")
     scale_up_stabilization_seconds: int = Field(0, ge=0, description="Window before scaling up.")
     scale_down_stabilization_seconds: int = Field(300, ge=0, description="Window before scaling down.")
-    mode: Literal["operator", "hpa", "keda"] = Field("operator", description="Who scales: the operator, an HPA or KEDA.")
+    mode: Literal["operator", "hpa", "keda"] = Field("operator", description=(
+        "Who scales: the operator, an HPA (prometheus-adapter serving kv_cache_usage_perc) or KEDA."))
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"autoscaling.minReplicas ({self.min_replicas}) must be <= "
                              f"autoscaling.maxReplicas ({self.max_replicas})")
+        if self.enabled and self.mode == "hpa" and self.min_replicas < 1:
+            raise ValueError("autoscaling.minReplicas 0 needs mode keda or operator: an HPA cannot scale to zero")
         return self
 
 
 class EnvVar(_Model):
-    name: str = Field(min_length=1)
-    value: str | None = None
-    value_from: dict[str, Any] | None = None
+    """An environment variable of the runtime container (as in a pod spec)."""
+
+    model_config = cel_rules(cel("!(has(self.value) && has(self.valueFrom))",
+                                 "set env value or valueFrom, not both"))
+
+    name: str = Field(min_length=1, description="Variable name.")
+    value: str | None = Field(None, description="Literal value.")
+    value_from: dict[str, Any] | None = Field(None, description=(
+        "Source of the value: secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef, as in a pod spec."))
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(f"env {self.name}: set value or valueFrom, not both")
+        return self
+
+
+class Resources(_Model):
+    """Extra compute resources of the runtime container; GPUs come from the plan."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Requests, e.g. cpu: 4, memory: 32Gi.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description=(
+        "Limits; for gpu.type cpu, limits.memory is the memory the plan sizes the model into."))
+
+
+class Toleration(_Model):
+    """A pod toleration (as in a pod spec)."""
+
+    key: str | None = Field(None, description="Taint key; unset with operator Exists tolerates every taint.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value, for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description=(
+        "Taint effect to tolerate; unset: all effects."))
+    toleration_seconds: int | None = Field(None, ge=0, description="For NoExecute: how long the pod stays bound.")
 
 
 class Runtime(_Model):
-    image: str = Field(DEFAULT_IMAGE, description="Runtime container image.")
-    resources: dict[str, dict[str, str]] | None = Field(None, description="Extra requests/limits (cpu, memory).")
+    """The runtime pods: image, extra resources and scheduling."""
+
+    image: str | None = Field(None, min_length=1, description=(
+        f"Runtime container image; default: the operator's (KVPILOT_RUNTIME_IMAGE, else {DEFAULT_IMAGE})."))
+    resources: Resources | None = Field(None, description="Extra requests/limits (cpu, memory).")
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
     extra_args: list[str] = Field(default_factory=list, description="Extra runtime arguments.")
 
 
 class LLMDeploymentSpec(_Model):
-    model: ModelSource
-    gpu: GPU
+    """The desired state: a model, its GPUs and what it must serve."""
+
+    model: ModelSource = Field(description="The model and where its weights come from.")
+    gpu: GPU = Field(description="The accelerator of each pod.")
     quantization: Quantization = Field("auto", description="Weight quantization; auto picks by the policy.")
-    kv_cache: KVCache = Field(default_factory=KVCache)
+    kv_cache: KVCache = Field(default_factory=KVCache, description="The paged KV cache.")
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="Fraction of each GPU's memory to use.")
-    serving: Serving = Field(default_factory=Serving)
+    serving: Serving = Field(default_factory=Serving, description="Context length and concurrency per replica.")
     replicas: int = Field(1, ge=0, description="Replicas (ignored while autoscaling is enabled).")
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
-    runtime: Runtime = Field(default_factory=Runtime)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replicas on KV-cache utilisation.")
+    runtime: Runtime = Field(default_factory=Runtime, description="The runtime pods.")
 
 
 class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
     namespace: str | None = None
 
 

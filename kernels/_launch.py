@@ -1,0 +1,96 @@
+"""What every launcher shares: tile arithmetic, the device's size, and the checks that name bad inputs.
+
+Imported only by the kernel files (so only once Triton is really wanted): it imports triton.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP8 = torch.float8_e4m3fn
+MAX_HEAD_DIM = 256  # one [tile, head_dim] K/V tile and the accumulator must fit in registers
+INTERPRETER_SMS = 4  # "device size" the split heuristics assume on the CPU: keeps interpreted grids small
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small stand-in on the CPU (interpreter)."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_runnable(kernel: object, device: torch.device, what: str) -> None:
+    """Triton kernels run on CUDA, or on the CPU through the interpreter, and nowhere else."""
+    if device.type == "cuda":
+        return
+    if device.type != "cpu":
+        raise ValueError(f"{what}: tensors on {device} are not supported (CUDA runs Triton, CPU the interpreter)")
+    if not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError(
+            f"{what}: CPU tensors need the Triton interpreter, but triton was imported without "
+            "TRITON_INTERPRET=1 (it must be set before the first `import triton` in the process); "
+            "use kvpilot.kernels.ops, which runs the torch reference on CPU unless the interpreter is on")
+
+
+def check_same_device(what: str, **tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise ValueError(f"{what}: all tensors must be on one device, got {devices}")
+    return first
+
+
+def check_last_dim_contiguous(what: str, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{what}: {name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_index_tensor(what: str, name: str, t: torch.Tensor, dim: int) -> None:
+    if t.dim() != dim or t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what}: {name} must be a {dim}-D int32 (or int64) tensor, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+
+
+def check_kv_cache(what: str, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """query [..., H, D] against caches [num_blocks, block_size, KVH, D]: dtypes, head counts, head dim."""
+    if query.dtype not in ATTENTION_DTYPES:
+        raise ValueError(f"{what}: query dtype {query.dtype} is not one of {ATTENTION_DTYPES}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"{what}: k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, "
+                         f"head_dim], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (query.dtype, FP8):
+        raise ValueError(f"{what}: caches must both be {query.dtype} (the query's dtype) or {FP8}, got "
+                         f"{k_cache.dtype} and {v_cache.dtype}")
+    heads, head_dim = query.shape[-2:]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"{what}: query head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{what}: head_dim {head_dim} is not supported (1..{MAX_HEAD_DIM})")
+    if heads % num_kv_heads:
+        raise ValueError(f"{what}: {heads} query heads are not a multiple of {num_kv_heads} KV heads")
+
+
+def fp32_dot(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a kernel should upcast tl.dot operands to fp32 (IEEE): always for fp32 inputs (no TF32),
+    and for bf16 in the interpreter, whose bf16 tl.dot returns garbage (GPUs use the native bf16 dot)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type != "cuda")

@@ -1,0 +1,144 @@
+"""The kopf handlers, thin: read what kopf hands over, call `reconcile.py`, write status and Events.
+
+`build_registry()` registers them on a fresh registry (no import-time side effects, one registry per
+operator run, which is what the tests and the benchmark start several of):
+
+- create / update (spec changes only) / resume / a resync timer -> `reconcile`;
+- delete -> an Event; the children go with the owner (owner references), kopf drops its finalizer;
+- events of every child kind (labelled managed-by kvpilot) -> `restore_child` puts drifted or
+  deleted children back, and the workload's replica counts flow into the owner's status;
+- two in-memory indexes, fed by the same watches: the owners' specs (for child events) and the
+  children by owner (so a reconcile compares with what exists instead of reading it again).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, ApiFault
+from kvpilot.operator.reconcile import (
+    ChildKey,
+    Event,
+    Operator,
+    Outcome,
+    reconcile,
+    restore_child,
+    sync_workload_status,
+)
+from kvpilot.operator.render import MANAGED_BY
+
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+# Backoff of a failed reconcile: 1, 2, 4 ... seconds, capped; kopf retries until it converges.
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_CAP_SECONDS = 300.0
+# The safety net behind the watches: a drift whose restore failed (the API was down when the child
+# event came) is put back within this long. A no-op resync costs no API call (see `reconcile`).
+RESYNC_SECONDS = 300.0
+# Index ids: handlers receive the indexes as keyword arguments of these names.
+OWNERS_INDEX = "owners"
+CHILDREN_INDEX = "children"
+
+
+def backoff(retry: int) -> float:
+    return min(BACKOFF_FIRST_SECONDS * 2 ** retry, BACKOFF_CAP_SECONDS)
+
+
+def owner_name(body: Mapping[str, Any]) -> str | None:
+    refs = body.get("metadata", {}).get("ownerReferences") or []
+    return next((r["name"] for r in refs if r.get("kind") == LLMDEPLOYMENTS.kind and r.get("controller")), None)
+
+
+def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain copy of what the handlers read later (kopf reuses its body views between events)."""
+    return copy.deepcopy({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body})
+
+
+def index_owner(body: kopf.Body, name: str, namespace: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(namespace, name): _snapshot(body)}
+
+
+def index_child(body: kopf.Body, namespace: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
+    owner = owner_name(body)
+    return {(namespace, owner): _snapshot(body)} if owner else None
+
+
+def _post(body: Mapping[str, Any], events: list[Event]) -> None:
+    for event in events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)  # type: ignore[arg-type]
+
+
+def _live(children: kopf.Index, namespace: str, name: str) -> dict[ChildKey, Mapping[str, Any]]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in children.get((namespace, name), [])}
+
+
+def _run(body: kopf.Body, namespace: str, name: str, children: kopf.Index, patch: kopf.Patch,
+         memo: kopf.Memo, retry: int) -> Outcome:
+    try:
+        outcome = reconcile(body, _live(children, namespace, name), memo.operator)
+    except ApiFault as err:
+        kopf.warn(body, reason="ApiError", message=str(err))
+        raise kopf.TemporaryError(str(err), delay=backoff(retry) if err.retryable else BACKOFF_CAP_SECONDS) from err
+    for key, value in outcome.status.items():
+        patch.status[key] = value
+    _post(body, outcome.events)
+    return outcome
+
+
+def on_reconcile(body: kopf.Body, name: str, namespace: str, retry: int, patch: kopf.Patch, memo: kopf.Memo,
+                 children: kopf.Index, **_: Any) -> None:
+    failure = _run(body, namespace, name, children, patch, memo, retry).failure
+    if failure is None:
+        return
+    if failure.retryable:
+        raise kopf.TemporaryError(failure.message, delay=backoff(retry))
+    raise kopf.PermanentError(failure.message)  # until the spec changes; status says why
+
+
+def on_resync(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, memo: kopf.Memo,
+              children: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
+    failure = _run(body, namespace, name, children, patch, memo, retry=0).failure
+    if failure is not None:  # already in the status; the create/update handler owns the retries
+        logger.info(f"resync: not planned ({failure.reason})")
+
+
+def on_delete(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    kopf.info(body, reason="Deleting", message="its children are owned by it and go with it")
+    logger.info("deleted; children follow by owner reference")
+
+
+def on_child_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, owners: kopf.Index,
+                   logger: kopf.Logger, **_: Any) -> None:
+    owner_key = (namespace, owner_name(body))
+    owner = next(iter(owners.get(owner_key, [])), None)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return
+    op: Operator = memo.operator
+    try:
+        events, child = restore_child(owner, body, type == "DELETED", op)
+        if child is not None and body["kind"] in ("Deployment", "LeaderWorkerSet"):
+            sync_workload_status(namespace, owner_key[1], child, op)  # type: ignore[arg-type]
+    except ApiFault as err:  # event handlers are not retried: the resync timer is the net
+        logger.warning(f"{body['kind']} {body['metadata']['name']}: {err}; the resync retries it")
+        return
+    _post(owner, events)
+
+
+def build_registry(resync_seconds: float = RESYNC_SECONDS) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    owners = (LLMDEPLOYMENTS.group, LLMDEPLOYMENTS.version, LLMDEPLOYMENTS.plural)
+    kopf.index(*owners, id=OWNERS_INDEX, registry=registry)(index_owner)
+    kopf.on.create(*owners, id="create", registry=registry)(on_reconcile)
+    kopf.on.update(*owners, id="update", field="spec", registry=registry)(on_reconcile)
+    kopf.on.resume(*owners, id="resume", registry=registry)(on_reconcile)
+    kopf.on.delete(*owners, id="delete", registry=registry)(on_delete)
+    kopf.timer(*owners, id="resync", interval=resync_seconds, initial_delay=resync_seconds,
+               registry=registry)(on_resync)
+    for child in CHILD_RESOURCES.values():
+        what = (child.group, child.version, child.plural)
+        kopf.index(*what, id=CHILDREN_INDEX, labels=MANAGED, registry=registry)(index_child)
+        kopf.on.event(*what, id=f"child-{child.plural}", labels=MANAGED, registry=registry)(on_child_event)
+    return registry

@@ -1,0 +1,198 @@
+"""The operator's one Kubernetes client: plain REST on dicts, and idempotent create-or-patch.
+
+Built once at start-up on the official client's `ApiClient` (auth, TLS, connection pool) and shared
+by every handler thread. Objects stay dicts end to end: the typed models cost a deserialisation per
+call and would drop fields of CRD kinds (LeaderWorkerSet, ScaledObject, ServiceMonitor).
+
+`apply` writes a JSON merge patch computed against the last configuration it applied (kept in an
+annotation, as `kubectl apply` does): fields the operator stopped rendering are removed, fields
+others added (an HPA's replicas, a mutating webhook's sidecar) are left alone. Server-side apply
+would do the same, but the API emulator the tests run against does not speak it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import kubernetes
+import urllib3
+
+from kvpilot.operator.merge import LAST_APPLIED, contains, merge_patch, with_last_applied
+
+# (connect, read) seconds: a write to a healthy API server takes milliseconds; one that takes
+# longer is retried by the caller rather than holding a handler thread.
+REQUEST_TIMEOUT = (5.0, 30.0)
+# Handler threads share one connection pool; kopf runs up to this many sync handlers at once.
+CONNECTION_POOL_SIZE = 32
+# How long an answer to "does the cluster serve this API group?" is trusted: CRDs come and go rarely.
+DISCOVERY_TTL_SECONDS = 60.0
+MERGE_PATCH = "application/merge-patch+json"
+
+Outcome = Literal["created", "patched", "unchanged"]
+
+
+class ApiFault(Exception):
+    """A failed API call. `retryable`: conflicts, throttling, 5xx and timeouts; the caller backs off."""
+
+    def __init__(self, message: str, status: int | None, retryable: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Resource:
+    api_version: str
+    kind: str
+    plural: str
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        path = f"{base}/namespaces/{namespace}/{self.plural}"
+        return "/".join(p for p in (path, name, subresource) if p)
+
+
+LLMDEPLOYMENTS = Resource("kvpilot.io/v1alpha1", "LLMDeployment", "llmdeployments")
+SECRETS = Resource("v1", "Secret", "secrets")
+# Every kind the operator may create for an LLMDeployment (it watches and prunes exactly these).
+CHILD_RESOURCES = {r.kind: r for r in (
+    Resource("apps/v1", "Deployment", "deployments"),
+    Resource("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets"),
+    Resource("v1", "Service", "services"),
+    Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+    Resource("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
+    Resource("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
+    Resource("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors"),
+)}
+
+
+def resource_of(obj: Mapping[str, Any]) -> Resource:
+    resource = CHILD_RESOURCES.get(obj["kind"]) if obj["kind"] != LLMDEPLOYMENTS.kind else LLMDEPLOYMENTS
+    if resource is None or resource.api_version != obj["apiVersion"]:
+        raise ValueError(f"{obj['apiVersion']} {obj['kind']} is not a kind the operator manages")
+    return resource
+
+
+class Kube:
+    def __init__(self, api: kubernetes.client.ApiClient) -> None:
+        self.api = api
+        self._discovery: dict[str, tuple[float, bool]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        """In a pod: its service account; elsewhere: the current kubeconfig context."""
+        config = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=config)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(client_configuration=config)
+        return cls.for_configuration(config)
+
+    @classmethod
+    def for_url(cls, url: str) -> Kube:
+        """A plain-HTTP API endpoint with no auth (the API emulator in tests and benchmarks)."""
+        config = kubernetes.client.Configuration(host=url)
+        return cls.for_configuration(config)
+
+    @classmethod
+    def for_configuration(cls, config: kubernetes.client.Configuration) -> Kube:
+        config.connection_pool_maxsize = CONNECTION_POOL_SIZE
+        return cls(kubernetes.client.ApiClient(config))
+
+    def close(self) -> None:
+        self.api.close()
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        """One API call; the decoded JSON answer, None for 404, ApiFault for every other failure."""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        what = f"{method} {path}"
+        try:
+            _, url, headers, data, _ = self.api.param_serialize(method, path, header_params=headers, body=body,
+                                                                auth_settings=["BearerToken"])
+            response = self.api.call_api(method, url, header_params=headers, body=data,
+                                         _request_timeout=REQUEST_TIMEOUT)
+            payload = response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            raise ApiFault(f"{what}: {type(err).__name__}: {err}", None, retryable=True) from None
+        if response.status == 404:
+            return None
+        if not 200 <= response.status < 300:
+            try:
+                message = json.loads(payload).get("message", "")
+            except (ValueError, AttributeError):
+                message = payload[:200].decode(errors="replace")
+            retryable = response.status in (409, 429) or response.status >= 500
+            raise ApiFault(f"{what}: HTTP {response.status}: {message}", response.status, retryable)
+        return json.loads(payload) if payload else {}
+
+    def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.request("GET", resource.path(namespace, name))
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        return self.request("POST", resource_of(obj).path(obj["metadata"]["namespace"]), obj)
+
+    def patch(self, resource: Resource, namespace: str, name: str, patch: Mapping[str, Any],
+              subresource: str | None = None) -> dict[str, Any] | None:
+        return self.request("PATCH", resource.path(namespace, name, subresource), patch, MERGE_PATCH)
+
+    def delete(self, resource: Resource, namespace: str, name: str) -> None:
+        self.request("DELETE", resource.path(namespace, name), {"propagationPolicy": "Background"})
+
+    def serves(self, api_version: str) -> bool:
+        """Whether the cluster serves an API group/version (a CRD is installed), cached for a minute."""
+        with self._lock:
+            checked_at, answer = self._discovery.get(api_version, (-DISCOVERY_TTL_SECONDS, False))
+        if time.monotonic() - checked_at < DISCOVERY_TTL_SECONDS:
+            return answer
+        path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        answer = self.request("GET", path) is not None
+        with self._lock:
+            self._discovery[api_version] = (time.monotonic(), answer)
+        return answer
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        secret = self.get(SECRETS, namespace, name)
+        value = ((secret or {}).get("data") or {}).get(key)
+        return base64.b64decode(value).decode().strip() if value else None
+
+    def apply(self, desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> tuple[Outcome, Mapping[str, Any]]:
+        """Create `desired`, or patch `live` towards it; nothing when `live` already holds it.
+        Returns what was done and the object as the cluster now holds it.
+
+        `live` is the caller's cached copy (None: not seen). A stale cache costs one extra call:
+        a create that meets 409 reads the object and patches it."""
+        desired = with_last_applied(desired)
+        if live is not None and contains(desired, live):
+            return "unchanged", live
+        resource, meta = resource_of(desired), desired["metadata"]
+        if live is None:
+            try:
+                return "created", self.create(desired)
+            except ApiFault as err:
+                if err.status != 409:
+                    raise
+            live = self.get(resource, meta["namespace"], meta["name"])
+            if live is None:
+                raise ApiFault(f"{desired['kind']} {meta['name']}: exists, then gone", 404, retryable=True)
+            if contains(desired, live):
+                return "unchanged", live
+        previous = json.loads((live.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED) or "null")
+        patched = self.patch(resource, meta["namespace"], meta["name"], merge_patch(previous, desired))
+        if patched is None:
+            raise ApiFault(f"{desired['kind']} {meta['name']}: deleted while being patched", 404, retryable=True)
+        return "patched", patched

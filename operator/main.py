@@ -1,0 +1,100 @@
+"""`kvpilot operator`: kopf running the LLMDeployment handlers.
+
+Namespace scoping (`--namespace`, repeatable, globs allowed; or `--all-namespaces`), a liveness
+endpoint for the pod's probe, and kopf peering so only one of several operator replicas acts
+(each replica takes a random priority; the others stand by until its peering record expires).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import threading
+from dataclasses import dataclass, field
+
+import kopf
+
+from kvpilot.operator.handlers import RESYNC_SECONDS, build_registry
+from kvpilot.operator.hub import Hub
+from kvpilot.operator.kube import CHILD_RESOURCES, Kube
+from kvpilot.operator.reconcile import Operator
+from kvpilot.operator.render import DEFAULT_PROMETHEUS_URL, MANAGED_BY
+from kvpilot.operator.spec import DEFAULT_IMAGE
+
+ANNOTATION_PREFIX = "kvpilot.io"  # kopf's progress and last-handled-spec annotations live here
+FINALIZER = "kvpilot.io/finalizer"
+DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+DEFAULT_PEERING = "kvpilot"
+# Sync handlers run in kopf's thread pool; the Kubernetes client's pool matches it (kube.py).
+HANDLER_THREADS = 32
+# The runtime image for specs that name none; the Helm chart sets it (pinned by digest).
+RUNTIME_IMAGE_ENV = "KVPILOT_RUNTIME_IMAGE"
+# Unique enough that two replicas never tie (a tie pauses both, by kopf's rule).
+PRIORITY_RANGE = (1, 2**31 - 1)
+
+
+@dataclass
+class OperatorConfig:
+    namespaces: list[str] = field(default_factory=list)  # empty: every namespace
+    peering: str | None = DEFAULT_PEERING  # None: standalone, for a single replica
+    priority: int | None = None  # None: random
+    liveness: str | None = DEFAULT_LIVENESS
+    prometheus_url: str = DEFAULT_PROMETHEUS_URL
+    resync_seconds: float = RESYNC_SECONDS
+    runtime_image: str = field(default_factory=lambda: os.environ.get(RUNTIME_IMAGE_ENV, DEFAULT_IMAGE))
+
+
+def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
+    """kopf's settings for this operator (the tests and the benchmark use the same ones)."""
+    # Progress and the last-handled spec in annotations under our prefix; status stays ours alone
+    # (the CRD's structural schema would prune kopf's status fields anyway).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    settings.persistence.finalizer = FINALIZER
+    settings.posting.reporting_component = MANAGED_BY
+    settings.execution.max_workers = HANDLER_THREADS
+    for child in CHILD_RESOURCES.values():  # list and watch only our children, server-side
+        settings.watching.label_selectors[child.group, child.plural] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+    return settings
+
+
+def run(config: OperatorConfig, stop_flag: threading.Event | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    registry = build_registry(config.resync_seconds)
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    operator = Operator(kube=Kube.from_environment(), hub=Hub(), prometheus_url=config.prometheus_url,
+                        runtime_image=config.runtime_image)
+    priority = config.priority if config.priority is not None else random.randint(*PRIORITY_RANGE)
+    try:
+        kopf.run(registry=registry, settings=configure(kopf.OperatorSettings()), memo=kopf.Memo(operator=operator),
+                 namespaces=config.namespaces, clusterwide=not config.namespaces,
+                 standalone=config.peering is None, peering_name=config.peering, priority=priority,
+                 liveness_endpoint=config.liveness, stop_flag=stop_flag)
+    finally:
+        operator.kube.close()
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("operator", help="run the LLMDeployment operator",
+                       description="Reconcile LLMDeployments: plan, render and apply their children.")
+    p.add_argument("-n", "--namespace", action="append", default=[], dest="namespaces",
+                   help="watch this namespace (repeatable; globs like 'ml-*' allowed); default: all")
+    p.add_argument("--peering", default=DEFAULT_PEERING,
+                   help="kopf peering object for several replicas (needs kopf's KopfPeering CRDs)")
+    p.add_argument("--standalone", action="store_true", help="no peering: for exactly one replica")
+    p.add_argument("--priority", type=int, help="peering priority; default: random")
+    p.add_argument("--liveness", default=DEFAULT_LIVENESS, help="liveness endpoint URL ('' to disable)")
+    p.add_argument("--prometheus-url", default=DEFAULT_PROMETHEUS_URL, help="Prometheus for KEDA triggers")
+    p.add_argument("--resync-seconds", type=float, default=RESYNC_SECONDS,
+                   help="full reconcile of every LLMDeployment this often, behind the watches")
+    p.set_defaults(run=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    run(OperatorConfig(namespaces=args.namespaces, peering=None if args.standalone else args.peering,
+                       priority=args.priority, liveness=args.liveness or None,
+                       prometheus_url=args.prometheus_url, resync_seconds=args.resync_seconds))
+    return 0

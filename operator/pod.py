@@ -1,0 +1,197 @@
+"""The runtime pod: container args from the plan, GPUs, weights volume, probes, hardened security.
+
+Pure functions of (deployment, plan, options): no kopf, no Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from kvpilot.operator.planning import DEFAULT_CPU_POD_MEMORY, target_device
+from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, ModelSource
+from kvpilot.runtime import model_facts
+from kvpilot.runtime.devices import GiB
+from kvpilot.runtime.planner import Plan
+
+HTTP_PORT = 8000  # OpenAI API, /health, /ready and /metrics share one port
+PORT_NAME = "http"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set on nodes by NVIDIA's GPU feature discovery
+RUNTIME_UID = 1000  # the runtime image's non-root user; restricted pods must not run as 0
+MODELS_DIR = "/models"
+CACHE_DIR = "/cache"  # HF, Triton and torch caches: the only writable paths besides /tmp
+# NCCL's shared-memory transport between the GPUs of one pod and torch's tensor sharing live in
+# /dev/shm; the container default is 64 MiB, which makes NCCL fail at start-up with TP > 1.
+SHM_SIZE_LIMIT = "8Gi"
+# Loading weights from the local volume and compiling the Triton kernels: 70B bf16 (140 GB) at
+# ~200 MB/s from a network disk is ~12 minutes; the startup probe allows 30.
+STARTUP_SECONDS = 30 * 60
+STARTUP_PERIOD_SECONDS = 10
+READY_PERIOD_SECONDS = 5
+LIVENESS_PERIOD_SECONDS = 10
+LIVENESS_FAILURES = 6  # a minute of no answer: a long prefill step must not read as a dead process
+# Time to finish in-flight requests after SIGTERM: a 4k-token completion at ~40 tokens/s.
+DRAIN_SECONDS = 120
+# Taint NVIDIA's GPU operator and most managed GPU node pools put on GPU nodes.
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+
+Role = Literal["single", "leader", "worker"]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where the runtime reads the weights and how they get there."""
+
+    model_path: str  # what --model gets
+    volume: dict[str, Any] | None  # the `models` volume; None: the path is inside the image
+    repo: str | None = None  # a hub repository to download into the volume first
+    files: tuple[str, ...] = ()  # only these files of it (a single .gguf); empty: all
+    revision: str | None = None
+
+
+@cache
+def _catalog_repos() -> dict[str, list[str]]:
+    text = (Path(model_facts.__file__).parent / "catalog" / "models.json").read_text()
+    return {key: entry["aliases"] for key, entry in json.loads(text).items()}
+
+
+def hub_repo(name: str) -> str:
+    """The hub repository of a catalog name: its instruction-tuned variant, which is what one serves."""
+    aliases = _catalog_repos().get(name.lower(), [])
+    tuned = [a for a in aliases if a.lower().endswith(("-instruct", "-it"))]
+    return (tuned or aliases or [name])[0]
+
+
+def weights(model: ModelSource) -> Weights:
+    scheme, _, path = model.source.partition("://")
+    if not path:  # a catalog name or a bare hub id
+        scheme, path = "hf", hub_repo(model.source) if "/" not in model.source else model.source
+    if scheme == "hf":
+        org, name, *files = path.strip("/").split("/")
+        repo = f"{org}/{name}"
+        local = "/".join((MODELS_DIR, repo, *files))
+        return Weights(local, {"name": "models", "emptyDir": {}}, repo, tuple(files), model.revision)
+    if scheme == "pvc":
+        claim, _, sub = path.partition("/")
+        volume = {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return Weights(f"{MODELS_DIR}/{sub}".rstrip("/"), volume)
+    return Weights("/" + path.lstrip("/"), None)  # file:///path: baked into the image
+
+
+def runtime_args(deployment: LLMDeployment, plan: Plan, model_path: str, role: Role) -> list[str]:
+    spec = deployment.spec
+    args = ["serve", "--model", model_path, "--served-model-name", spec.model.name,
+            "--quantization", plan.quantization, "--kv-cache-dtype", plan.kv_dtype,
+            "--tensor-parallel", str(plan.tensor_parallel), "--num-kv-blocks", str(plan.num_kv_blocks),
+            "--block-size", str(plan.block_size), "--max-model-len", str(plan.max_model_len),
+            "--max-num-seqs", str(plan.max_num_seqs), "--max-num-batched-tokens", str(plan.max_batched_tokens),
+            "--port", str(HTTP_PORT)]
+    if role != "single":  # LeaderWorkerSet injects these variables into every pod of a group
+        args += ["--nnodes", str(plan.nodes), "--node-rank", "$(LWS_WORKER_INDEX)",
+                 "--leader-address", "$(LWS_LEADER_ADDRESS)"]
+    return args + list(spec.runtime.extra_args)
+
+
+def container_resources(deployment: LLMDeployment, plan: Plan) -> dict[str, dict[str, str]]:
+    extra = deployment.spec.runtime.resources
+    requests = {k: str(v) for k, v in (extra.requests if extra else {}).items()}
+    limits = {k: str(v) for k, v in (extra.limits if extra else {}).items()}
+    if plan.device_kind == "cpu":  # the plan sized the model into this much memory
+        memory = limits.get("memory", f"{DEFAULT_CPU_POD_MEMORY // GiB}Gi")
+        limits["memory"] = requests["memory"] = memory
+    else:
+        gpus = str(plan.tensor_parallel // plan.nodes)
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = gpus
+    return {"requests": requests, "limits": limits}
+
+
+def _security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period, "timeoutSeconds": 5,
+            "failureThreshold": failures}
+
+
+def _env(deployment: LLMDeployment, extra: dict[str, str]) -> list[dict[str, Any]]:
+    user = [e.model_dump(by_alias=True, exclude_none=True) for e in deployment.spec.runtime.env]
+    ours = {"HF_HOME": f"{CACHE_DIR}/huggingface", "XDG_CACHE_HOME": CACHE_DIR, "HOME": CACHE_DIR,
+            "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton", "TMPDIR": "/tmp", **extra}
+    taken = {e["name"] for e in user}
+    return [{"name": k, "value": v} for k, v in ours.items() if k not in taken] + user
+
+
+def _download(deployment: LLMDeployment, w: Weights, image: str, hf_endpoint: str | None) -> dict[str, Any]:
+    command = ["hf", "download", w.repo or "", *w.files, "--local-dir", f"{MODELS_DIR}/{w.repo}"]
+    if w.revision:
+        command += ["--revision", w.revision]
+    extra = {"HF_ENDPOINT": hf_endpoint} if hf_endpoint else {}
+    env = _env(deployment, extra)
+    if deployment.spec.model.token_secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": deployment.spec.model.token_secret, "key": "HF_TOKEN"}}})
+    return {"name": "download", "image": image, "command": command, "env": env,
+            "securityContext": _security_context(),
+            "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR},
+                             {"name": "cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}]}
+
+
+def pod_spec(deployment: LLMDeployment, plan: Plan, role: Role = "single", hf_endpoint: str | None = None,
+             default_image: str = DEFAULT_IMAGE) -> dict[str, Any]:
+    spec = deployment.spec
+    w = weights(spec.model)
+    image = spec.runtime.image or default_image
+    serves = role != "worker"
+    container: dict[str, Any] = {
+        "name": "runtime",
+        "image": image,
+        "command": ["python", "-m", "kvpilot.runtime"],
+        "args": runtime_args(deployment, plan, w.model_path, role),
+        "env": _env(deployment, {"HF_HUB_OFFLINE": "1"}),  # the weights are local: never reach the hub
+        "resources": container_resources(deployment, plan),
+        "securityContext": _security_context(),
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if serves:
+        container["ports"] = [{"name": PORT_NAME, "containerPort": HTTP_PORT, "protocol": "TCP"}]
+        container["startupProbe"] = _probe("/health", STARTUP_PERIOD_SECONDS,
+                                           STARTUP_SECONDS // STARTUP_PERIOD_SECONDS)
+        container["readinessProbe"] = _probe("/ready", READY_PERIOD_SECONDS, 3)
+        container["livenessProbe"] = _probe("/health", LIVENESS_PERIOD_SECONDS, LIVENESS_FAILURES)
+    volumes: list[dict[str, Any]] = [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+    if w.volume is not None:
+        volumes.append(w.volume)
+        container["volumeMounts"].append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
+    if plan.tensor_parallel > 1:
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}})
+        container["volumeMounts"].append({"name": "shm", "mountPath": "/dev/shm"})
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # the runtime never talks to the Kubernetes API
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": DRAIN_SECONDS,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
+                            "fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if w.repo:
+        pod["initContainers"] = [_download(deployment, w, image, hf_endpoint)]
+    node_selector = dict(spec.runtime.node_selector)
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.runtime.tolerations]
+    if plan.device_kind != "cpu":
+        label = target_device(spec).product_label
+        if label:  # a catalog type; a custom GPU (memory only) has no label to select by
+            node_selector.setdefault(GPU_PRODUCT_LABEL, label)
+        tolerations.insert(0, GPU_TOLERATION)
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if tolerations:
+        pod["tolerations"] = tolerations
+    return pod

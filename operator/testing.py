@@ -1,0 +1,190 @@
+"""The real operator against kmock's Kubernetes emulator, for the tests and `bench/operator.py`.
+
+Like `kopf.testing`: the emulator serves HTTP in the caller's event loop, kopf runs in its own thread
+(it cancels tasks it did not start), and the helpers poll the emulator's objects with short timeouts.
+Needs the dev dependencies (kmock); nothing in the operator imports this module.
+
+The emulator stores what it is sent and fills in no metadata; `Emulator` adds what a real API server
+would (uid, generation, creationTimestamp), because owner references and the indexes need uids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import kmock
+import kopf
+
+from kvpilot.operator.handlers import build_registry
+from kvpilot.operator.hub import Hub
+from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, Kube, Resource
+from kvpilot.operator.main import configure
+from kvpilot.operator.reconcile import Operator
+from kvpilot.operator.spec import API_GROUP
+
+NAMESPACE = "ml"
+POLL_SECONDS = 0.02
+START_TIMEOUT_SECONDS = 20.0
+T = TypeVar("T")
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus what a real API server does with metadata: uid, generation, creationTimestamp
+    and a name from generateName on create; a new resourceVersion on every write, checked when a write
+    names one (a merge patch carrying metadata.resourceVersion, a JSON patch's `test` op: 409 / 422)."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._versions = itertools.count(1)
+        self._writes = asyncio.Lock()
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.resource is None or request.action not in (kmock.action.CREATE, kmock.action.UPDATE):
+            return await super()._handle(request)
+        async with self._writes:  # check-then-write must not interleave
+            self._stamp(request)
+            return await super()._handle(request)
+
+    def _stamp(self, request: kmock.Request) -> None:
+        version = str(next(self._versions))
+        if request.action == kmock.action.CREATE:
+            meta = request.data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            meta.update(uid=str(uuid.uuid4()), generation=1, resourceVersion=version,
+                        creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            return
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return  # the emulator answers 404
+        current = self.objects[key].raw.get("metadata", {})
+        if isinstance(request.data, list):  # JSON patch
+            for op in request.data:
+                if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" \
+                        and op.get("value") != current.get("resourceVersion"):
+                    raise kmock.KubernetesError(422, "Invalid", "the resourceVersion test failed")
+            request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
+            return
+        meta = request.data.setdefault("metadata", {})
+        if meta.get("resourceVersion") not in (None, current.get("resourceVersion")):
+            raise kmock.KubernetesError(409, "Conflict", "the object has been modified; read it again")
+        meta["resourceVersion"] = version
+        if "spec" in request.data and request.subresource in (None, "scale"):
+            meta["generation"] = current.get("generation", 1) + 1
+
+
+def _declare(emulator: kmock.KubernetesEmulator, resource: Resource, subresources: set[str]) -> None:
+    emulator.resources[f"{resource.api_version}/{resource.plural}"] = kmock.ResourceInfo(
+        kind=resource.kind, singular=resource.kind.lower(), namespaced=True, subresources=subresources,
+        verbs={"list", "watch", "get", "create", "patch", "update", "delete"})
+
+
+@dataclass
+class Emulated:
+    """A running operator and its emulated cluster, with helpers that speak the tests' language."""
+
+    emulator: Emulator
+    kube: Kube
+    namespace: str = NAMESPACE
+
+    def _key(self, resource: Resource, name: str) -> tuple[kmock.resource, str, str]:
+        return kmock.resource(resource.group, resource.version, resource.plural), self.namespace, name
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        """The object as the emulator holds it now (a copy), or None."""
+        resource = LLMDEPLOYMENTS if kind == LLMDEPLOYMENTS.kind else CHILD_RESOURCES[kind]
+        key = self._key(resource, name)
+        if key not in self.emulator.objects or self.emulator.objects[key].deleted:
+            return None
+        return copy.deepcopy(self.emulator.objects[key].raw)
+
+    def children(self, name: str) -> dict[str, dict[str, Any]]:
+        found = {kind: self.get(kind, name) for kind in CHILD_RESOURCES}
+        return {kind: obj for kind, obj in found.items() if obj is not None}
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        async with self.emulator.request(method, path, json=body, headers=headers) as response:
+            if response.status >= 300:
+                raise AssertionError(f"{method} {path}: HTTP {response.status}: {await response.text()}")
+            return await response.json()
+
+    async def create(self, obj: dict[str, Any]) -> Any:
+        obj = copy.deepcopy(obj)
+        obj.setdefault("metadata", {})["namespace"] = self.namespace
+        resource = LLMDEPLOYMENTS if obj["kind"] == LLMDEPLOYMENTS.kind else CHILD_RESOURCES[obj["kind"]]
+        return await self._call("POST", resource.path(self.namespace), obj)
+
+    async def patch(self, kind: str, name: str, patch: dict[str, Any], subresource: str | None = None) -> Any:
+        resource = LLMDEPLOYMENTS if kind == LLMDEPLOYMENTS.kind else CHILD_RESOURCES[kind]
+        return await self._call("PATCH", resource.path(self.namespace, name, subresource), patch)
+
+    async def delete(self, kind: str, name: str) -> Any:
+        resource = LLMDEPLOYMENTS if kind == LLMDEPLOYMENTS.kind else CHILD_RESOURCES[kind]
+        return await self._call("DELETE", resource.path(self.namespace, name))
+
+    async def eventually(self, probe: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
+        """Poll `probe` until it returns something truthy; fail with its last answer after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = probe()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout}s: {what or probe} (last: {value!r})")
+            await asyncio.sleep(POLL_SECONDS)
+
+
+@asynccontextmanager
+async def emulated_operator(*, hub_endpoint: str | None = None, service_monitors: bool = False,
+                            optional_apis: bool = True, resync_seconds: float = 300.0,
+                            namespace: str = NAMESPACE) -> AsyncIterator[Emulated]:
+    """Start an emulated cluster with the LLMDeployment CRD and the operator watching `namespace`.
+
+    `optional_apis`: the cluster serves LeaderWorkerSet and KEDA; `service_monitors`: and
+    prometheus-operator's ServiceMonitor."""
+    async with Emulator() as emulator, kmock.Server(emulator):
+        emulator.resources.load_bundled()
+        _declare(emulator, LLMDEPLOYMENTS, {"status", "scale"})
+        optional = {"LeaderWorkerSet": optional_apis, "ScaledObject": optional_apis,
+                    "ServiceMonitor": service_monitors}
+        for kind, resource in CHILD_RESOURCES.items():
+            if optional.get(kind, True) and resource.group not in ("", "apps", "policy", "autoscaling"):
+                _declare(emulator, resource, {"status"})
+        url = str(emulator.url).rstrip("/")
+        kube = Kube.for_url(url)
+        registry = build_registry(resync_seconds)
+
+        @kopf.on.login(registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=url, insecure=True, default_namespace=namespace)
+
+        settings = configure(kopf.OperatorSettings())
+        settings.scanning.disabled = True  # the emulator answers namespace listing with 500
+        settings.watching.reconnect_backoff = POLL_SECONDS
+        stop, ready = threading.Event(), threading.Event()
+        memo = kopf.Memo(operator=Operator(kube=kube, hub=Hub(hub_endpoint)))
+        thread = threading.Thread(target=kopf.run, daemon=True, name="kopf", kwargs=dict(
+            registry=registry, settings=settings, memo=memo, namespaces=[namespace], standalone=True,
+            stop_flag=stop, ready_flag=ready))
+        thread.start()
+        try:
+            emulated = Emulated(emulator, kube, namespace)
+            await asyncio.to_thread(ready.wait, START_TIMEOUT_SECONDS)
+            watched = kmock.resource(API_GROUP, LLMDEPLOYMENTS.version, LLMDEPLOYMENTS.plural)
+            await emulated.eventually(lambda: list(emulator[kmock.action.WATCH, watched]), START_TIMEOUT_SECONDS,
+                                      "kopf watches LLMDeployments")
+            yield emulated
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join, START_TIMEOUT_SECONDS)
+            kube.close()

@@ -1,0 +1,125 @@
+"""The engine's one configuration: what the user asked for, checked, then completed from the model.
+
+`EngineConfig(...)` validates what it is given; `config.for_model(facts)` fills every field left
+as None from the model's facts and the memory plan, so the engine only ever reads concrete numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from kvpilot.runtime.model_facts import ModelFacts
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+DEFAULT_BLOCK_SIZE = 16
+
+
+class UnsupportedOption(ValueError):
+    """An option this runtime does not run yet: refused at start-up, never silently ignored."""
+
+
+def _dtype_name(value: str) -> str:
+    name = DTYPE_ALIASES.get(value, value)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {value!r} is not one of auto, {', '.join(DTYPES)}")
+    return name
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF directory or GGUF file; None: the embedded SmolLM2-135M-Instruct
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    quantization: str | None = None  # only the compute dtype runs until the quantization issue lands
+    kv_cache_dtype: str = "auto"  # only the compute dtype runs until fp8 KV lands
+    tensor_parallel_size: int = 1
+    block_size: int = DEFAULT_BLOCK_SIZE
+    num_kv_blocks: int | None = None  # None: as many as the memory plan gives
+    max_model_len: int | None = None  # None: the model's max positions
+    max_num_seqs: int | None = None  # None: the memory plan's default for the device
+    max_num_batched_tokens: int | None = None  # None: the memory plan's default
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.90
+    seed: int = 0  # for requests that set no seed of their own
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = default_device()
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UnsupportedOption(f"device {self.device!r} asked for, but torch sees no CUDA GPU")
+        if self.dtype == "auto":
+            bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+            self.dtype = "fp32" if self.device == "cpu" else ("bf16" if bf16 else "fp16")
+        self.dtype = _dtype_name(self.dtype)
+        if self.quantization not in (None, "auto", "none") and _dtype_name_or_none(self.quantization) != self.dtype:
+            raise UnsupportedOption(f"quantization {self.quantization!r} is not run by this runtime yet: it serves "
+                                    f"weights in the compute dtype {self.dtype}; leave quantization unset")
+        if self.kv_cache_dtype != "auto" and _dtype_name_or_none(self.kv_cache_dtype) != self.dtype:
+            raise UnsupportedOption(f"KV cache dtype {self.kv_cache_dtype!r} is not run by this runtime yet: the "
+                                    f"KV cache is kept in the compute dtype {self.dtype}; use auto")
+        self.kv_cache_dtype = self.dtype
+        if self.tensor_parallel_size != 1:
+            raise UnsupportedOption(f"tensor parallel size {self.tensor_parallel_size} is not run by this "
+                                    "runtime yet: only 1 (one GPU, or the CPU)")
+        for name in ("block_size", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if (self.max_num_seqs and self.max_num_batched_tokens
+                and self.max_num_batched_tokens < self.max_num_seqs):
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence decodes one token per step")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def is_complete(self) -> bool:
+        return None not in (self.num_kv_blocks, self.max_model_len, self.max_num_seqs, self.max_num_batched_tokens)
+
+    def for_model(self, facts: ModelFacts) -> EngineConfig:
+        """A copy with every unset limit taken from the model and the memory plan for this device."""
+        if self.max_model_len and self.max_model_len > facts.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds {facts.name}'s "
+                             f"{facts.max_position_embeddings} positions")
+        max_model_len = self.max_model_len or facts.max_position_embeddings
+        num_kv_blocks, max_num_seqs, max_batched = self.num_kv_blocks, self.max_num_seqs, self.max_num_batched_tokens
+        if None in (num_kv_blocks, max_num_seqs, max_batched):
+            plan = memory_plan(facts, dataclasses.replace(self, max_model_len=max_model_len))
+            num_kv_blocks = num_kv_blocks or plan.num_kv_blocks
+            max_num_seqs = max_num_seqs or plan.max_num_seqs
+            max_batched = max_batched or max(plan.max_batched_tokens, max_num_seqs)
+        return dataclasses.replace(self, max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched)
+
+
+def _dtype_name_or_none(value: str) -> str | None:
+    name = DTYPE_ALIASES.get(value, value)
+    return name if name in DTYPES else None
+
+
+def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
+    """The memory model's plan for this config on `device` (default: this machine's device)."""
+    from kvpilot.runtime.devices import cpu_device, detect_gpu
+    from kvpilot.runtime.planner import PlanRequest, plan
+
+    if device is None:
+        gpu = detect_gpu() if config.device.startswith("cuda") else None
+        device = gpu[0] if gpu else cpu_device()
+    request = PlanRequest(max_context=config.max_model_len, max_batched_tokens=config.max_num_batched_tokens,
+                          max_num_seqs=config.max_num_seqs, quantization=config.dtype, kv_dtype=config.kv_cache_dtype,
+                          block_size=config.block_size, gpu_memory_utilization=config.gpu_memory_utilization)
+    return plan(facts, device, request)

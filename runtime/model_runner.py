@@ -1,0 +1,107 @@
+"""One engine step on the device: pack the scheduled tokens (decodes first, then prefill chunks)
+into one forward pass, take the logits of the sequences whose every token is then computed, and
+sample their next tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpilot.runtime.config import EngineConfig
+from kvpilot.runtime.kv_cache import KVCache, allocate_kv_cache
+from kvpilot.runtime.model_facts import ModelFacts
+from kvpilot.runtime.models.layers import AttentionMetadata
+from kvpilot.runtime.models.llama import LlamaForCausalLM
+from kvpilot.runtime.sampler import Sampler
+from kvpilot.runtime.scheduler import ScheduledBatch
+from kvpilot.runtime.sequence import Sequence, TokenLogprob
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # rows of the packed batch whose logits are sampled
+    sample_seqs: list[Sequence]
+
+
+@dataclass
+class StepResult:
+    seqs: list[Sequence]  # the sequences that got a token, in the order of `token_ids`
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+def _block_tables(seqs: list[Sequence]) -> list[list[int]]:
+    width = max((len(s.block_table) for s in seqs), default=0)
+    return [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, facts: ModelFacts, config: EngineConfig, sampler: Sampler) -> None:
+        self.model, self.facts, self.sampler = model, facts, sampler
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        self.kv_cache: KVCache = allocate_kv_cache(facts, config.num_kv_blocks, config.block_size,
+                                                   config.torch_dtype, self.device)
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for seq in batch.decodes:
+            pos = seq.num_computed_tokens
+            tokens.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            if pos + 1 == seq.num_tokens:
+                sample_rows.append(len(tokens) - 1)
+                sample_seqs.append(seq)
+        cu_seqlens, prefill_lens = [0], []
+        for seq, n in batch.prefills:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            tokens += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += self._slots(seq, start, end)
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            prefill_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(len(tokens) - 1)
+                sample_seqs.append(seq)
+        prefill_seqs = [seq for seq, _ in batch.prefills]
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
+            num_decode_tokens=len(batch.decodes),
+            decode_block_tables=tensor(_block_tables(batch.decodes), torch.int32),
+            decode_context_lens=tensor([s.num_computed_tokens + 1 for s in batch.decodes], torch.int32),
+            prefill_block_tables=tensor(_block_tables(prefill_seqs), torch.int32),
+            prefill_cu_seqlens_q=tensor(cu_seqlens, torch.int32),
+            prefill_context_lens=tensor(prefill_lens, torch.int32),
+        )
+        return StepInputs(tensor(tokens, torch.int64), tensor(positions, torch.int64), meta,
+                          tensor(sample_rows, torch.int64), sample_seqs)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        """Compute the batch's tokens into the KV cache and sample for the sequences that are ready
+        (call before the scheduler's `postprocess`, which counts the tokens as computed)."""
+        inputs = self.prepare(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.k_caches, self.kv_cache.v_caches,
+                            inputs.meta)
+        if not inputs.sample_seqs:
+            return StepResult([], [], [])
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        token_ids, logprobs = self.sampler(logits, inputs.sample_seqs)
+        return StepResult(inputs.sample_seqs, token_ids, logprobs)

@@ -1,0 +1,155 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2 with QKV bias, SmolLM2): RMSNorm, RoPE, SwiGLU,
+grouped-query attention, tied or untied embeddings. Attention and cache writes go through
+`kvpilot.kernels.ops` only; q/k/v and gate/up are each one fused matmul."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvpilot.kernels import ops
+from kvpilot.runtime.model_facts import ModelFacts
+from kvpilot.runtime.models.layers import AttentionMetadata, RMSNorm, RotaryEmbedding
+
+# HF checkpoint projections that live inside one fused matrix here: (fused name, shard index)
+PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                  "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+IGNORED_WEIGHTS = ("rotary_emb.inv_freq",)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, facts: ModelFacts, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = facts.num_heads, facts.num_kv_heads, facts.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(facts.hidden_size, self.q_size + 2 * self.kv_size, bias=facts.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, facts.hidden_size, bias=False)
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.shard_sizes, dim=-1)
+        q, k = self.rotary(positions, q.view(-1, self.num_heads, self.head_dim),
+                           k.view(-1, self.num_kv_heads, self.head_dim))
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        n = meta.num_decode_tokens
+        if n == q.shape[0]:
+            out = ops.paged_attention_decode(q, k_cache, v_cache, meta.decode_block_tables,
+                                             meta.decode_context_lens, self.scale)
+        elif n == 0:
+            out = ops.paged_attention_prefill(q, k_cache, v_cache, meta.prefill_block_tables,
+                                              meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale)
+        else:
+            out = torch.cat((
+                ops.paged_attention_decode(q[:n], k_cache, v_cache, meta.decode_block_tables,
+                                           meta.decode_context_lens, self.scale),
+                ops.paged_attention_prefill(q[n:], k_cache, v_cache, meta.prefill_block_tables,
+                                            meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale)))
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, facts: ModelFacts) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(facts.hidden_size, 2 * facts.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(facts.intermediate_size, facts.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, facts: ModelFacts, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(facts, rotary)
+        self.mlp = LlamaMLP(facts)
+        self.input_layernorm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), k_cache, v_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, facts: ModelFacts, max_positions: int, rope_freq_factors: torch.Tensor | None) -> None:
+        super().__init__()
+        rotary = RotaryEmbedding(facts.head_dim, max_positions, facts.rope_theta, facts.rope_scaling,
+                                 rope_freq_factors)
+        self.rotary = rotary
+        self.embed_tokens = nn.Embedding(facts.vocab_size, facts.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(facts, rotary) for _ in range(facts.num_layers))
+        self.norm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
+                v_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
+            h = layer(positions, h, k_cache, v_cache, meta)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, facts: ModelFacts, max_positions: int, rope_freq_factors: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.facts = facts
+        self.model = LlamaModel(facts, max_positions, rope_freq_factors)
+        self.lm_head = None if facts.tie_word_embeddings else nn.Linear(facts.hidden_size, facts.vocab_size,
+                                                                          bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
+                v_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, k_caches, v_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in (q/k/v and gate/up into their fused matrices); every parameter
+        must be given exactly once, else the error names what is missing or unknown."""
+        params = dict(self.named_parameters())
+        filled: dict[str, int] = {}
+        for name, tensor in weights:
+            if name.endswith(IGNORED_WEIGHTS) or (self.lm_head is None and name == "lm_head.weight"):
+                continue
+            target, shard = name, None
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in PACKED_MODULES:
+                fused, shard = PACKED_MODULES[parts[-2]]
+                target = ".".join([*parts[:-2], fused, parts[-1]])
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            param = params[target]
+            if shard is None:
+                _copy(param, tensor, name)
+            else:
+                sizes = self._shard_sizes(target)
+                start = sum(sizes[:shard])
+                _copy(param[start : start + sizes[shard]], tensor, name)
+            filled[target] = filled.get(target, 0) + 1
+        expected = {n: (3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 1) for n in params}
+        missing = sorted(n for n, count in expected.items() if filled.get(n, 0) != count)
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _shard_sizes(self, fused_name: str) -> tuple[int, ...]:
+        if ".qkv_proj." in fused_name:
+            return self.model.layers[0].self_attn.shard_sizes
+        return (self.facts.intermediate_size,) * 2
+
+
+def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                         f"{tuple(param.shape)}")
+    param.copy_(tensor)

@@ -1,0 +1,66 @@
+"""Per-request sampling parameters, named as in vLLM so OpenAI / vLLM requests map one to one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GREEDY_EPSILON = 1e-5  # temperatures below this are greedy: dividing by them overflows the logits
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1, vLLM's spelling) keeps every token
+    min_p: float = 0.0
+    seed: int | None = None  # set: this request's samples repeat exactly, whatever else is batched with it
+    stop: list[str] | str | None = None  # stop strings; the text returned never includes them
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0  # EOS, stop tokens and stop strings are ignored before this many tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None: none; n: the sampled token's logprob and the top n
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if self.top_k == -1:
+            self.top_k = 0
+        checks = (
+            ("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature, self.temperature >= 0.0, ">= 0"),
+            ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_k", self.top_k, self.top_k >= 0, ">= 0, or -1 for every token"),
+            ("min_p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+            ("min_tokens", self.min_tokens, 0 <= self.min_tokens <= self.max_tokens,
+             f"in [0, max_tokens={self.max_tokens}]"),
+            ("presence_penalty", self.presence_penalty, -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
+            ("frequency_penalty", self.frequency_penalty, -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0.0, "> 0"),
+        )
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"sampling parameter {name} must be {allowed}, got {value!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"sampling parameter logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"sampling parameter stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPSILON
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def truncates(self) -> bool:
+        """Whether top-k / top-p cut the distribution (they need the logits sorted)."""
+        return self.top_k > 0 or self.top_p < 1.0

@@ -1,0 +1,90 @@
+"""The torch references: batched attention against the one-sequence-at-a-time oracle, and the quantized
+weight layouts against what kvpilot.runtime.quantization counts. No Triton here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_testing import make_paged_kv
+
+from kvpilot.kernels import quant_reference as qr
+from kvpilot.kernels import reference as ref
+from kvpilot.runtime import quantization
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                            (torch.float16, torch.float8_e4m3fn)], ids=["fp32", "bf16", "fp8kv"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (8, 1)])
+def test_batched_decode_matches_oracle(dtype, kv_dtype, heads, kv_heads):
+    lens = [0, 1, 7, 8, 9, 40]
+    kv = make_paged_kv(lens, kv_heads, 32, 8, dtype, CPU, kv_dtype=kv_dtype)
+    query = torch.randn(len(lens), heads, 32).to(dtype)
+    args = (query, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.2, kv.k_scale, kv.v_scale)
+    torch.testing.assert_close(ref.paged_attention_decode_ref(*args), ref.paged_attention_decode_naive(*args),
+                               atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("q_lens,context_lens", [([3, 9, 1], [3, 9, 1]), ([2, 5, 1, 4], [30, 5, 17, 12]),
+                                                 ([0, 4], [6, 4])], ids=["prefill", "chunked", "empty-chunk"])
+def test_batched_prefill_matches_oracle(q_lens, context_lens):
+    kv = make_paged_kv(context_lens, 2, 32, 8, torch.float32, CPU)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(sum(q_lens), 4, 32)
+    args = (query, kv.k_cache, kv.v_cache, kv.block_tables, cu, kv.context_lens, 0.2)
+    torch.testing.assert_close(ref.paged_attention_prefill_ref(*args), ref.paged_attention_prefill_naive(*args),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_int4_nibble_order_and_layout():
+    w = torch.tensor([[0.0, 15.0] * 64 + [15.0, 0.0] * 64])  # one row, two groups of 128
+    q = qr.quantize_int4(w, 128, torch.bfloat16)
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (1, 128)
+    assert q.scale.shape == q.zero.shape == (1, 2) and q.scale.dtype == q.zero.dtype == torch.bfloat16
+    assert q.qweight[0, 0].item() == 0xF0 and q.qweight[0, 64].item() == 0x0F  # even k in the low nibble
+    torch.testing.assert_close(qr.dequantize(q), w)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("compute", ["bf16", "fp16"])
+@pytest.mark.parametrize("n,k", [(48, 256), (7, 300), (5, 129)])
+def test_bytes_match_the_memory_model(mode, compute, n, k):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[compute]
+    weight = torch.randn(n, k)
+    q = {"int8": lambda: qr.quantize_int8(weight, dtype), "int4": lambda: qr.quantize_int4(weight, 128, dtype),
+         "fp8": lambda: qr.quantize_fp8(weight)}[mode]()
+    expected = quantization.linear_bytes(n, k, quantization.QUANT_MODES[mode], quantization.DTYPE_BYTES[compute])
+    assert q.nbytes == expected
+    assert qr.INT4_GROUP_SIZE == quantization.INT4_GROUP_SIZE
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), k=st.integers(1, 300), mode=st.sampled_from(["int8", "int4", "fp8"]),
+       seed=st.integers(0, 2**16))
+def test_dequantized_error_is_bounded(n, k, mode, seed):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 3
+    if mode == "int8":
+        q = qr.quantize_int8(w, torch.float32)
+        bound = q.scale.unsqueeze(1) * 0.5001
+    elif mode == "int4":
+        q = qr.quantize_int4(w, 128, torch.float32)
+        bound = q.scale.repeat_interleave(128, dim=1)[:, :k] * 0.5001
+    else:
+        q = qr.quantize_fp8(w)
+        bound = w.abs() * 2.0**-4 + q.scale.unsqueeze(1) * 2.0**-9  # half an e4m3 step, subnormals included
+    assert ((qr.dequantize(q) - w).abs() <= bound + 1e-6).all()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda w: qr.QuantizedWeight("int2", w.qweight, w.scale, 64), "mode 'int2' is not one of"),
+    (lambda w: qr.QuantizedWeight("int8", w.qweight, w.scale, 65), "needs 65"),
+    (lambda w: qr.QuantizedWeight("int8", w.qweight, w.scale[:3], 64), r"scale must be \[4\]"),
+    (lambda w: qr.QuantizedWeight("fp8", w.qweight, w.scale, 64), "fp8 qweight must be a 2-D"),
+])
+def test_quantized_weight_validates(bad, message):
+    w = qr.quantize_int8(torch.randn(4, 64))
+    with pytest.raises(ValueError, match=message):
+        bad(w)

@@ -1,0 +1,71 @@
+"""Fixtures of the operator tests: a local stand-in for the HF hub."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from llmd_cases import TINY_CONFIG
+
+
+@pytest.fixture
+def tiny_config() -> dict[str, Any]:
+    return dict(TINY_CONFIG)
+
+@dataclass
+class HubFile:
+    body: Any
+    token: str | None = None  # gated: answer 401 unless this bearer token comes along
+    status: int = 200
+
+
+@dataclass
+class FakeHub:
+    """Serves `files` at `{url}/{org}/{name}/resolve/{revision}/{file}` like the HF hub does."""
+
+    url: str
+    files: dict[str, HubFile] = field(default_factory=dict)
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def serve(self, repo: str, filename: str, body: Any, revision: str = "main", **kw: Any) -> None:
+        self.files[f"/{repo}/resolve/{revision}/{filename}"] = HubFile(body, **kw)
+
+
+@pytest.fixture
+def fake_hub() -> Iterator[FakeHub]:
+    hub = FakeHub(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            auth = self.headers.get("Authorization")
+            hub.requests.append((self.path, auth))
+            entry = hub.files.get(self.path)
+            if entry is None:
+                status, body = 404, {"error": "Entry not found"}
+            elif entry.token and auth != f"Bearer {entry.token}":
+                status, body = 401, {"error": "gated"}
+            else:
+                status, body = entry.status, entry.body
+            payload = json.dumps(body).encode() if not isinstance(body, bytes) else body
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    yield hub
+    server.shutdown()
+    server.server_close()
+    thread.join()
