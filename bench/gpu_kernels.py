@@ -44,7 +44,8 @@ class Sizes:
     flex_cases: tuple[tuple[int, int], ...] = ((16, 4096), (16, 16384))
     prefill_cases: tuple[tuple[int, int, int], ...] = ((1, 4096, 0), (4, 2048, 0), (16, 512, 0), (4, 1024, 3072))
     matmul_ms: tuple[int, ...] = (1, 16, 64, 1024)
-    matmul_shapes: tuple[tuple[str, int, int], ...] = (("gate_up", HIDDEN, INTERMEDIATE), ("down", INTERMEDIATE, HIDDEN))
+    matmul_shapes: tuple[tuple[str, int, int], ...] = (("gate_up", HIDDEN, INTERMEDIATE),
+                                                        ("down", INTERMEDIATE, HIDDEN))  # (name, K, N)
     heads: tuple[int, int, int] = (HEADS, KV_HEADS, HEAD_DIM)
     copy_bytes: int = 2 * GiB
     check_seqs: int = 2  # sequences checked against the fp32 reference per decode case
@@ -113,8 +114,6 @@ def bench_copy(run: Run, sizes: Sizes) -> float:
     ms = run.time_ms(lambda: dst.copy_(src))
     gbps = 2 * src.numel() / ms / 1e6
     run.emit({"bench": "copy", "bytes": src.numel(), "ms": round(ms, 4), "copy_GBps": round(gbps, 1)})
-    del src, dst
-    run.free()
     return gbps
 
 
@@ -129,150 +128,160 @@ def _paged_cache(num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dty
     return cache
 
 
-def _decode_inputs(run: Run, sizes: Sizes, batch: int, context: int, kv_dtype: torch.dtype) -> dict[str, Any]:
-    heads, kv_heads, head_dim = sizes.heads
-    blocks_per_seq = math.ceil(context / BLOCK_SIZE)
-    scales = (0.05, 0.04) if kv_dtype == torch.float8_e4m3fn else (1.0, 1.0)
-    return {
-        "query": torch.randn(batch, heads, head_dim, device=run.device, dtype=torch.bfloat16),
-        "k_cache": _paged_cache(batch * blocks_per_seq, kv_heads, head_dim, kv_dtype, run.device, scales[0]),
-        "v_cache": _paged_cache(batch * blocks_per_seq, kv_heads, head_dim, kv_dtype, run.device, scales[1]),
-        "block_tables": torch.randperm(batch * blocks_per_seq, device=run.device).view(batch, -1).int(),
-        "context_lens": torch.full((batch,), context, dtype=torch.int32, device=run.device),
-        "scales": scales,
-    }
+@dataclass
+class DecodeInputs:
+    query: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    context: int
+    k_scale: float
+    v_scale: float
+
+    @classmethod
+    def random(cls, run: Run, sizes: Sizes, batch: int, context: int, kv_dtype: torch.dtype) -> DecodeInputs:
+        heads, kv_heads, head_dim = sizes.heads
+        blocks = batch * math.ceil(context / BLOCK_SIZE)
+        k_scale, v_scale = (0.05, 0.04) if kv_dtype == torch.float8_e4m3fn else (1.0, 1.0)
+        return cls(torch.randn(batch, heads, head_dim, device=run.device, dtype=torch.bfloat16),
+                   _paged_cache(blocks, kv_heads, head_dim, kv_dtype, run.device, k_scale),
+                   _paged_cache(blocks, kv_heads, head_dim, kv_dtype, run.device, v_scale),
+                   torch.randperm(blocks, device=run.device).view(batch, -1).int(),
+                   torch.full((batch,), context, dtype=torch.int32, device=run.device), context, k_scale, v_scale)
+
+    def args(self, seqs: int | None = None) -> tuple:
+        rows = slice(0, seqs)
+        return (self.query[rows], self.k_cache, self.v_cache, self.block_tables[rows], self.context_lens[rows],
+                self.query.shape[-1] ** -0.5, self.k_scale, self.v_scale)
+
+    def contiguous_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's K and V gathered out of the paged cache, [B, KVH, L, D], bf16."""
+        out = []
+        for cache, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale)):
+            kv = cache[self.block_tables.long()].flatten(1, 2)[:, : self.context]
+            if kv.dtype == torch.float8_e4m3fn:
+                kv = kv.to(torch.bfloat16) * scale
+            out.append(kv.transpose(1, 2))
+        return out[0], out[1]
 
 
-def _torch_decode(x: dict[str, Any], scale: float) -> torch.Tensor:
+def _torch_decode(x: DecodeInputs) -> torch.Tensor:
     """The torch peer: gather every sequence's blocks into a contiguous copy, then SDPA. The query heads
     of one KV head ride as that head's query positions, so no backend has to repeat K/V for GQA."""
-    batch, heads, head_dim = x["query"].shape
-    k = x["k_cache"][x["block_tables"].long()].flatten(1, 2)  # [B, L, KVH, D]
-    v = x["v_cache"][x["block_tables"].long()].flatten(1, 2)
-    if k.dtype == torch.float8_e4m3fn:
-        k = k.to(torch.bfloat16) * x["scales"][0]
-        v = v.to(torch.bfloat16) * x["scales"][1]
-    q = x["query"].view(batch, k.shape[2], heads // k.shape[2], head_dim)  # [B, KVH, group, D]
-    out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    return out.reshape(batch, heads, head_dim)
+    batch, heads, head_dim = x.query.shape
+    k, v = x.contiguous_kv()
+    q = x.query.view(batch, k.shape[1], heads // k.shape[1], head_dim)  # [B, KVH, group, D]
+    return F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5).reshape(batch, heads, head_dim)
+
+
+def _decode_case(run: Run, sizes: Sizes, x: DecodeInputs, kv_bytes: int, copy_gbps: float) -> dict[str, Any]:
+    from kvpilot.kernels.paged_attention_decode import paged_attention_decode, paged_attention_decode_ref
+
+    ms = run.time_ms(lambda: paged_attention_decode(*x.args(), max_context_len=x.context))
+    out = paged_attention_decode(*x.args(), max_context_len=x.context)
+    n = sizes.check_seqs
+    gbps = kv_bytes / ms / 1e6
+    record = {"ms": round(ms, 4), "kv_GBps": round(gbps, 1), "copy_fraction": round(gbps / copy_gbps, 3),
+              "goal_met": None if x.context < 4096 else gbps >= 0.8 * copy_gbps,
+              **_err(out[:n], paged_attention_decode_ref(*x.args(n)))}
+    if kv_bytes * (3 if x.k_cache.dtype == torch.float8_e4m3fn else 2) < run.kv_limit_bytes:
+        torch_ms = run.time_ms(lambda: _torch_decode(x))
+        record.update({"torch_ms": round(torch_ms, 4), "speedup_vs_torch": _ratio(torch_ms, ms),
+                       "torch_max_abs_err": _err(out, _torch_decode(x))["max_abs_err"]})
+    else:
+        record["torch_ms"] = "skipped: the gathered copy does not fit"
+    return record
 
 
 def bench_decode(run: Run, sizes: Sizes, copy_gbps: float) -> None:
-    from kvpilot.kernels.paged_attention_decode import paged_attention_decode, paged_attention_decode_ref
-
-    heads, kv_heads, head_dim = sizes.heads
-    scale = head_dim**-0.5
+    _, kv_heads, head_dim = sizes.heads
     for kv_name, kv_dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
         for context in sizes.contexts:
             for batch in sizes.batches:
-                record: dict[str, Any] = {"bench": "decode", "kv_dtype": kv_name, "batch": batch, "context": context}
                 kv_bytes = 2 * batch * context * kv_heads * head_dim * kv_dtype.itemsize
-                record["kv_bytes"] = kv_bytes
+                record = {"bench": "decode", "kv_dtype": kv_name, "batch": batch, "context": context,
+                          "kv_bytes": kv_bytes}
                 if kv_bytes > run.kv_limit_bytes:
-                    run.emit({**record, "skipped": f"KV {kv_bytes / GiB:.1f} GiB > limit {run.kv_limit_bytes / GiB:.1f}"})
-                    continue
-                if run.over_budget(0.45):
-                    run.emit({**record, "skipped": "time budget"})
-                    continue
-                x = _decode_inputs(run, sizes, batch, context, kv_dtype)
-                args = (x["query"], x["k_cache"], x["v_cache"], x["block_tables"], x["context_lens"], scale,
-                        *x["scales"])
-                ms = run.time_ms(lambda args=args, c=context: paged_attention_decode(*args, max_context_len=c))
-                out = paged_attention_decode(*args, max_context_len=context)
-                n = min(batch, sizes.check_seqs)
-                expected = paged_attention_decode_ref(x["query"][:n], x["k_cache"], x["v_cache"],
-                                                      x["block_tables"][:n], x["context_lens"][:n], scale, *x["scales"])
-                record.update({"ms": round(ms, 4), "kv_GBps": round(kv_bytes / ms / 1e6, 1),
-                               "copy_fraction": round(kv_bytes / ms / 1e6 / copy_gbps, 3),
-                               "goal_met": None if context < 4096 else kv_bytes / ms / 1e6 >= 0.8 * copy_gbps,
-                               **_err(out[:n], expected)})
-                if kv_bytes * (3 if kv_dtype == torch.float8_e4m3fn else 2) < run.kv_limit_bytes:
-                    torch_ms = run.time_ms(lambda x=x: _torch_decode(x, scale))
-                    record.update({"torch_ms": round(torch_ms, 4), "speedup_vs_torch": _ratio(torch_ms, ms),
-                                   "torch_max_abs_err": _err(out, _torch_decode(x, scale))["max_abs_err"]})
+                    record["skipped"] = f"KV {kv_bytes / GiB:.1f} GiB > limit {run.kv_limit_bytes / GiB:.1f}"
+                elif run.over_budget(0.45):
+                    record["skipped"] = "time budget"
                 else:
-                    record["torch_ms"] = "skipped: the gathered copy does not fit"
+                    x = DecodeInputs.random(run, sizes, batch, context, kv_dtype)
+                    record.update(_decode_case(run, sizes, x, kv_bytes, copy_gbps))
+                    del x
+                    run.free()
                 run.emit(record)
-                del x, args, out, expected
-                run.free()
+
+
+def _flex_case(run: Run, x: DecodeInputs) -> dict[str, Any]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from kvpilot.kernels.paged_attention_decode import paged_attention_decode
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    batch, _, head_dim = x.query.shape
+    k, v = (t.contiguous() for t in x.contiguous_kv())
+    q = x.query.unsqueeze(2)
+    lens = x.context_lens
+    mask = create_block_mask(lambda b, h, qi, kv: kv < lens[b], batch, None, 1, x.context, device=run.device)
+
+    def peer() -> torch.Tensor:
+        return flex(q, k, v, block_mask=mask, enable_gqa=True, scale=head_dim**-0.5)
+
+    t0 = time.perf_counter()
+    flex_out = peer()
+    compile_s = time.perf_counter() - t0
+    ms = run.time_ms(lambda: paged_attention_decode(*x.args(), max_context_len=x.context))
+    flex_ms = run.time_ms(peer)
+    return {"ms": round(ms, 4), "flex_ms": round(flex_ms, 4), "speedup_vs_flex": _ratio(flex_ms, ms),
+            "flex_compile_s": round(compile_s, 1),
+            **_err(paged_attention_decode(*x.args(), max_context_len=x.context), flex_out.squeeze(2))}
 
 
 def bench_decode_flex(run: Run, sizes: Sizes) -> None:
     """flex_attention on contiguous KV with a length mask: a dense peer, so it reads no block table."""
-    from kvpilot.kernels.paged_attention_decode import paged_attention_decode
-
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as e:
-        run.emit({"bench": "decode_flex", "skipped": f"flex_attention unavailable: {e}"})
-        return
-    flex = torch.compile(flex_attention, dynamic=False)
-    heads, kv_heads, head_dim = sizes.heads
     for batch, context in sizes.flex_cases:
         record: dict[str, Any] = {"bench": "decode_flex", "kv_dtype": "bf16", "batch": batch, "context": context}
         if run.over_budget(0.8):
-            run.emit({**record, "skipped": "time budget"})
-            continue
-        x = _decode_inputs(run, sizes, batch, context, torch.bfloat16)
-        args = (x["query"], x["k_cache"], x["v_cache"], x["block_tables"], x["context_lens"], head_dim**-0.5)
-        ms = run.time_ms(lambda args=args, c=context: paged_attention_decode(*args, max_context_len=c))
-        k = x["k_cache"][x["block_tables"].long()].flatten(1, 2).transpose(1, 2).contiguous()
-        v = x["v_cache"][x["block_tables"].long()].flatten(1, 2).transpose(1, 2).contiguous()
-        q = x["query"].unsqueeze(2)
-        lens = x["context_lens"]
-        try:
-            mask = create_block_mask(lambda b, h, qi, kv: kv < lens[b], batch, None, 1, context, device=run.device)
-            t0 = time.perf_counter()
-            flex_out = flex(q, k, v, block_mask=mask, enable_gqa=True, scale=head_dim**-0.5)
-            compile_s = time.perf_counter() - t0
-            flex_ms = run.time_ms(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True, scale=head_dim**-0.5))
-            record.update({"ms": round(ms, 4), "flex_ms": round(flex_ms, 4), "speedup_vs_flex": _ratio(flex_ms, ms),
-                           "flex_compile_s": round(compile_s, 1),
-                           **_err(paged_attention_decode(*args, max_context_len=context), flex_out.squeeze(2))})
-        except Exception as e:  # a peer that fails is a result to report, not a reason to stop
-            record.update({"ms": round(ms, 4), "flex_error": f"{type(e).__name__}: {str(e)[:300]}"})
+            record["skipped"] = "time budget"
+        else:
+            try:
+                record.update(_flex_case(run, DecodeInputs.random(run, sizes, batch, context, torch.bfloat16)))
+            except Exception as e:  # a peer that fails is a result to report, not a reason to stop
+                record["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            run.free()
         run.emit(record)
-        del x, k, v, q
-        run.free()
 
 
 # --- prefill -------------------------------------------------------------------------------------
 
-def bench_prefill(run: Run, sizes: Sizes) -> None:
+def _prefill_case(run: Run, sizes: Sizes, batch: int, q_len: int, prefix: int) -> dict[str, Any]:
     from kvpilot.kernels.paged_attention_prefill import paged_attention_prefill, paged_attention_prefill_ref
 
     heads, kv_heads, head_dim = sizes.heads
     scale = head_dim**-0.5
-    for batch, q_len, prefix in sizes.prefill_cases:
-        record: dict[str, Any] = {"bench": "prefill", "dtype": "bf16", "batch": batch, "q_len": q_len,
-                                  "prefix": prefix}
-        if run.over_budget(0.7):
-            run.emit({**record, "skipped": "time budget"})
-            continue
-        context = prefix + q_len
-        blocks_per_seq = math.ceil(context / BLOCK_SIZE)
-        k_cache = _paged_cache(batch * blocks_per_seq, kv_heads, head_dim, torch.bfloat16, run.device, 1.0)
-        v_cache = _paged_cache(batch * blocks_per_seq, kv_heads, head_dim, torch.bfloat16, run.device, 1.0)
-        tables = torch.randperm(batch * blocks_per_seq, device=run.device).view(batch, -1).int()
-        lens = torch.full((batch,), context, dtype=torch.int32, device=run.device)
-        cu = torch.arange(0, batch + 1, dtype=torch.int32, device=run.device) * q_len
-        query = torch.randn(batch * q_len, heads, head_dim, device=run.device, dtype=torch.bfloat16)
-        args = (query, k_cache, v_cache, tables, cu, lens, scale)
-        ms = run.time_ms(lambda args=args, q=q_len: paged_attention_prefill(*args, max_query_len=q))
-        flops = 4 * batch * (q_len * prefix + q_len * (q_len + 1) // 2) * heads * head_dim
-        out = paged_attention_prefill(*args, max_query_len=q_len)
-        expected = paged_attention_prefill_ref(query[:q_len], k_cache, v_cache, tables[:1], cu[:2], lens[:1], scale)
-        record.update({"ms": round(ms, 4), "TFLOPs": round(flops / ms / 1e9, 1), **_err(out[:q_len], expected)})
-        if prefix == 0:
-            k = k_cache[tables.long()].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
-            v = v_cache[tables.long()].flatten(1, 2).transpose(1, 2)
-            q = query.view(batch, q_len, heads, head_dim).transpose(1, 2)
-            record.update(_sdpa_peer(run, q, k, v, scale, ms, flops, out.view(batch, q_len, heads, head_dim)))
-        else:
-            record["sdpa_ms"] = "n/a: SDPA's causal mask cannot offset a chunk after a cached prefix"
-        run.emit(record)
-        del k_cache, v_cache, query, out
-        run.free()
+    context = prefix + q_len
+    blocks = batch * math.ceil(context / BLOCK_SIZE)
+    k_cache = _paged_cache(blocks, kv_heads, head_dim, torch.bfloat16, run.device, 1.0)
+    v_cache = _paged_cache(blocks, kv_heads, head_dim, torch.bfloat16, run.device, 1.0)
+    tables = torch.randperm(blocks, device=run.device).view(batch, -1).int()
+    lens = torch.full((batch,), context, dtype=torch.int32, device=run.device)
+    cu = torch.arange(0, batch + 1, dtype=torch.int32, device=run.device) * q_len
+    query = torch.randn(batch * q_len, heads, head_dim, device=run.device, dtype=torch.bfloat16)
+    args = (query, k_cache, v_cache, tables, cu, lens, scale)
+    ms = run.time_ms(lambda: paged_attention_prefill(*args, max_query_len=q_len))
+    flops = 4 * batch * (q_len * prefix + q_len * (q_len + 1) // 2) * heads * head_dim
+    out = paged_attention_prefill(*args, max_query_len=q_len)
+    expected = paged_attention_prefill_ref(query[:q_len], k_cache, v_cache, tables[:1], cu[:2], lens[:1], scale)
+    record = {"ms": round(ms, 4), "TFLOPs": round(flops / ms / 1e9, 1), **_err(out[:q_len], expected)}
+    if prefix:
+        record["sdpa_ms"] = "n/a: SDPA's causal mask cannot offset a chunk after a cached prefix"
+        return record
+    k = k_cache[tables.long()].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
+    v = v_cache[tables.long()].flatten(1, 2).transpose(1, 2)
+    q = query.view(batch, q_len, heads, head_dim).transpose(1, 2)
+    return {**record, **_sdpa_peer(run, q, k, v, scale, ms, flops, out.view(batch, q_len, heads, head_dim))}
 
 
 def _sdpa_peer(run: Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ms: float, flops: int,
@@ -292,38 +301,53 @@ def _sdpa_peer(run: Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     except RuntimeError as e:
         return {"sdpa_ms": f"failed: {str(e)[:200]}"}
     return {"sdpa_ms": round(sdpa_ms, 4), "sdpa_TFLOPs": round(flops / sdpa_ms / 1e9, 1),
-            "speedup_vs_sdpa": _ratio(sdpa_ms, ms), "sdpa_max_abs_err": _err(ours, sdpa().transpose(1, 2))["max_abs_err"],
-            "sdpa_backend": backends[0].name}
+            "speedup_vs_sdpa": _ratio(sdpa_ms, ms), "sdpa_backend": backends[0].name,
+            "sdpa_max_abs_err": _err(ours, sdpa().transpose(1, 2))["max_abs_err"]}
+
+
+def bench_prefill(run: Run, sizes: Sizes) -> None:
+    for batch, q_len, prefix in sizes.prefill_cases:
+        record = {"bench": "prefill", "dtype": "bf16", "batch": batch, "q_len": q_len, "prefix": prefix}
+        if run.over_budget(0.7):
+            record["skipped"] = "time budget"
+        else:
+            record.update(_prefill_case(run, sizes, batch, q_len, prefix))
+            run.free()
+        run.emit(record)
 
 
 # --- quantized matmul ----------------------------------------------------------------------------
 
-def bench_matmul(run: Run, sizes: Sizes) -> None:
+GOALS = {"int4": 2.5, "int8": 1.6}  # speed-up over bf16 wanted at M <= 16
+
+
+def _matmul_cases(run: Run, sizes: Sizes, name: str, k: int, n: int) -> None:
     from kvpilot.kernels.quant_reference import quantize_fp8, quantize_int4, quantize_int8
     from kvpilot.kernels.quantized_matmul import quantized_matmul, quantized_matmul_ref
 
-    goals = {"int4": 2.5, "int8": 1.6}
+    weight = torch.randn(n, k, device=run.device, dtype=torch.bfloat16) * 0.02
+    quantized = {"int8": quantize_int8(weight), "int4": quantize_int4(weight), "fp8": quantize_fp8(weight)}
+    for m in sizes.matmul_ms:
+        if run.over_budget(0.95):
+            run.emit({"bench": "matmul", "shape": name, "m": m, "skipped": "time budget"})
+            continue
+        x = torch.randn(m, k, device=run.device, dtype=torch.bfloat16)
+        bf16_ms = run.time_ms(lambda x=x: x @ weight.t())
+        for mode, qw in quantized.items():
+            ms = run.time_ms(lambda x=x, qw=qw: quantized_matmul(x, qw))
+            record = {"bench": "matmul", "shape": name, "m": m, "k": k, "n": n, "mode": mode,
+                      "ms": round(ms, 4), "bf16_ms": round(bf16_ms, 4), "speedup_vs_bf16": _ratio(bf16_ms, ms),
+                      "weight_GBps": round((qw.nbytes + x.numel() * 2) / ms / 1e6, 1),
+                      "TFLOPs": round(2 * m * n * k / ms / 1e9, 1),
+                      **_err(quantized_matmul(x, qw), quantized_matmul_ref(x, qw))}
+            if m <= 16 and mode in GOALS:
+                record["goal_met"] = bf16_ms / ms >= GOALS[mode]
+            run.emit(record)
+
+
+def bench_matmul(run: Run, sizes: Sizes) -> None:
     for name, k, n in sizes.matmul_shapes:
-        weight = torch.randn(n, k, device=run.device, dtype=torch.bfloat16) * 0.02
-        quantized = {"int8": quantize_int8(weight), "int4": quantize_int4(weight), "fp8": quantize_fp8(weight)}
-        for m in sizes.matmul_ms:
-            if run.over_budget(0.95):
-                run.emit({"bench": "matmul", "shape": name, "m": m, "skipped": "time budget"})
-                continue
-            x = torch.randn(m, k, device=run.device, dtype=torch.bfloat16)
-            bf16_ms = run.time_ms(lambda x=x: x @ weight.t())
-            for mode, qw in quantized.items():
-                ms = run.time_ms(lambda x=x, qw=qw: quantized_matmul(x, qw))
-                bytes_read = qw.nbytes + x.numel() * 2
-                record = {"bench": "matmul", "shape": name, "m": m, "k": k, "n": n, "mode": mode,
-                          "ms": round(ms, 4), "bf16_ms": round(bf16_ms, 4), "speedup_vs_bf16": _ratio(bf16_ms, ms),
-                          "weight_GBps": round(bytes_read / ms / 1e6, 1),
-                          "TFLOPs": round(2 * m * n * k / ms / 1e9, 1),
-                          **_err(quantized_matmul(x, qw), quantized_matmul_ref(x, qw))}
-                if m <= 16 and mode in goals:
-                    record["goal_met"] = bf16_ms / ms >= goals[mode]
-                run.emit(record)
-        del weight, quantized
+        _matmul_cases(run, sizes, name, k, n)
         run.free()
 
 

@@ -51,6 +51,8 @@ def _decode_kernel(
     context_len = tl.load(context_lens_ptr + seq)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, context_len)
+    if split == num_splits - 1:  # the last split takes whatever is left, so a low max_context_len loses nothing
+        end = context_len
 
     rows = tl.arange(0, BLOCK_H)
     heads = kv_head * GROUP + rows

@@ -11,10 +11,10 @@ Shapes (the paged KV layout shared by the runtime and every kernel):
   A sequence with context_len 0 (batch padding) gets an all-zero output.
 - query head h reads KV head h // (num_heads // num_kv_heads) (GQA / MQA).
 
-The batched functions (`paged_attention_decode_ref`, `paged_attention_prefill_ref`) gather every
-sequence's blocks at once and run one masked SDPA in fp32: this is what the CPU engine serves with.
-The `*_naive` functions walk one sequence at a time with an explicit softmax; tests hold the batched
-ones to them.
+`paged_attention_decode_ref` gathers every sequence's blocks at once and runs one masked SDPA in
+fp32; `paged_attention_prefill_ref` walks the sequences, grouping query heads per KV head instead of
+repeating K/V. These are what the CPU engine serves with. The `*_naive` functions (per sequence,
+K/V repeated per query head, positions compared explicitly) are the oracle tests hold them to.
 """
 
 from __future__ import annotations
@@ -85,23 +85,25 @@ def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_ca
 
     The chunk's own K/V are already in the cache; sequence i's queries are its last
     `cu_seqlens_q[i+1] - cu_seqlens_q[i]` tokens of `context_lens[i]`, attending causally.
+    One sequence at a time: padding ragged chunks to a common length costs more than the loop.
     """
     out = torch.zeros_like(query)
-    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    if query.shape[0] == 0 or q_lens.numel() == 0:
-        return out
-    max_q, max_len = int(q_lens.max()), int(context_lens.max())
-    steps = torch.arange(max_q, device=query.device)
-    rows = cu_seqlens_q[:-1].long().unsqueeze(1) + steps  # [S, max_q] row of each padded query
-    is_query = steps < q_lens.unsqueeze(1)
-    positions = (context_lens.long() - q_lens).unsqueeze(1) + steps  # each query token's place in its sequence
-    q = query[rows.clamp(max=query.shape[0] - 1)]
-    k = gather_kv_padded(k_cache, block_tables, context_lens, max_len, k_scale)
-    v = gather_kv_padded(v_cache, block_tables, context_lens, max_len, v_scale)
-    key_pos = torch.arange(max_len, device=query.device)
-    mask = (key_pos <= positions.unsqueeze(-1)) & (key_pos < context_lens.long()[:, None, None])
-    attended = _masked_attention(q, k, v, mask, scale)
-    out[rows[is_query]] = attended[is_query].to(query.dtype)
+    heads, head_dim = query.shape[1:]
+    starts = cu_seqlens_q.tolist()
+    for i, length in enumerate(context_lens.tolist()):
+        n = starts[i + 1] - starts[i]
+        if n == 0 or length == 0:
+            continue
+        k = gather_kv_ref(k_cache, block_tables[i], length, k_scale)
+        v = gather_kv_ref(v_cache, block_tables[i], length, v_scale)
+        kv_heads = k.shape[1]
+        q = query[starts[i] : starts[i + 1]].float().view(n, kv_heads, heads // kv_heads, head_dim)
+        scores = torch.einsum("nkgd,lkd->kgnl", q, k) * scale
+        if n > 1:  # query j sits at position length - n + j and sees keys 0..that position
+            hidden = torch.ones(n, length, dtype=torch.bool, device=query.device).triu(length - n + 1)
+            scores.masked_fill_(hidden, float("-inf"))
+        attended = torch.einsum("kgnl,lkd->nkgd", scores.softmax(dim=-1), v)
+        out[starts[i] : starts[i + 1]] = attended.reshape(n, heads, head_dim).to(query.dtype)
     return out
 
 

@@ -35,9 +35,6 @@ MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 # Backoff of a failed reconcile: 1, 2, 4 ... seconds, capped; kopf retries until it converges.
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 300.0
-# The safety net behind the watches: a drift whose restore failed (the API was down when the child
-# event came) is put back within this long. A no-op resync costs no API call (see `reconcile`).
-RESYNC_SECONDS = 300.0
 # Index ids: handlers receive the indexes as keyword arguments of these names.
 OWNERS_INDEX = "owners"
 CHILDREN_INDEX = "children"
@@ -127,7 +124,7 @@ def on_child_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf
     _post(owner, events)
 
 
-def build_registry(resync_seconds: float = RESYNC_SECONDS) -> kopf.OperatorRegistry:
+def build_registry(resync_seconds: float) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     owners = (LLMDEPLOYMENTS.group, LLMDEPLOYMENTS.version, LLMDEPLOYMENTS.plural)
     kopf.index(*owners, id=OWNERS_INDEX, registry=registry)(index_owner)

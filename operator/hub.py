@@ -83,12 +83,16 @@ class Hub:
         except json.JSONDecodeError as err:
             raise HubError(f"{url}: not JSON ({err})", retryable=False) from None
 
+    def cached(self, source: str, revision: str | None = None) -> HubModel | None:
+        """What an earlier `model` call found, without asking the hub (or reading a token for it)."""
+        with self._lock:
+            return self._cache.get((parse_repo(source)[0], revision or "main"))
+
     def model(self, source: str, revision: str | None = None, token: str | None = None) -> HubModel:
         repo, short = parse_repo(source)
         key = (repo, revision or "main")
-        with self._lock:
-            if key in self._cache:
-                return self._cache[key]
+        if found := self.cached(source, revision):
+            return found
         config = self._get(repo, key[1], "config.json", token)
         if config is None:
             raise HubError(f"{self.endpoint}/{repo} has no config.json at revision {key[1]}: check "

@@ -3,6 +3,8 @@
 Namespace scoping (`--namespace`, repeatable, globs allowed; or `--all-namespaces`), a liveness
 endpoint for the pod's probe, and kopf peering so only one of several operator replicas acts
 (each replica takes a random priority; the others stand by until its peering record expires).
+
+kopf and the Kubernetes client load when the operator runs, not when `kvpilot` builds its parser.
 """
 
 from __future__ import annotations
@@ -13,20 +15,21 @@ import os
 import random
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import kopf
-
-from kvpilot.operator.handlers import RESYNC_SECONDS, build_registry
-from kvpilot.operator.hub import Hub
-from kvpilot.operator.kube import CHILD_RESOURCES, Kube
-from kvpilot.operator.reconcile import Operator
 from kvpilot.operator.render import DEFAULT_PROMETHEUS_URL, MANAGED_BY
 from kvpilot.operator.spec import DEFAULT_IMAGE
+
+if TYPE_CHECKING:
+    import kopf
 
 ANNOTATION_PREFIX = "kvpilot.io"  # kopf's progress and last-handled-spec annotations live here
 FINALIZER = "kvpilot.io/finalizer"
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 DEFAULT_PEERING = "kvpilot"
+# The safety net behind the watches: a drift whose restore failed (the API was down when the child
+# event came) is put back within this long. A no-op resync costs no API call.
+RESYNC_SECONDS = 300.0
 # Sync handlers run in kopf's thread pool; the Kubernetes client's pool matches it (kube.py).
 HANDLER_THREADS = 32
 # The runtime image for specs that name none; the Helm chart sets it (pinned by digest).
@@ -48,6 +51,9 @@ class OperatorConfig:
 
 def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     """kopf's settings for this operator (the tests and the benchmark use the same ones)."""
+    import kopf
+
+    from kvpilot.operator.kube import CHILD_RESOURCES
     # Progress and the last-handled spec in annotations under our prefix; status stays ours alone
     # (the CRD's structural schema would prune kopf's status fields anyway).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
@@ -62,6 +68,13 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
 
 
 def run(config: OperatorConfig, stop_flag: threading.Event | None = None) -> None:
+    import kopf
+
+    from kvpilot.operator.handlers import build_registry
+    from kvpilot.operator.hub import Hub
+    from kvpilot.operator.kube import Kube
+    from kvpilot.operator.reconcile import Operator
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     registry = build_registry(config.resync_seconds)
     kopf.on.login(registry=registry)(kopf.login_via_client)

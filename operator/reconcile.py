@@ -91,10 +91,12 @@ def plan_for(deployment: LLMDeployment, op: Operator) -> Plan:
         except UnknownModel:
             if not spec.model.source.startswith("hf://") or spec.model.architecture:
                 raise
-        token = (op.kube.secret_value(namespace, spec.model.token_secret, "HF_TOKEN")
-                 if spec.model.token_secret else None)
-        facts = op.hub.model(spec.model.source, spec.model.revision, token).facts
-        return plan_deployment(spec, facts=facts)
+        found = op.hub.cached(spec.model.source, spec.model.revision)
+        if found is None:  # read the token only when the hub must be asked
+            token = (op.kube.secret_value(namespace, spec.model.token_secret, "HF_TOKEN")
+                     if spec.model.token_secret else None)
+            found = op.hub.model(spec.model.source, spec.model.revision, token)
+        return plan_deployment(spec, facts=found.facts)
     except HubError as err:
         raise NotPlanned("ModelFactsUnavailable", str(err), err.retryable) from None
     except UnknownModel as err:

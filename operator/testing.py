@@ -26,8 +26,8 @@ import kopf
 
 from kvpilot.operator.handlers import build_registry
 from kvpilot.operator.hub import Hub
-from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, Kube, Resource
-from kvpilot.operator.main import configure
+from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, SECRETS, Kube, Resource
+from kvpilot.operator.main import RESYNC_SECONDS, configure
 from kvpilot.operator.reconcile import Operator
 from kvpilot.operator.spec import API_GROUP
 
@@ -35,6 +35,7 @@ NAMESPACE = "ml"
 POLL_SECONDS = 0.02
 START_TIMEOUT_SECONDS = 20.0
 T = TypeVar("T")
+RESOURCES = {LLMDEPLOYMENTS.kind: LLMDEPLOYMENTS, SECRETS.kind: SECRETS, **CHILD_RESOURCES}
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -101,11 +102,16 @@ class Emulated:
 
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
         """The object as the emulator holds it now (a copy), or None."""
-        resource = LLMDEPLOYMENTS if kind == LLMDEPLOYMENTS.kind else CHILD_RESOURCES[kind]
-        key = self._key(resource, name)
+        key = self._key(RESOURCES[kind], name)
         if key not in self.emulator.objects or self.emulator.objects[key].deleted:
             return None
         return copy.deepcopy(self.emulator.objects[key].raw)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The Kubernetes Events posted about the LLMDeployment `name`."""
+        return [copy.deepcopy(obj.raw) for (resource, namespace, _), obj in self.emulator.objects.items()
+                if resource.plural == "events" and namespace == self.namespace and not obj.deleted
+                and obj.raw.get("involvedObject", {}).get("name") == name]
 
     def children(self, name: str) -> dict[str, dict[str, Any]]:
         found = {kind: self.get(kind, name) for kind in CHILD_RESOURCES}
@@ -121,16 +127,13 @@ class Emulated:
     async def create(self, obj: dict[str, Any]) -> Any:
         obj = copy.deepcopy(obj)
         obj.setdefault("metadata", {})["namespace"] = self.namespace
-        resource = LLMDEPLOYMENTS if obj["kind"] == LLMDEPLOYMENTS.kind else CHILD_RESOURCES[obj["kind"]]
-        return await self._call("POST", resource.path(self.namespace), obj)
+        return await self._call("POST", RESOURCES[obj["kind"]].path(self.namespace), obj)
 
     async def patch(self, kind: str, name: str, patch: dict[str, Any], subresource: str | None = None) -> Any:
-        resource = LLMDEPLOYMENTS if kind == LLMDEPLOYMENTS.kind else CHILD_RESOURCES[kind]
-        return await self._call("PATCH", resource.path(self.namespace, name, subresource), patch)
+        return await self._call("PATCH", RESOURCES[kind].path(self.namespace, name, subresource), patch)
 
     async def delete(self, kind: str, name: str) -> Any:
-        resource = LLMDEPLOYMENTS if kind == LLMDEPLOYMENTS.kind else CHILD_RESOURCES[kind]
-        return await self._call("DELETE", resource.path(self.namespace, name))
+        return await self._call("DELETE", RESOURCES[kind].path(self.namespace, name))
 
     async def eventually(self, probe: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
         """Poll `probe` until it returns something truthy; fail with its last answer after `timeout`."""
@@ -145,12 +148,11 @@ class Emulated:
 
 
 @asynccontextmanager
-async def emulated_operator(*, hub_endpoint: str | None = None, service_monitors: bool = False,
-                            optional_apis: bool = True, resync_seconds: float = 300.0,
-                            namespace: str = NAMESPACE) -> AsyncIterator[Emulated]:
-    """Start an emulated cluster with the LLMDeployment CRD and the operator watching `namespace`.
+async def emulated_cluster(*, service_monitors: bool = False, optional_apis: bool = True,
+                           namespace: str = NAMESPACE) -> AsyncIterator[Emulated]:
+    """An emulated API server with the LLMDeployment CRD and the built-in kinds.
 
-    `optional_apis`: the cluster serves LeaderWorkerSet and KEDA; `service_monitors`: and
+    `optional_apis`: it also serves LeaderWorkerSet and KEDA; `service_monitors`: and
     prometheus-operator's ServiceMonitor."""
     async with Emulator() as emulator, kmock.Server(emulator):
         emulator.resources.load_bundled()
@@ -160,31 +162,51 @@ async def emulated_operator(*, hub_endpoint: str | None = None, service_monitors
         for kind, resource in CHILD_RESOURCES.items():
             if optional.get(kind, True) and resource.group not in ("", "apps", "policy", "autoscaling"):
                 _declare(emulator, resource, {"status"})
-        url = str(emulator.url).rstrip("/")
-        kube = Kube.for_url(url)
-        registry = build_registry(resync_seconds)
-
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=url, insecure=True, default_namespace=namespace)
-
-        settings = configure(kopf.OperatorSettings())
-        settings.scanning.disabled = True  # the emulator answers namespace listing with 500
-        settings.watching.reconnect_backoff = POLL_SECONDS
-        stop, ready = threading.Event(), threading.Event()
-        memo = kopf.Memo(operator=Operator(kube=kube, hub=Hub(hub_endpoint)))
-        thread = threading.Thread(target=kopf.run, daemon=True, name="kopf", kwargs=dict(
-            registry=registry, settings=settings, memo=memo, namespaces=[namespace], standalone=True,
-            stop_flag=stop, ready_flag=ready))
-        thread.start()
+        kube = Kube.for_url(str(emulator.url).rstrip("/"))
         try:
-            emulated = Emulated(emulator, kube, namespace)
-            await asyncio.to_thread(ready.wait, START_TIMEOUT_SECONDS)
-            watched = kmock.resource(API_GROUP, LLMDEPLOYMENTS.version, LLMDEPLOYMENTS.plural)
-            await emulated.eventually(lambda: list(emulator[kmock.action.WATCH, watched]), START_TIMEOUT_SECONDS,
-                                      "kopf watches LLMDeployments")
-            yield emulated
+            yield Emulated(emulator, kube, namespace)
         finally:
-            stop.set()
-            await asyncio.to_thread(thread.join, START_TIMEOUT_SECONDS)
             kube.close()
+
+
+@asynccontextmanager
+async def running_operator(cluster: Emulated, *, hub_endpoint: str | None = None,
+                           resync_seconds: float = RESYNC_SECONDS) -> AsyncIterator[Emulated]:
+    """The operator (kopf, our handlers and settings) watching the cluster's namespace, in a thread."""
+    url = str(cluster.emulator.url).rstrip("/")
+    registry = build_registry(resync_seconds)
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=url, insecure=True, default_namespace=cluster.namespace)
+
+    settings = configure(kopf.OperatorSettings())
+    settings.scanning.disabled = True  # the emulator answers namespace listing with 500
+    settings.watching.reconnect_backoff = POLL_SECONDS
+    watched = kmock.resource(API_GROUP, LLMDEPLOYMENTS.version, LLMDEPLOYMENTS.plural)
+    watches_before = len(list(cluster.emulator[kmock.action.WATCH, watched]))
+    stop, ready = threading.Event(), threading.Event()
+    memo = kopf.Memo(operator=Operator(kube=cluster.kube, hub=Hub(hub_endpoint)))
+    thread = threading.Thread(target=kopf.run, daemon=True, name="kopf", kwargs=dict(
+        registry=registry, settings=settings, memo=memo, namespaces=[cluster.namespace], standalone=True,
+        stop_flag=stop, ready_flag=ready))
+    thread.start()
+    try:
+        await asyncio.to_thread(ready.wait, START_TIMEOUT_SECONDS)
+        await cluster.eventually(lambda: len(list(cluster.emulator[kmock.action.WATCH, watched])) > watches_before,
+                                 START_TIMEOUT_SECONDS, "kopf watches LLMDeployments")
+        yield cluster
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, START_TIMEOUT_SECONDS)
+
+
+@asynccontextmanager
+async def emulated_operator(*, hub_endpoint: str | None = None, service_monitors: bool = False,
+                            optional_apis: bool = True, resync_seconds: float = RESYNC_SECONDS,
+                            namespace: str = NAMESPACE) -> AsyncIterator[Emulated]:
+    """`emulated_cluster` with `running_operator` on it."""
+    async with emulated_cluster(service_monitors=service_monitors, optional_apis=optional_apis,
+                                namespace=namespace) as cluster, \
+            running_operator(cluster, hub_endpoint=hub_endpoint, resync_seconds=resync_seconds):
+        yield cluster

@@ -84,7 +84,33 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_plan]
+def _add_operator(sub: argparse._SubParsersAction) -> None:
+    from kvpilot.operator.main import add_command  # light: kopf loads only when the operator runs
+
+    add_command(sub)
+
+
+def _add_crd(sub: argparse._SubParsersAction) -> None:
+    from kvpilot.operator.crd import add_command
+
+    add_command(sub)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from kvpilot.runtime.serve import add_serve
+
+    add_serve(sub)
+
+
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    from kvpilot.runtime.serve import add_up
+
+    add_up(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_plan, _add_serve, _add_up, _add_operator, _add_crd,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

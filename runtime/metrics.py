@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -83,6 +83,7 @@ class ServerMetrics:
 
     def __init__(self, model_name: str, stats: Callable[[], object], memory: Callable[[], MemoryFigures],
                  gpu_memory: Callable[[], list[tuple[int, int, int]]]) -> None:
+        disable_created_metrics()  # the *_created series double the scrape and no dashboard reads them
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(model_name, stats, memory, gpu_memory))

@@ -86,13 +86,15 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
-    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+    def preempt(self, seq: Sequence, batch: ScheduledBatch | None = None) -> None:
+        """Preempt by recompute: free `seq`'s blocks now, put it first in the queue."""
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
-        batch.preempted.append(seq)
+        if batch is not None:
+            batch.preempted.append(seq)
 
     def _victim(self, seq: Sequence, scheduled: set[int]) -> Sequence | None:
         """The newest running sequence other than `seq` that has nothing scheduled in this step."""
@@ -114,7 +116,7 @@ class Scheduler:
                 continue
             while not bm.can_allocate(seq, 1):
                 victim = self._victim(seq, scheduled)
-                self._preempt(victim or seq, batch)
+                self.preempt(victim or seq, batch)
                 if victim is None:
                     break
             else:
@@ -130,7 +132,7 @@ class Scheduler:
             num_new = self._tokens_that_fit(seq, min(seq.num_uncomputed_tokens, budget))
             while num_new == 0 and (victim := self._victim(seq, scheduled)) is not None \
                     and self.running.index(victim) > self.running.index(seq):
-                self._preempt(victim, batch)
+                self.preempt(victim, batch)
                 num_new = self._tokens_that_fit(seq, min(seq.num_uncomputed_tokens, budget))
             if num_new:
                 bm.allocate(seq, num_new)

@@ -48,8 +48,9 @@ def build_app(engine, config: ServerConfig, memory: Callable[[], MemoryFigures])
     app.state.draining = False
     metrics = ServerMetrics(config.served_model_name, engine.stats, memory, gpu_memory_info)
     gen = Generation(engine, config.served_model_name, metrics)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.state.config = config  # read per request: limits can be changed on a live server
+    app.add_middleware(BodyLimitMiddleware, config=config)
+    app.add_middleware(ApiKeyMiddleware, config=config)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

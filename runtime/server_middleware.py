@@ -21,56 +21,56 @@ async def _send_error(send: Send, status: int, message: str, kind: str, headers:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app, self.api_key = app, api_key
+    """`config.api_key` is read per request (the server's config object, shared by reference)."""
+
+    def __init__(self, app: ASGIApp, config) -> None:
+        self.app, self.config = app, config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.api_key or scope["path"].startswith(OPEN_PATHS):
+        api_key = self.config.api_key
+        if scope["type"] != "http" or not api_key or scope["path"].startswith(OPEN_PATHS):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"").decode(errors="replace").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
             return await _send_error(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                      "authentication_error", [(b"www-authenticate", b"Bearer")])
         return await self.app(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
-    """Refuses bodies over `max_bytes`: by Content-Length up front, or by counting a chunked body."""
+    """Refuses bodies over `config.max_body_bytes`: by Content-Length up front; a body sent without
+    one (chunked) is read here, up to the limit, and replayed to the app."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, config) -> None:
+        self.app, self.config = app, config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        max_bytes = self.config.max_body_bytes
+        message = f"request body exceeds the limit of {max_bytes} bytes"
         length = dict(scope["headers"]).get(b"content-length")
-        message = f"request body exceeds the limit of {self.max_bytes} bytes"
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_error(send, 413, message, "invalid_request_error")
-        seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        if length is not None:
+            if length.isdigit() and int(length) > max_bytes:
+                return await _send_error(send, 413, message, "invalid_request_error")
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return msg
+            if msg["type"] == "http.disconnect":
+                return None
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > max_bytes:
+                return await _send_error(send, 413, message, "invalid_request_error")
+        replayed = False
 
-        async def tracking_send(msg: Message) -> None:
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later reads wait for the disconnect, as the app expects
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _send_error(send, 413, message, "invalid_request_error")
+        return await self.app(scope, replay, send)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_testing import DEVICE, assert_close, make_paged_kv
 
 from kvpilot.kernels.paged_attention_decode import MAX_SPLITS, choose_splits, paged_attention_decode
 from kvpilot.kernels.reference import paged_attention_decode_ref
@@ -83,6 +86,16 @@ def test_strided_query_and_block_table_views(paged_kv, close, device):
           torch.float16)
 
 
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_low_max_context_len_hint_loses_nothing(paged_kv, close, device, num_splits):
+    """The last split runs to each sequence's end even when the hint undersizes the splits."""
+    kv = paged_kv([1, 30, 97], 2, 64, 8, torch.float32)
+    query = torch.randn(3, 4, 64, device=device)
+    args = (query, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.125)
+    close(paged_attention_decode(*args, max_context_len=20, num_splits=num_splits),
+          paged_attention_decode_ref(*args), torch.float32)
+
+
 def test_split_heuristic():
     # one long sequence on a 132-SM GPU is split; a full batch is not; short contexts are never split
     assert choose_splits(1, 8, 65536, 64, 132) == (32, 2048)  # 33 wanted, rounded to whole tiles
@@ -108,3 +121,18 @@ def test_unsupported_inputs_name_the_limit(device, change, message):
     with pytest.raises(ValueError, match=message):
         paged_attention_decode(query, cache, cache, tables, lens, 1.0, num_splits=change.get("num_splits"),
                                max_context_len=change.get("max_context_len"))
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(lens=st.lists(st.integers(0, 70), min_size=1, max_size=4), block_size=st.sampled_from([8, 16, 32]),
+       kv_heads=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 4, 8]),
+       head_dim=st.sampled_from([16, 48, 64, 80, 112]), num_splits=st.sampled_from([None, 1, 2, 4]),
+       kind=st.sampled_from(["fp32", "fp16", "bf16", "fp8"]))
+def test_random_shapes(lens, block_size, kv_heads, group, head_dim, num_splits, kind):
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}[kind]
+    device = torch.device(DEVICE)
+    kv = make_paged_kv(lens, kv_heads, head_dim, block_size, dtype, device, seed=sum(lens),
+                       kv_dtype=FP8 if kind == "fp8" else None)
+    query = torch.randn(len(lens), kv_heads * group, head_dim).to(dtype).to(device)
+    args = (query, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, head_dim**-0.5, kv.k_scale, kv.v_scale)
+    assert_close(paged_attention_decode(*args, num_splits=num_splits), paged_attention_decode_ref(*args), dtype)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_testing import DEVICE, assert_close, make_paged_kv
 
 from kvpilot.kernels.paged_attention_prefill import paged_attention_prefill
 from kvpilot.kernels.reference import paged_attention_prefill_ref
@@ -102,3 +105,22 @@ def test_unsupported_inputs_name_the_limit(device, change, message):
     lens = torch.full((2,), 2, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match=message):
         paged_attention_prefill(query, cache, cache, tables, cu, lens, 1.0, block_m=change.get("block_m"))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(chunks=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 30)), min_size=1, max_size=3),
+       block_size=st.sampled_from([8, 16, 32]), kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4, 8]),
+       head_dim=st.sampled_from([16, 64, 80]), block_m=st.sampled_from([16, 32]),
+       kind=st.sampled_from(["fp32", "fp16", "bf16", "fp8"]))
+def test_random_shapes(chunks, block_size, kv_heads, group, head_dim, block_m, kind):
+    """chunks: (query tokens, cached prefix before them) per sequence."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}[kind]
+    device = torch.device(DEVICE)
+    q_lens = [q for q, _ in chunks]
+    kv = make_paged_kv([q + p for q, p in chunks], kv_heads, head_dim, block_size, dtype, device,
+                       kv_dtype=FP8 if kind == "fp8" else None)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    query = torch.randn(sum(q_lens), kv_heads * group, head_dim).to(dtype).to(device)
+    args = (query, kv.k_cache, kv.v_cache, kv.block_tables, cu, kv.context_lens, head_dim**-0.5, kv.k_scale,
+            kv.v_scale)
+    assert_close(paged_attention_prefill(*args, block_m=block_m), paged_attention_prefill_ref(*args), dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -36,8 +37,8 @@ class FakeHub:
         self.files[f"/{repo}/resolve/{revision}/{filename}"] = HubFile(body, **kw)
 
 
-@pytest.fixture
-def fake_hub() -> Iterator[FakeHub]:
+@contextmanager
+def serve_hub() -> Iterator[FakeHub]:
     hub = FakeHub(url="")
 
     class Handler(BaseHTTPRequestHandler):
@@ -51,7 +52,7 @@ def fake_hub() -> Iterator[FakeHub]:
                 status, body = 401, {"error": "gated"}
             else:
                 status, body = entry.status, entry.body
-            payload = json.dumps(body).encode() if not isinstance(body, bytes) else body
+            payload = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
@@ -65,7 +66,22 @@ def fake_hub() -> Iterator[FakeHub]:
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
-    yield hub
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    try:
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def fake_hub() -> Iterator[FakeHub]:
+    with serve_hub() as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def module_hub() -> Iterator[FakeHub]:
+    """One hub for a module's tests (each serves its own repo names)."""
+    with serve_hub() as hub:
+        yield hub

@@ -1,0 +1,183 @@
+"""`kvpilot serve` (a model, served) and `kvpilot up` (an LLMDeployment manifest, planned for this
+machine and served in-process): load, print the memory plan, serve the OpenAI API until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+
+from kvpilot.runtime.cli import UsageError
+from kvpilot.runtime.devices import parse_quantity
+
+DEFAULT_PORT = 8000
+DEFAULT_GRACE_SECONDS = 30.0  # Kubernetes' default terminationGracePeriodSeconds
+EMBEDDED_SOURCES = ("hf://HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m", "smollm2-135m-instruct")
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--api-key", default=os.environ.get("KVPILOT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KVPILOT_API_KEY)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get HTTP 429")
+    p.add_argument("--shutdown-grace", type=float, default=DEFAULT_GRACE_SECONDS,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI API",
+                       description="Serve a HF directory or GGUF file; with no --model, the embedded "
+                                   "SmolLM2-135M-Instruct.")
+    p.add_argument("--model", help="HF directory (config.json + safetensors) or .gguf file")
+    p.add_argument("--served-model-name", help="name the API answers to (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, fp32, bf16, fp16")
+    p.add_argument("--quantization", help="weight quantization (the plan's choice)")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--tensor-parallel", type=int, default=1)
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--num-kv-blocks", type=int, help="KV blocks to allocate (the operator's plan passes it)")
+    kv.add_argument("--kv-memory", help="bytes of KV cache instead, e.g. 2Gi")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    add_server_flags(p)
+    p.set_defaults(run=run_serve)
+
+
+def add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="run an LLMDeployment manifest on this machine",
+                       description="Plan an LLMDeployment for this machine (its GPU, else CPU and RAM) and serve it.")
+    p.add_argument("manifest", help="LLMDeployment YAML file")
+    add_server_flags(p)
+    p.set_defaults(run=run_up)
+
+
+def resolve_source(source: str) -> str | None:
+    """A manifest's model source as a local path for the engine (None: the embedded model)."""
+    if source in EMBEDDED_SOURCES or source.lower() in EMBEDDED_SOURCES:
+        return None
+    if source.startswith("file://"):
+        return source.removeprefix("file://")
+    if source.startswith("hf://"):
+        from huggingface_hub import snapshot_download
+
+        repo = source.removeprefix("hf://")
+        try:
+            return snapshot_download(repo, local_files_only=True)
+        except Exception:
+            raise UsageError(f"model {source} is not on this machine: download it first (`hf download {repo}`) "
+                             "or point spec.model.source at a file:// path") from None
+    if source.startswith("pvc://"):
+        raise UsageError(f"model {source} lives on a Kubernetes volume: `kvpilot up` needs a file:// path")
+    return source
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from kvpilot.runtime.config import EngineConfig
+    from kvpilot.runtime.loader import load_model
+
+    try:
+        config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                              tensor_parallel_size=args.tensor_parallel, block_size=args.block_size,
+                              num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              gpu_memory_utilization=args.gpu_memory_utilization,
+                              enable_prefix_caching=not args.no_prefix_caching)
+    except ValueError as err:  # EngineConfig names the bad option and what is allowed
+        raise UsageError(f"kvpilot serve: {err}") from None
+    loaded = load_model(config.model, config.torch_dtype, config.device, config.max_model_len)
+    if args.kv_memory:
+        from kvpilot.runtime.kv_cache import DTYPE_NAMES
+        from kvpilot.runtime.quantization import kv_bytes_per_token
+
+        per_block = args.block_size * kv_bytes_per_token(loaded.facts, DTYPE_NAMES[config.torch_dtype])
+        blocks = parse_quantity(args.kv_memory) // per_block
+        if blocks < 1:
+            raise UsageError(f"--kv-memory {args.kv_memory} holds no block of {per_block} bytes")
+        config.num_kv_blocks = blocks
+    name = args.served_model_name or _default_name(loaded.source)
+    return _serve(config, loaded, name, args)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from kvpilot.operator.planning import local_plan
+    from kvpilot.operator.spec import load_manifest
+    from kvpilot.runtime.config import EngineConfig
+    from kvpilot.runtime.loader import load_model
+
+    deployment = load_manifest(args.manifest)
+    spec = deployment.spec
+    plan = local_plan(spec)
+    device = "cpu" if plan.device_kind == "cpu" else "cuda"
+    try:
+        config = EngineConfig(model=resolve_source(spec.model.source), device=device, dtype=plan.compute_dtype,
+                              quantization=plan.quantization, kv_cache_dtype=plan.kv_dtype,
+                              tensor_parallel_size=plan.tensor_parallel, block_size=plan.block_size,
+                              num_kv_blocks=plan.num_kv_blocks, max_model_len=plan.max_model_len,
+                              max_num_seqs=plan.max_num_seqs, max_num_batched_tokens=plan.max_batched_tokens,
+                              gpu_memory_utilization=spec.gpu_memory_utilization)
+    except ValueError as err:
+        raise UsageError(f"kvpilot up: the plan for this machine cannot run here: {err}") from None
+    loaded = load_model(config.model, config.torch_dtype, config.device, config.max_model_len)
+    name = spec.model.served_name or deployment.metadata.name
+    return _serve(config, loaded, name, args)
+
+
+def _default_name(source: Path) -> str:
+    name = source.name.removesuffix(".gguf")
+    return name.split(".")[0] if source.suffix == ".gguf" else name
+
+
+def _serve(config, loaded, name: str, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kvpilot.runtime.async_engine import AsyncLLMEngine
+    from kvpilot.runtime.config import memory_plan
+    from kvpilot.runtime.engine import LLMEngine
+    from kvpilot.runtime.memory_report import memory_figures
+    from kvpilot.runtime.plan_view import render_plan
+    from kvpilot.runtime.server import ServerConfig, build_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = AsyncLLMEngine(LLMEngine(config, loaded=loaded))
+    plan = memory_plan(loaded.facts, engine.engine.config)
+    render_plan(plan, Console(stderr=True))
+    app = build_app(engine, ServerConfig(name, args.api_key, args.max_waiting),
+                    lambda: memory_figures(engine.engine, plan))
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        url = f"http://{args.host}:{args.port}"
+        print(f"kvpilot: serving {name} at {url}/v1 (OpenAI API); metrics at {url}/metrics", flush=True)
+        yield
+        await engine.shutdown()
+
+    app.router.lifespan_context = lifespan
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=args.shutdown_grace), app)
+    asyncio.run(server.serve())
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but /ready turns 503 the moment SIGTERM arrives, so Kubernetes takes the pod
+    out of the Service while in-flight requests finish within the grace period."""
+
+    def __init__(self, config: uvicorn.Config, app) -> None:
+        super().__init__(config)
+        self.kvpilot_app = app
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.kvpilot_app.state.draining = True
+        super().handle_exit(sig, frame)

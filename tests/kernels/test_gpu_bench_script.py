@@ -1,0 +1,34 @@
+"""bench/gpu_kernels.py stays runnable without a GPU: its arguments and a --dry-run of every section."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "gpu_kernels.py"
+
+
+def test_dry_run_reports_every_section_with_its_correctness(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)  # the script must set it itself
+    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "gpu_kernels.jsonl").read_text().splitlines()]
+    assert lines == [json.loads(line) for line in result.stdout.splitlines()]
+    benches = {line["bench"] for line in lines}
+    assert benches == {"copy", "decode", "matmul", "prefill", "done"}
+    for line in lines:
+        if line["bench"] in ("decode", "matmul", "prefill"):
+            assert line["ms"] > 0 and line["rel_err"] < 0.02, line
+    assert {line["mode"] for line in lines if line["bench"] == "matmul"} == {"int8", "int4", "fp8"}
+
+
+def test_unknown_section_is_rejected():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "decode,attention"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown sections ['attention']" in result.stderr
