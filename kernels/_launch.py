@@ -88,6 +88,15 @@ def check_kv_cache(what: str, query: torch.Tensor, k_cache: torch.Tensor, v_cach
         raise ValueError(f"{what}: head_dim {head_dim} is not supported (1..{MAX_HEAD_DIM})")
     if heads % num_kv_heads:
         raise ValueError(f"{what}: {heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if k_cache.dtype == FP8:
+        check_fp8(what, query.device)
+
+
+def check_fp8(what: str, device: torch.device) -> None:
+    """float8_e4m3fn loads and casts compile only for compute capability 8.9+ (Ada, Hopper)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"{what}: {FP8} needs a GPU of compute capability >= 8.9, got "
+                         f"{torch.cuda.get_device_capability(device)}")
 
 
 def fp32_dot(dtype: torch.dtype, device: torch.device) -> bool:

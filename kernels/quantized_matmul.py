@@ -115,6 +115,8 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     _launch.check_runnable(_qmm_kernel, device, what)
     if x.dtype not in _launch.ATTENTION_DTYPES:
         raise ValueError(f"{what}: x dtype {x.dtype} is not one of {_launch.ATTENTION_DTYPES}")
+    if weight.mode == "fp8":
+        _launch.check_fp8(what, device)
     k, n = weight.in_features, weight.out_features
     if x.shape[-1] != k:
         raise ValueError(f"{what}: x has {x.shape[-1]} input features, the weight {k}")

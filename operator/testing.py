@@ -41,7 +41,13 @@ RESOURCES = {LLMDEPLOYMENTS.kind: LLMDEPLOYMENTS, SECRETS.kind: SECRETS, **CHILD
 class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator plus what a real API server does with metadata: uid, generation, creationTimestamp
     and a name from generateName on create; a new resourceVersion on every write, checked when a write
-    names one (a merge patch carrying metadata.resourceVersion, a JSON patch's `test` op: 409 / 422)."""
+    names one (a merge patch carrying metadata.resourceVersion, a JSON patch's `test` op: 409 / 422).
+
+    `keep_history = False` forgets each request once answered: kmock matches every request against its
+    whole history (quadratic), which a benchmark's thousands of requests cannot afford. Tests keep it
+    for assertions and for fault injection by slices (`emulator[...][:1] << 500`)."""
+
+    keep_history = True
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -49,11 +55,16 @@ class Emulator(kmock.KubernetesEmulator):
         self._writes = asyncio.Lock()
 
     async def _handle(self, request: kmock.Request) -> Any:
-        if request.resource is None or request.action not in (kmock.action.CREATE, kmock.action.UPDATE):
-            return await super()._handle(request)
-        async with self._writes:  # check-then-write must not interleave
-            self._stamp(request)
-            return await super()._handle(request)
+        try:
+            if request.resource is None or request.action not in (kmock.action.CREATE, kmock.action.UPDATE):
+                return await super()._handle(request)
+            async with self._writes:  # check-then-write must not interleave
+                self._stamp(request)
+                return await super()._handle(request)
+        finally:
+            if not self.keep_history:
+                index = next(i for i, seen in enumerate(self._requests) if seen is request)
+                del self._requests[index]
 
     def _stamp(self, request: kmock.Request) -> None:
         version = str(next(self._versions))
@@ -149,12 +160,13 @@ class Emulated:
 
 @asynccontextmanager
 async def emulated_cluster(*, service_monitors: bool = False, optional_apis: bool = True,
-                           namespace: str = NAMESPACE) -> AsyncIterator[Emulated]:
+                           namespace: str = NAMESPACE, keep_history: bool = True) -> AsyncIterator[Emulated]:
     """An emulated API server with the LLMDeployment CRD and the built-in kinds.
 
     `optional_apis`: it also serves LeaderWorkerSet and KEDA; `service_monitors`: and
     prometheus-operator's ServiceMonitor."""
     async with Emulator() as emulator, kmock.Server(emulator):
+        emulator.keep_history = keep_history
         emulator.resources.load_bundled()
         _declare(emulator, LLMDEPLOYMENTS, {"status", "scale"})
         optional = {"LeaderWorkerSet": optional_apis, "ScaledObject": optional_apis,
@@ -204,9 +216,9 @@ async def running_operator(cluster: Emulated, *, hub_endpoint: str | None = None
 @asynccontextmanager
 async def emulated_operator(*, hub_endpoint: str | None = None, service_monitors: bool = False,
                             optional_apis: bool = True, resync_seconds: float = RESYNC_SECONDS,
-                            namespace: str = NAMESPACE) -> AsyncIterator[Emulated]:
+                            namespace: str = NAMESPACE, keep_history: bool = True) -> AsyncIterator[Emulated]:
     """`emulated_cluster` with `running_operator` on it."""
     async with emulated_cluster(service_monitors=service_monitors, optional_apis=optional_apis,
-                                namespace=namespace) as cluster, \
+                                namespace=namespace, keep_history=keep_history) as cluster, \
             running_operator(cluster, hub_endpoint=hub_endpoint, resync_seconds=resync_seconds):
         yield cluster

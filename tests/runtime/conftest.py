@@ -51,7 +51,7 @@ def hf_model() -> Any:
 
 @pytest.fixture(scope="session")
 def parity_prompts(tokenizer: Any) -> list[list[int]]:
-    """Chat prompts of mixed lengths (52-75 tokens) that share a system prompt of three full blocks."""
+    """Chat prompts of mixed lengths (52-75 tokens) whose first 40 tokens (two full blocks) are the same."""
     return [tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
                                           add_generation_prompt=True, tokenize=True, return_dict=False)
             for q in QUESTIONS]
@@ -64,7 +64,7 @@ def hf_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
     tokens = []
     for _ in range(new_tokens):
         tokens.append(int(out.logits[0, -1].argmax()))
-        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([[tokens[-1]]]), cache=out.past_key_values, use_cache=True)
     return tokens
 
 
