@@ -53,9 +53,27 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
         self._writes = asyncio.Lock()
+        self._refusals: list[Refusal] = []
+
+    def refuse(self, method: str, plural: str, name: str, status: int = 500, times: int = 1) -> None:
+        """Fail the next `times` such requests *without* acting on them, as a real API server does
+        (kmock's own injected errors come after it has stored the write)."""
+        self._refusals.append(Refusal(method.upper(), plural, name, status, times))
+
+    def _refused(self, request: kmock.Request) -> Refusal | None:
+        name = request.name or (request.data or {}).get("metadata", {}).get("name")
+        for refusal in self._refusals:
+            if (refusal.times > 0 and refusal.method == request.method.value.upper()
+                    and request.resource is not None and refusal.plural == request.resource.plural
+                    and refusal.name == name):
+                refusal.times -= 1
+                return refusal
+        return None
 
     async def _handle(self, request: kmock.Request) -> Any:
         try:
+            if refusal := self._refused(request):
+                raise kmock.KubernetesError(refusal.status, "Refused", f"refused by the test ({refusal.status})")
             if request.resource is None or request.action not in (kmock.action.CREATE, kmock.action.UPDATE):
                 return await super()._handle(request)
             async with self._writes:  # check-then-write must not interleave
@@ -92,6 +110,15 @@ class Emulator(kmock.KubernetesEmulator):
         meta["resourceVersion"] = version
         if "spec" in request.data and request.subresource in (None, "scale"):
             meta["generation"] = current.get("generation", 1) + 1
+
+
+@dataclass
+class Refusal:
+    method: str
+    plural: str
+    name: str
+    status: int
+    times: int
 
 
 def _declare(emulator: kmock.KubernetesEmulator, resource: Resource, subresources: set[str]) -> None:

@@ -7,6 +7,7 @@ the numbers are never stale; per-request latencies are observed by the server as
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -106,7 +107,7 @@ class ServerMetrics:
         self.e2e.labels(m).observe(finished - arrival)
         if first_token is not None:
             self.ttft.labels(m).observe(first_token - arrival)
-        for earlier, later in zip(token_times, token_times[1:], strict=False):
+        for earlier, later in itertools.pairwise(token_times):
             self.itl.labels(m).observe(later - earlier)
         if queue_seconds is not None:
             self.queue.labels(m).observe(queue_seconds)

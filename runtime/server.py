@@ -20,7 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvpilot.runtime.metrics import MemoryFigures, ServerMetrics, gpu_memory_info
 from kvpilot.runtime.openai_protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_json,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_json,
 )
 from kvpilot.runtime.server_generation import ApiError, Generation, chat_response, completion_response
 from kvpilot.runtime.server_middleware import ApiKeyMiddleware, BodyLimitMiddleware

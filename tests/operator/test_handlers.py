@@ -169,14 +169,23 @@ async def test_api_faults_are_retried_until_it_converges(cluster: Emulated):
         return cluster.emulator["post", kmock.resource(group, "v1", plural)][
             lambda request: request.data["metadata"]["name"] == "faults"]
 
-    posts("apps", "deployments")[:1] << 500 << STATUS_500  # stored, then refused: the retry meets 409
+    posts("apps", "deployments")[:1] << 500 << STATUS_500  # kmock stores it, then errs: the retry meets 409
     posts("", "services")[:1] << 409 << STATUS_409
-    posts("policy", "poddisruptionbudgets")[:2] << 503 << STATUS_500
+    cluster.emulator.refuse("post", "poddisruptionbudgets", "faults", 503, times=2)  # not stored at all
+    cluster.emulator.refuse("patch", "llmdeployments", "faults", 500)  # kopf's own write (it retries too)
     await cluster.create(from_example("smollm2", "faults"))
     await planned(cluster, "faults")
     wanted = {"Deployment", "Service", "PodDisruptionBudget"}
     await cluster.eventually(lambda: wanted <= set(cluster.children("faults")), timeout=20)
     await cluster.eventually(lambda: "ApiError" in {e["reason"] for e in cluster.events("faults")})
+
+
+async def test_fixing_an_impossible_spec_creates_the_children(cluster: Emulated):
+    await cluster.create(llmd("fixed", {"model": {"source": "llama-3.1-8b"}, "gpu": {"type": "b300"}}))
+    await planned(cluster, "fixed", "False")
+    await cluster.patch("LLMDeployment", "fixed", {"spec": {"gpu": {"type": "h100-80gb"}}})
+    await planned(cluster, "fixed")
+    await cluster.eventually(lambda: {"Deployment", "Service"} <= set(cluster.children("fixed")))
 
 
 async def test_delete_runs_the_handler_and_drops_the_finalizer(cluster: Emulated):
@@ -246,3 +255,13 @@ async def test_a_restarted_operator_resumes_and_repairs():
         assert cluster.get("Service", "resumed") is None
         async with running_operator(cluster):
             await cluster.eventually(lambda: cluster.get("Service", "resumed"), what="resume recreates it")
+
+
+async def test_the_resync_timer_repairs_what_a_failed_restore_left():
+    async with emulated_operator(resync_seconds=0.3) as cluster:
+        await cluster.create(from_example("smollm2", "net"))
+        await planned(cluster, "net")
+        await cluster.eventually(lambda: cluster.get("Service", "net"))
+        cluster.emulator.refuse("post", "services", "net", 503)  # the watch-driven restore fails once
+        await cluster.delete("Service", "net")
+        await cluster.eventually(lambda: cluster.get("Service", "net"), what="the timer recreates it")

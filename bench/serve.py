@@ -1,0 +1,126 @@
+"""Open-loop load against the kvpilot server and, as the peer, HF transformers behind the simplest
+server (bench/hf_server.py), on the same model and machine. Poisson arrivals at several rates;
+streaming completions with a fixed number of output tokens. One JSON line per (server, rate):
+throughput, TTFT and inter-token latency p50/p99, end-to-end latency.
+
+    python bench/serve.py --rates 1 2 4 --requests 24 --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = ["the ocean", "a lighthouse keeper", "Kubernetes", "GPU memory", "a long train journey", "bread",
+          "the first snow", "an old map", "a chess game", "the moon landing", "a small robot", "tea"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    times: list[float] = []
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:])["choices"][0].get("text"):
+                times.append(time.perf_counter())
+    return {"start": start, "times": times, "end": time.perf_counter()}
+
+
+async def _load(url: str, model: str, rate: float, requests: int, max_tokens: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    prompts = [f"Write a few sentences about {rng.choice(TOPICS)} and {rng.choice(TOPICS)}."
+               for _ in range(requests)]
+    async with httpx.AsyncClient(timeout=600) as client:
+        began = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(_one(client, url, model, prompt, max_tokens)))
+            await asyncio.sleep(rng.expovariate(rate))  # open loop: arrivals do not wait for answers
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - began
+    ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
+    itl = [b - a for r in results for a, b in itertools.pairwise(r["times"])]
+    e2e = [r["end"] - r["start"] for r in results]
+    return {"rate_rps": rate, "requests": requests, "output_tokens_per_s": round(requests * max_tokens / wall, 2),
+            "ttft_p50_s": round(_percentile(ttft, 0.5), 3), "ttft_p99_s": round(_percentile(ttft, 0.99), 3),
+            "itl_p50_s": round(_percentile(itl, 0.5), 4), "itl_p99_s": round(_percentile(itl, 0.99), 4),
+            "e2e_p50_s": round(statistics.median(e2e), 3), "wall_s": round(wall, 2)}
+
+
+def _start(command: list[str], url: str) -> subprocess.Popen:
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command} exited with {proc.returncode}")
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{command} did not become ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    servers = {
+        "kvpilot": lambda port: [sys.executable, "-m", "kvpilot.runtime", "serve", "--port", str(port),
+                                 "--served-model-name", "smollm2", "--max-model-len", "1024",
+                                 "--max-num-seqs", "32", "--kv-memory", "1Gi"],
+        "hf_transformers": lambda port: [sys.executable, "bench/hf_server.py", "--port", str(port)],
+    }
+    results: dict[str, list[dict]] = {}
+    for name, command in servers.items():
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = _start(command(port), url)
+        try:
+            for rate in args.rates:
+                row = asyncio.run(_load(url, "smollm2", rate, args.requests, args.max_tokens, args.seed))
+                results.setdefault(name, []).append(row)
+                print(json.dumps({"bench": "serve", "server": name, **row}), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    for ours, peer in zip(results["kvpilot"], results["hf_transformers"], strict=True):
+        print(json.dumps({"bench": "serve_ratio", "rate_rps": ours["rate_rps"],
+                          "throughput_ratio": round(ours["output_tokens_per_s"] / peer["output_tokens_per_s"], 2),
+                          "ttft_p50_ratio": round(peer["ttft_p50_s"] / ours["ttft_p50_s"], 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
