@@ -9,6 +9,7 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,11 +44,13 @@ def check_runnable(kernel: object, device: torch.device, what: str) -> None:
         return
     if device.type != "cpu":
         raise ValueError(f"{what}: tensors on {device} are not supported (CUDA runs Triton, CPU the interpreter)")
-    if not isinstance(kernel, InterpretedFunction):
+    # triton.language's own helpers (tl.max, ...) are decorated when triton is first imported
+    if not (isinstance(kernel, InterpretedFunction) and isinstance(tl.max, InterpretedFunction)):
         raise RuntimeError(
             f"{what}: CPU tensors need the Triton interpreter, but triton was imported without "
-            "TRITON_INTERPRET=1 (it must be set before the first `import triton` in the process); "
-            "use kvpilot.kernels.ops, which runs the torch reference on CPU unless the interpreter is on")
+            "TRITON_INTERPRET=1 (it must be set before the first `import triton` in the process, and "
+            "e.g. transformers' model modules import triton); use kvpilot.kernels.ops, which runs the torch "
+            "reference on CPU unless the interpreter is on")
 
 
 def check_same_device(what: str, **tensors: torch.Tensor) -> torch.device:
@@ -64,10 +67,11 @@ def check_last_dim_contiguous(what: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{what}: {name} must be contiguous in its last dimension, got strides {t.stride()}")
 
 
-def check_index_tensor(what: str, name: str, t: torch.Tensor, dim: int) -> None:
-    if t.dim() != dim or t.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{what}: {name} must be a {dim}-D int32 (or int64) tensor, got {t.dtype} "
-                         f"{tuple(t.shape)}")
+def check_index_tensor(what: str, name: str, t: torch.Tensor, dim: int,
+                       dtypes: tuple[torch.dtype, ...] = (torch.int32,)) -> None:
+    if t.dim() != dim or t.dtype not in dtypes:
+        raise ValueError(f"{what}: {name} must be a {dim}-D tensor of {' or '.join(map(str, dtypes))}, got "
+                         f"{t.dtype} {tuple(t.shape)}")
 
 
 def check_kv_cache(what: str, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

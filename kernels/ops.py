@@ -12,6 +12,8 @@ triton is first imported for the interpreter to work at all, and pytest runs eve
 process: the kernel tests' conftest sets the variable and then pins the switch to False, turning
 the interpreter on only inside the kernel tests, so the engine tests keep the fast reference path.
 Triton itself is imported lazily, on the first Triton dispatch: CPU users never pay for it.
+(With TRITON_INTERPRET=1 set before triton's import, Triton interprets even CUDA launches: slow but
+correct; GPU processes should not set it.)
 
 Shapes and layouts: `kvpilot.kernels.reference` (paged KV) and `kvpilot.kernels.quant_reference`
 (quantized weights). Shapes a kernel cannot take raise ValueError naming the limit.

@@ -99,7 +99,7 @@ def _prefill_kernel(
     tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-def prefill_config(head_dim: int, group: int, device: torch.device) -> dict[str, int]:
+def prefill_config(head_dim: int, device: torch.device) -> dict[str, int]:
     """Rows per program (query tokens x group heads), key tile and launch sizes."""
     if device.type != "cuda":
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
@@ -143,7 +143,7 @@ def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     if max_query_len is None:
         max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
 
-    config = prefill_config(head_dim, group, device)
+    config = prefill_config(head_dim, device)
     block_g = _launch.next_pow2(group)
     block_m = block_m or config["BLOCK_M"]
     block_n = block_n or config["BLOCK_N"]

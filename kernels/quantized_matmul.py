@@ -3,9 +3,9 @@
 Shapes: x [..., K] (fp32/bf16/fp16) -> y [..., N] in x's dtype; the weight is a `QuantizedWeight`:
 - int8: qweight int8 [N, K], scale [N] (compute dtype); dequantised in registers, the scale applied
   to the fp32 accumulator once per output.
-- int4: qweight uint8 [N, ceil(K/2)] (k even = low nibble), scale/zero [N, ceil(K/128)]; each
-  K tile lies inside one group, so it is dequantised as (q - zero) * scale with one scale and zero
-  per row, and the low/high nibbles are multiplied against x's even/odd columns.
+- int4: qweight uint8 [N, ceil(K/2)] (k even = low nibble), scale/zero [N, ceil(K/128)]; the
+  nibbles of a [BLOCK_N, BLOCK_K / 2] byte tile are joined back into k order, and each K tile lies
+  inside one group, so it is dequantised as (q - zero) * scale with one scale and zero per row.
 - fp8: qweight float8_e4m3fn [N, K], scale [N] fp32, applied like int8.
 
 One program per (BLOCK_M x BLOCK_N output tile, K split). Skinny M (decode) has few output tiles,
@@ -51,33 +51,24 @@ def _qmm_kernel(
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < k_end
+        x = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if MODE == 1:  # int4: byte j holds k = 2j (low nibble) and k = 2j + 1 (high nibble)
-            kk = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(w_rows + (kk // 2)[None, :] * stride_wk, mask=n_mask[:, None] & (kk < k_end)[None, :],
+            kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_rows + kb[None, :] * stride_wk, mask=n_mask[:, None] & (2 * kb < k_end)[None, :],
                              other=0)
+            q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))  # back in k order
             group = k0 // GROUP_SIZE
             scale = tl.load(scale_ptr + rn * stride_sn + group * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
             zero = tl.load(zero_ptr + rn * stride_zn + group * stride_zg, mask=n_mask, other=0.0).to(tl.float32)
-            w_lo = ((packed & 0xF).to(tl.float32) - zero[:, None]) * scale[:, None]
-            w_hi = ((packed >> 4).to(tl.float32) - zero[:, None]) * scale[:, None]
-            x_even = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & (kk < k_end)[None, :], other=0.0)
-            x_odd = tl.load(x_rows + (kk + 1)[None, :] * stride_xk, mask=m_mask[:, None] & (kk + 1 < k_end)[None, :],
-                            other=0.0)
-            if FP32_DOT:
-                acc += tl.dot(x_even.to(tl.float32), tl.trans(w_lo), input_precision="ieee")
-                acc += tl.dot(x_odd.to(tl.float32), tl.trans(w_hi), input_precision="ieee")
-            else:
-                acc += tl.dot(x_even, tl.trans(w_lo.to(x_even.dtype)))
-                acc += tl.dot(x_odd, tl.trans(w_hi.to(x_odd.dtype)))
+            w = (q.to(tl.float32) - zero[:, None]) * scale[:, None]
         else:  # int8 / fp8: one scale per output channel, applied after the loop
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = kk < k_end
             w = tl.load(w_rows + kk[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            x = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if FP32_DOT:
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if FP32_DOT:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     if MODE != 1:
         acc *= tl.load(scale_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
@@ -89,7 +80,7 @@ def _row_col_strides(t: torch.Tensor) -> tuple[int, int]:
     return (t.stride(0), t.stride(1)) if t.dim() == 2 else (t.stride(0), 0)
 
 
-def matmul_config(m: int, mode: str, device: torch.device) -> dict[str, int]:
+def matmul_config(m: int, device: torch.device) -> dict[str, int]:
     """Tile sizes by the shape of M: skinny M reads each weight tile once with a 16-row x tile."""
     if device.type != "cuda":
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
@@ -128,7 +119,7 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     if m == 0:
         return x.new_empty(out_shape)
 
-    config = dict(matmul_config(m, weight.mode, device))
+    config = dict(matmul_config(m, device))
     if block_k is not None:
         config["BLOCK_K"] = block_k
     bk = config["BLOCK_K"]

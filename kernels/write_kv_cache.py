@@ -83,7 +83,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     if k_cache.dim() == 4 and k_cache.shape[2] != key.shape[1]:
         raise ValueError(f"{what}: key has {key.shape[1]} KV heads, the cache {k_cache.shape[2]}")
     _launch.check_kv_cache(what, key, k_cache, v_cache)
-    _launch.check_index_tensor(what, "slot_mapping", slot_mapping, 1)
+    _launch.check_index_tensor(what, "slot_mapping", slot_mapping, 1, (torch.int64, torch.int32))
     if slot_mapping.shape[0] != key.shape[0]:
         raise ValueError(f"{what}: {key.shape[0]} tokens but slot_mapping has {slot_mapping.shape[0]} entries")
     fp8 = k_cache.dtype == _launch.FP8

@@ -21,6 +21,7 @@ import kopf
 
 from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, ApiFault
 from kvpilot.operator.reconcile import (
+    WORKLOAD_KINDS,
     ChildKey,
     Event,
     Operator,
@@ -63,9 +64,12 @@ def index_child(body: kopf.Body, namespace: str, **_: Any) -> dict[tuple[str, st
     return {(namespace, owner): _snapshot(body)} if owner else None
 
 
-def _post(body: Mapping[str, Any], events: list[Event]) -> None:
+def _post(body: Mapping[str, Any], events: list[Event], logger: kopf.Logger) -> None:
+    """Each decision once: as a Kubernetes Event on the LLMDeployment and as one log line."""
     for event in events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)  # type: ignore[arg-type]
+        log = logger.info if event.type == "Normal" else logger.warning
+        log(f"{event.reason}: {event.message}")
 
 
 def _live(children: kopf.Index, namespace: str, name: str) -> dict[ChildKey, Mapping[str, Any]]:
@@ -73,7 +77,7 @@ def _live(children: kopf.Index, namespace: str, name: str) -> dict[ChildKey, Map
 
 
 def _run(body: kopf.Body, namespace: str, name: str, children: kopf.Index, patch: kopf.Patch,
-         memo: kopf.Memo, retry: int) -> Outcome:
+         memo: kopf.Memo, retry: int, logger: kopf.Logger) -> Outcome:
     try:
         outcome = reconcile(body, _live(children, namespace, name), memo.operator)
     except ApiFault as err:
@@ -81,13 +85,13 @@ def _run(body: kopf.Body, namespace: str, name: str, children: kopf.Index, patch
         raise kopf.TemporaryError(str(err), delay=backoff(retry) if err.retryable else BACKOFF_CAP_SECONDS) from err
     for key, value in outcome.status.items():
         patch.status[key] = value
-    _post(body, outcome.events)
+    _post(body, outcome.events, logger)
     return outcome
 
 
 def on_reconcile(body: kopf.Body, name: str, namespace: str, retry: int, patch: kopf.Patch, memo: kopf.Memo,
-                 children: kopf.Index, **_: Any) -> None:
-    failure = _run(body, namespace, name, children, patch, memo, retry).failure
+                 children: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
+    failure = _run(body, namespace, name, children, patch, memo, retry, logger).failure
     if failure is None:
         return
     if failure.retryable:
@@ -97,7 +101,7 @@ def on_reconcile(body: kopf.Body, name: str, namespace: str, retry: int, patch: 
 
 def on_resync(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, memo: kopf.Memo,
               children: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
-    failure = _run(body, namespace, name, children, patch, memo, retry=0).failure
+    failure = _run(body, namespace, name, children, patch, memo, 0, logger).failure
     if failure is not None:  # already in the status; the create/update handler owns the retries
         logger.info(f"resync: not planned ({failure.reason})")
 
@@ -116,12 +120,12 @@ def on_child_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf
     op: Operator = memo.operator
     try:
         events, child = restore_child(owner, body, type == "DELETED", op)
-        if child is not None and body["kind"] in ("Deployment", "LeaderWorkerSet"):
-            sync_workload_status(namespace, owner_key[1], child, op)  # type: ignore[arg-type]
+        if child is not None and body["kind"] in WORKLOAD_KINDS:
+            sync_workload_status(namespace, owner_key[1], child, op)
     except ApiFault as err:  # event handlers are not retried: the resync timer is the net
         logger.warning(f"{body['kind']} {body['metadata']['name']}: {err}; the resync retries it")
         return
-    _post(owner, events)
+    _post(owner, events, logger)
 
 
 def build_registry(resync_seconds: float) -> kopf.OperatorRegistry:

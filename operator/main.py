@@ -47,6 +47,8 @@ class OperatorConfig:
     prometheus_url: str = DEFAULT_PROMETHEUS_URL
     resync_seconds: float = RESYNC_SECONDS
     runtime_image: str = field(default_factory=lambda: os.environ.get(RUNTIME_IMAGE_ENV, DEFAULT_IMAGE))
+    log_format: str = "full"  # kopf's: plain, full, or json (one object per line, for log pipelines)
+    verbose: bool = False
 
 
 def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
@@ -75,7 +77,9 @@ def run(config: OperatorConfig, stop_flag: threading.Event | None = None) -> Non
     from kvpilot.operator.kube import Kube
     from kvpilot.operator.reconcile import Operator
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # kopf's formatter prefixes each object's lines with [namespace/name] (or adds fields, in json).
+    kopf.configure(verbose=config.verbose, log_format=kopf.LogFormat[config.log_format.upper()], log_prefix=True)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # a line per API call is noise at any level
     registry = build_registry(config.resync_seconds)
     kopf.on.login(registry=registry)(kopf.login_via_client)
     operator = Operator(kube=Kube.from_environment(), hub=Hub(), prometheus_url=config.prometheus_url,
@@ -103,11 +107,14 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prometheus-url", default=DEFAULT_PROMETHEUS_URL, help="Prometheus for KEDA triggers")
     p.add_argument("--resync-seconds", type=float, default=RESYNC_SECONDS,
                    help="full reconcile of every LLMDeployment this often, behind the watches")
+    p.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
+    p.add_argument("--verbose", action="store_true", help="debug logs (kopf's included)")
     p.set_defaults(run=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
     run(OperatorConfig(namespaces=args.namespaces, peering=None if args.standalone else args.peering,
                        priority=args.priority, liveness=args.liveness or None,
-                       prometheus_url=args.prometheus_url, resync_seconds=args.resync_seconds))
+                       prometheus_url=args.prometheus_url, resync_seconds=args.resync_seconds,
+                       log_format=args.log_format, verbose=args.verbose))
     return 0

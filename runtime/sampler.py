@@ -79,7 +79,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [len(seqs), vocab] -> one token per sequence, and its logprobs where asked."""
-        logits = logits.float()
+        logits = logits.to(torch.float32, copy=True)  # masked and penalized in place below
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         apply_min_tokens(logits, seqs, self.eos_token_ids)
         apply_penalties(logits, seqs)

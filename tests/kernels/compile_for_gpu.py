@@ -50,14 +50,23 @@ class Recorder:
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
 
 
-def compile_launch(kernel: JITFunction, args: tuple[Any, ...], kwargs: dict[str, Any], arch: int) -> None:
+def compile_launch(kernel: JITFunction, args: tuple[Any, ...], kwargs: dict[str, Any], arch: int) -> str:
+    """Compile one recorded launch the way Triton specialises it for contiguous tensors (integer arguments
+    equal to 1 become constants, pointers and multiples of 16 are marked 16-divisible); returns a summary
+    of the PTX: asynchronous copies (software pipelining), vector loads and tensor-core instructions."""
     names = kernel.arg_names
     options = {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS}
     constexprs = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
-    signature = {name: "constexpr" if name in constexprs else mangle_type(value)
-                 for name, value in zip(names, [*args, *[constexprs.get(n) for n in names[len(args):]]],
-                                        strict=True)}
-    triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options)
+    constexprs.update({n: 1 for n, v in zip(names, args, strict=False) if type(v) is int and v == 1})
+    values = [*args, *[constexprs.get(n) for n in names[len(args):]]]
+    signature = {n: "constexpr" if n in constexprs else mangle_type(v) for n, v in zip(names, values, strict=True)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(args)
+             if names[i] not in constexprs and (isinstance(v, torch.Tensor) or (type(v) is int and v % 16 == 0))}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=options)
+    ptx = compiled.asm["ptx"]
+    return (f"cp.async {ptx.count('cp.async.c')}, ld.v4 {ptx.count('ld.global.v4')}, "
+            f"wgmma {ptx.count('wgmma.mma_async')}, mma {ptx.count('mma.sync')}, shared {compiled.metadata.shared}")
 
 
 def cases() -> list[tuple[str, Callable[[], None]]]:
@@ -126,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         for kernel, args, kwargs in list(launches):
             start = time.perf_counter()
             try:
-                compile_launch(kernel, args, kwargs, arch)
-                print(f"ok   sm_{arch} {kernel.__name__:16} {label} ({time.perf_counter() - start:.1f}s)", flush=True)
+                summary = compile_launch(kernel, args, kwargs, arch)
+                print(f"ok   sm_{arch} {kernel.__name__:16} {label} ({time.perf_counter() - start:.1f}s): {summary}",
+                      flush=True)
             except Exception:
                 failures += 1
                 print(f"FAIL sm_{arch} {kernel.__name__:16} {label}\n{traceback.format_exc(limit=3)}", flush=True)

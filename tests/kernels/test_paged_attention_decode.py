@@ -111,13 +111,14 @@ def test_split_heuristic():
     ({"cache_dtype": torch.bfloat16}, "caches must both be"),
     ({"num_splits": MAX_SPLITS + 1}, f"not in 1..{MAX_SPLITS}"),
     ({"max_context_len": 10_000}, "exceeds block_tables capacity"),
+    ({"lens_dtype": torch.int64}, "context_lens must be a 1-D tensor of torch.int32, got torch.int64"),
 ])
 def test_unsupported_inputs_name_the_limit(device, change, message):
     head_dim = change.get("head_dim", 64)
     query = torch.zeros(2, change.get("heads", 8), head_dim, device=device)
     cache = torch.zeros(4, 8, 4, head_dim, device=device, dtype=change.get("cache_dtype", torch.float32))
     tables = torch.zeros(2, 2, dtype=torch.int32, device=device)
-    lens = torch.ones(2, dtype=torch.int32, device=device)
+    lens = torch.ones(2, dtype=change.get("lens_dtype", torch.int32), device=device)
     with pytest.raises(ValueError, match=message):
         paged_attention_decode(query, cache, cache, tables, lens, 1.0, num_splits=change.get("num_splits"),
                                max_context_len=change.get("max_context_len"))

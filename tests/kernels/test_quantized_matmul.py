@@ -76,10 +76,10 @@ def test_close_to_the_unquantized_matmul(device):
 
 
 def test_split_k_heuristic():
-    decode = matmul_config(1, "int4", torch.device("cuda"))
+    decode = matmul_config(1, torch.device("cuda"))
     assert choose_split_k(1, 14336, 4096, decode, 132) == 2  # 224 output tiles: 448 programs cover 132 SMs twice
     assert choose_split_k(1, 4096, 14336, decode, 132) == 5  # 64 tiles: split the long K
-    assert choose_split_k(1024, 14336, 4096, matmul_config(1024, "int4", torch.device("cuda")), 132) == 1
+    assert choose_split_k(1024, 14336, 4096, matmul_config(1024, torch.device("cuda")), 132) == 1
     assert choose_split_k(1, 64, 1 << 20, decode, 132) == MAX_SPLIT_K
 
 

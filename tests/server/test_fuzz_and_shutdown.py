@@ -55,7 +55,7 @@ def test_up_serves_the_manifest_and_drains_on_sigterm(tmp_path):
     """`kvpilot up` (the README's main job) on the example manifest; SIGTERM mid-stream lets the
     stream finish, then the process exits 0."""
     port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real dispatch, not the tests'
     log = open(tmp_path / "up.log", "w+")  # noqa: SIM115 - the child process writes to it until the end
     proc = subprocess.Popen([sys.executable, "-m", "kvpilot.runtime", "up", "examples/smollm2.yaml",
                              "--port", str(port), "--shutdown-grace", "60"], cwd=ROOT, env=env,
