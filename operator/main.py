@@ -1,6 +1,6 @@
 """`kvpilot operator`: kopf running the LLMDeployment handlers.
 
-Namespace scoping (`--namespace`, repeatable, globs allowed; or `--all-namespaces`), a liveness
+Namespace scoping (`--namespace`, repeatable, globs allowed; none: every namespace), a liveness
 endpoint for the pod's probe, and kopf peering so only one of several operator replicas acts
 (each replica takes a random priority; the others stand by until its peering record expires).
 
@@ -56,6 +56,7 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     import kopf
 
     from kvpilot.operator.kube import CHILD_RESOURCES
+
     # Progress and the last-handled spec in annotations under our prefix; status stays ours alone
     # (the CRD's structural schema would prune kopf's status fields anyway).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)

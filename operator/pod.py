@@ -53,6 +53,10 @@ class Weights:
     revision: str | None = None
 
 
+class NoWeights(ValueError):
+    """The model source says nothing about where the weights are."""
+
+
 @cache
 def _catalog_repos() -> dict[str, list[str]]:
     text = (Path(model_facts.__file__).parent / "catalog" / "models.json").read_text()
@@ -61,9 +65,12 @@ def _catalog_repos() -> dict[str, list[str]]:
 
 def hub_repo(name: str) -> str:
     """The hub repository of a catalog name: its instruction-tuned variant, which is what one serves."""
-    aliases = _catalog_repos().get(name.lower(), [])
+    aliases = _catalog_repos().get(name.lower())
+    if not aliases:
+        raise NoWeights(f"model.source {name!r} is no catalog name, so it says nothing about where the weights "
+                        "are: use hf://org/name, pvc://claim/path or file:///path")
     tuned = [a for a in aliases if a.lower().endswith(("-instruct", "-it"))]
-    return (tuned or aliases or [name])[0]
+    return (tuned or aliases)[0]
 
 
 def weights(model: ModelSource) -> Weights:
@@ -71,12 +78,16 @@ def weights(model: ModelSource) -> Weights:
     if not path:  # a catalog name or a bare hub id
         scheme, path = "hf", hub_repo(model.source) if "/" not in model.source else model.source
     if scheme == "hf":
+        if path.strip("/").count("/") < 1:
+            raise NoWeights(f"model.source {model.source!r}: an hf:// source is hf://org/name[/file]")
         org, name, *files = path.strip("/").split("/")
         repo = f"{org}/{name}"
         local = "/".join((MODELS_DIR, repo, *files))
         return Weights(local, {"name": "models", "emptyDir": {}}, repo, tuple(files), model.revision)
     if scheme == "pvc":
         claim, _, sub = path.partition("/")
+        if not claim:
+            raise NoWeights(f"model.source {model.source!r}: a pvc:// source is pvc://claim[/path]")
         volume = {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         return Weights(f"{MODELS_DIR}/{sub}".rstrip("/"), volume)
     return Weights("/" + path.lstrip("/"), None)  # file:///path: baked into the image

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from kvpilot.operator.hub import DEFAULT_ENDPOINT, Hub, HubError
 from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, ApiFault, Kube
 from kvpilot.operator.planning import plan_deployment
+from kvpilot.operator.pod import NoWeights
 from kvpilot.operator.render import DEFAULT_PROMETHEUS_URL, LWS_API, RenderOptions, label_selector, render
 from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, describe_errors
 from kvpilot.operator.status import Condition, plan_status, read_workload, status_patch
@@ -119,7 +120,10 @@ def describe(plan: Plan) -> str:
 
 def desired_children(body: Mapping[str, Any], deployment: LLMDeployment, plan: Plan,
                      options: RenderOptions) -> dict[ChildKey, dict[str, Any]]:
-    children = render(deployment, plan, options)
+    try:
+        children = render(deployment, plan, options)
+    except NoWeights as err:
+        raise NotPlanned("NoWeights", str(err)) from None
     kopf.adopt(children, owner=body)  # type: ignore[arg-type]  # owner refs: deletion cascades
     return {(c["kind"], c["metadata"]["name"]): c for c in children}
 

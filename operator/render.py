@@ -80,11 +80,12 @@ def _metadata(deployment: LLMDeployment) -> dict[str, Any]:
     return meta
 
 
-def _template(deployment: LLMDeployment, pod: dict[str, Any]) -> dict[str, Any]:
-    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT),
-                   "prometheus.io/path": "/metrics"}
-    return {"metadata": {"labels": common_labels(deployment.metadata.name), "annotations": annotations},
-            "spec": pod}
+def _template(deployment: LLMDeployment, pod: dict[str, Any], serves: bool = True) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"labels": common_labels(deployment.metadata.name)}
+    if serves:  # a LeaderWorkerSet's workers serve no HTTP: nothing to scrape
+        metadata["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT),
+                                   "prometheus.io/path": "/metrics"}
+    return {"metadata": metadata, "spec": pod}
 
 
 def workload_ref(plan: Plan) -> tuple[str, str]:
@@ -109,7 +110,7 @@ def workload(deployment: LLMDeployment, plan: Plan, options: RenderOptions) -> d
             "leaderTemplate": _template(deployment, pod_spec(deployment, plan, "leader", options.hf_endpoint,
                                                              options.runtime_image)),
             "workerTemplate": _template(deployment, pod_spec(deployment, plan, "worker", options.hf_endpoint,
-                                                             options.runtime_image)),
+                                                             options.runtime_image), serves=False),
         }}
     return {"apiVersion": api_version, "kind": kind, "metadata": _metadata(deployment), "spec": spec}
 

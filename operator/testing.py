@@ -42,6 +42,8 @@ class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator plus what a real API server does with metadata: uid, generation, creationTimestamp
     and a name from generateName on create; a new resourceVersion on every write, checked when a write
     names one (a merge patch carrying metadata.resourceVersion, a JSON patch's `test` op: 409 / 422).
+    Lists report the latest resourceVersion and a watch from it skips the objects the list returned
+    (kmock alone replays them all, so kopf would handle each object twice from a stale copy).
 
     `keep_history = False` forgets each request once answered: kmock matches every request against its
     whole history (quadratic), which a benchmark's thousands of requests cannot afford. Tests keep it
@@ -52,6 +54,7 @@ class Emulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
+        self._latest = 0
         self._writes = asyncio.Lock()
         self._refusals: list[Refusal] = []
 
@@ -84,8 +87,23 @@ class Emulator(kmock.KubernetesEmulator):
                 index = next(i for i, seen in enumerate(self._requests) if seen is request)
                 del self._requests[index]
 
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        answer = await super()._serve_list(request)
+        answer["metadata"]["resourceVersion"] = str(self._latest)
+        return answer
+
+    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
+        since = request.params.get("resourceVersion", "")
+        since_version = int(since) if since.isdigit() else None
+        async for event in super()._serve_watch(request):
+            replayed = (isinstance(event, dict) and event.get("type") == "ADDED" and since_version is not None
+                        and int(event["object"].get("metadata", {}).get("resourceVersion", 0)) <= since_version)
+            if not replayed:
+                yield event
+
     def _stamp(self, request: kmock.Request) -> None:
-        version = str(next(self._versions))
+        self._latest = next(self._versions)
+        version = str(self._latest)
         if request.action == kmock.action.CREATE:
             meta = request.data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):

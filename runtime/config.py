@@ -100,8 +100,8 @@ class EngineConfig:
         if None in (num_kv_blocks, max_num_seqs, max_batched):
             plan = memory_plan(facts, dataclasses.replace(self, max_model_len=max_model_len))
             num_kv_blocks = num_kv_blocks or plan.num_kv_blocks
-            max_num_seqs = max_num_seqs or plan.max_num_seqs
-            max_batched = max_batched or max(plan.max_batched_tokens, max_num_seqs)
+            max_batched = max_batched or max(plan.max_batched_tokens, max_num_seqs or 0)
+            max_num_seqs = max_num_seqs or min(plan.max_num_seqs, max_batched)
         return dataclasses.replace(self, max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched)
 

@@ -89,6 +89,8 @@ class ModelRunner:
             prefill_block_tables=tensor(_block_tables(prefill_seqs), torch.int32),
             prefill_cu_seqlens_q=tensor(cu_seqlens, torch.int32),
             prefill_context_lens=tensor(prefill_lens, torch.int32),
+            decode_max_context_len=max((s.num_computed_tokens + 1 for s in batch.decodes), default=0),
+            prefill_max_query_len=max((n for _, n in batch.prefills), default=0),
         )
         return StepInputs(tensor(tokens, torch.int64), tensor(positions, torch.int64), meta,
                           tensor(sample_rows, torch.int64), sample_seqs)

@@ -110,7 +110,14 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch, scheduled = ScheduledBatch(), set()
-        bm, budget = self.block_manager, self.max_num_batched_tokens
+        budget = self._schedule_decodes(batch, scheduled, self.max_num_batched_tokens)
+        budget = self._schedule_running_prompts(batch, scheduled, budget)
+        if not batch.preempted:
+            self._admit_waiting(batch, scheduled, budget)
+        return batch
+
+    def _schedule_decodes(self, batch: ScheduledBatch, scheduled: set[int], budget: int) -> int:
+        bm = self.block_manager
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
                 continue
@@ -124,8 +131,13 @@ class Scheduler:
                 batch.decodes.append(seq)
                 scheduled.add(seq.seq_id)
                 budget -= 1
+        return budget
+
+    def _schedule_running_prompts(self, batch: ScheduledBatch, scheduled: set[int], budget: int) -> int:
+        """Chunks of prompts already started, oldest first; one that finds no free block preempts
+        newer sequences, so the oldest always progresses."""
         for seq in list(self.running):
-            if budget == 0:
+            if budget <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.seq_id in scheduled:
                 continue
@@ -135,11 +147,16 @@ class Scheduler:
                 self.preempt(victim, batch)
                 num_new = self._tokens_that_fit(seq, min(seq.num_uncomputed_tokens, budget))
             if num_new:
-                bm.allocate(seq, num_new)
+                self.block_manager.allocate(seq, num_new)
                 batch.prefills.append((seq, num_new))
                 scheduled.add(seq.seq_id)
                 budget -= num_new
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
+        return budget
+
+    def _admit_waiting(self, batch: ScheduledBatch, scheduled: set[int], budget: int) -> None:
+        """FCFS: stop at the first waiting sequence whose next chunk the pool cannot hold."""
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = bm.find_cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
@@ -153,7 +170,6 @@ class Scheduler:
             batch.prefills.append((seq, num_new))
             scheduled.add(seq.seq_id)
             budget -= num_new
-        return batch
 
     def postprocess(self, batch: ScheduledBatch) -> list[Sequence]:
         """Count the computed tokens, record newly full blocks in the prefix cache; return the

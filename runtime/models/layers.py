@@ -26,6 +26,8 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] int32
     prefill_cu_seqlens_q: torch.Tensor  # [num_prefills + 1] int32
     prefill_context_lens: torch.Tensor  # [num_prefills] int32
+    decode_max_context_len: int = 0  # known on the host: the GPU kernels need no device sync for them
+    prefill_max_query_len: int = 0
 
 
 class RMSNorm(nn.Module):

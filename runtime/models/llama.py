@@ -40,18 +40,23 @@ class LlamaAttention(nn.Module):
         ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         n = meta.num_decode_tokens
         if n == q.shape[0]:
-            out = ops.paged_attention_decode(q, k_cache, v_cache, meta.decode_block_tables,
-                                             meta.decode_context_lens, self.scale)
+            out = self._decode(q, k_cache, v_cache, meta)
         elif n == 0:
-            out = ops.paged_attention_prefill(q, k_cache, v_cache, meta.prefill_block_tables,
-                                              meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale)
+            out = self._prefill(q, k_cache, v_cache, meta)
         else:
-            out = torch.cat((
-                ops.paged_attention_decode(q[:n], k_cache, v_cache, meta.decode_block_tables,
-                                           meta.decode_context_lens, self.scale),
-                ops.paged_attention_prefill(q[n:], k_cache, v_cache, meta.prefill_block_tables,
-                                            meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale)))
+            out = torch.cat((self._decode(q[:n], k_cache, v_cache, meta), self._prefill(q[n:], k_cache, v_cache, meta)))
         return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        return ops.paged_attention_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                          self.scale, max_context_len=meta.decode_max_context_len)
+
+    def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        return ops.paged_attention_prefill(q, k_cache, v_cache, meta.prefill_block_tables,
+                                           meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale,
+                                           max_query_len=meta.prefill_max_query_len)
 
 
 class LlamaMLP(nn.Module):

@@ -143,6 +143,9 @@ async def test_children_edited_or_deleted_by_hand_are_restored(cluster: Emulated
      "UnknownGPU", "GPU type 'b300' is not in the catalog"),
     ("no-hub-repo", {"model": {"source": "hf://acme/missing"}, "gpu": {"type": "l4"}},
      "ModelFactsUnavailable", "has no config.json"),
+    ("no-weights", {"model": {"source": "mystery", "architecture": {
+        "numLayers": 4, "hiddenSize": 512, "numHeads": 8, "intermediateSize": 1024, "vocabSize": 32000}},
+        "gpu": {"type": "l4"}}, "NoWeights", "says nothing about where the weights are"),
 ])
 async def test_impossible_spec_is_a_condition_and_creates_nothing(cluster: Emulated, name, spec, reason, words):
     await cluster.create(llmd(name, spec))

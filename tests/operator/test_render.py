@@ -9,7 +9,7 @@ import pytest
 from llmd_cases import EXAMPLES, load_example
 
 from kvpilot.operator.planning import plan_deployment
-from kvpilot.operator.pod import DRAIN_SECONDS, GPU_PRODUCT_LABEL, GPU_RESOURCE, HTTP_PORT, weights
+from kvpilot.operator.pod import DRAIN_SECONDS, GPU_PRODUCT_LABEL, GPU_RESOURCE, HTTP_PORT, NoWeights, weights
 from kvpilot.operator.render import (
     ADAPTER_KV_METRIC,
     LWS_WORKER_INDEX,
@@ -267,6 +267,8 @@ def test_multi_node_runs_a_leader_worker_set_served_by_its_leaders():
     assert arg(leader["args"], "--nnodes") == "2" and arg(worker["args"], "--node-rank") == "$(LWS_WORKER_INDEX)"
     assert leader["resources"]["limits"][GPU_RESOURCE] == "8"  # 16-way tensor parallel over 2 nodes
     assert "readinessProbe" in leader and "readinessProbe" not in worker and "ports" not in worker
+    assert "prometheus.io/scrape" in group["leaderTemplate"]["metadata"]["annotations"]
+    assert "annotations" not in group["workerTemplate"]["metadata"]
     assert objs["Service"]["spec"]["selector"][LWS_WORKER_INDEX] == "0"
 
 
@@ -331,3 +333,13 @@ def test_runtime_image_from_the_spec_else_the_operators_default():
     own = spec | {"runtime": {"image": "registry.local/runtime:dev"}}
     assert rendered(own, options)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"] == \
         "registry.local/runtime:dev"
+
+
+@pytest.mark.parametrize(("source", "words"), [
+    ("mystery-model", "is no catalog name"),
+    ("hf://just-an-org", "hf://org/name"),
+    ("pvc:///path", "pvc://claim"),
+])
+def test_sources_that_name_no_weights_are_refused(source, words):
+    with pytest.raises(NoWeights, match=words):
+        weights(ModelSource(source=source))
