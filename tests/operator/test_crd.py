@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -15,8 +16,6 @@ from llmd_cases import EXAMPLES, load_example
 from kvpilot.operator.crd import CRD_PATH, crd, crd_yaml
 from kvpilot.operator.spec import SpecError, parse_manifest
 from kvpilot.runtime.cli import main
-
-celpy = pytest.importorskip("celpy", reason="cel-python evaluates the CRD's x-kubernetes-validations")
 
 SCHEMA = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 CEL = celpy.Environment()
