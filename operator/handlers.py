@@ -78,11 +78,17 @@ def _live(children: kopf.Index, namespace: str, name: str) -> dict[ChildKey, Map
 
 def _run(body: kopf.Body, namespace: str, name: str, children: kopf.Index, patch: kopf.Patch,
          memo: kopf.Memo, retry: int, logger: kopf.Logger) -> Outcome:
+    metrics = memo.operator.metrics
     try:
-        outcome = reconcile(body, _live(children, namespace, name), memo.operator)
+        with metrics.reconcile_seconds.time():
+            outcome = reconcile(body, _live(children, namespace, name), memo.operator)
     except ApiFault as err:
+        metrics.reconciles.labels(result="api_error").inc()
         kopf.warn(body, reason="ApiError", message=str(err))
         raise kopf.TemporaryError(str(err), delay=backoff(retry) if err.retryable else BACKOFF_CAP_SECONDS) from err
+    planned = outcome.failure is None
+    metrics.reconciles.labels(result="planned" if planned else "not_planned").inc()
+    metrics.seen(namespace, name, planned)
     for key, value in outcome.status.items():
         patch.status[key] = value
     _post(body, outcome.events, logger)
@@ -106,7 +112,8 @@ def on_resync(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, mem
         logger.info(f"resync: not planned ({failure.reason})")
 
 
-def on_delete(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+def on_delete(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    memo.operator.metrics.forget(namespace, name)
     kopf.info(body, reason="Deleting", message="its children are owned by it and go with it")
     logger.info("deleted; children follow by owner reference")
 

@@ -1,7 +1,7 @@
 """`kvpilot operator`: kopf running the LLMDeployment handlers.
 
 Namespace scoping (`--namespace`, repeatable, globs allowed; none: every namespace), a liveness
-endpoint for the pod's probe, and kopf peering so only one of several operator replicas acts
+endpoint for the pod's probe, Prometheus metrics (`--metrics-port`, see metrics.py), and kopf peering so only one of several operator replicas acts
 (each replica takes a random priority; the others stand by until its peering record expires).
 
 kopf and the Kubernetes client load when the operator runs, not when `kvpilot` builds its parser.
@@ -27,6 +27,7 @@ ANNOTATION_PREFIX = "kvpilot.io"  # kopf's progress and last-handled-spec annota
 FINALIZER = "kvpilot.io/finalizer"
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 DEFAULT_PEERING = "kvpilot"
+METRICS_ADDRESS = "0.0.0.0"  # the pod's IP: the metrics Service and Prometheus reach it there
 # The safety net behind the watches: a drift whose restore failed (the API was down when the child
 # event came) is put back within this long. A no-op resync costs no API call.
 RESYNC_SECONDS = 300.0
@@ -44,6 +45,7 @@ class OperatorConfig:
     peering: str | None = DEFAULT_PEERING  # None: standalone, for a single replica
     priority: int | None = None  # None: random
     liveness: str | None = DEFAULT_LIVENESS
+    metrics_port: int | None = None  # None: no metrics endpoint
     prometheus_url: str = DEFAULT_PROMETHEUS_URL
     resync_seconds: float = RESYNC_SECONDS
     runtime_image: str = field(default_factory=lambda: os.environ.get(RUNTIME_IMAGE_ENV, DEFAULT_IMAGE))
@@ -86,12 +88,20 @@ def run(config: OperatorConfig, stop_flag: threading.Event | None = None) -> Non
     operator = Operator(kube=Kube.from_environment(), hub=Hub(), prometheus_url=config.prometheus_url,
                         runtime_image=config.runtime_image)
     priority = config.priority if config.priority is not None else random.randint(*PRIORITY_RANGE)
+    metrics_server = None
+    if config.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        metrics_server, _ = start_http_server(config.metrics_port, addr=METRICS_ADDRESS,
+                                              registry=operator.metrics.registry)
     try:
         kopf.run(registry=registry, settings=configure(kopf.OperatorSettings()), memo=kopf.Memo(operator=operator),
                  namespaces=config.namespaces, clusterwide=not config.namespaces,
                  standalone=config.peering is None, peering_name=config.peering, priority=priority,
                  liveness_endpoint=config.liveness, stop_flag=stop_flag)
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         operator.kube.close()
 
 
@@ -105,6 +115,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--standalone", action="store_true", help="no peering: for exactly one replica")
     p.add_argument("--priority", type=int, help="peering priority; default: random")
     p.add_argument("--liveness", default=DEFAULT_LIVENESS, help="liveness endpoint URL ('' to disable)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port at /metrics; default: none")
     p.add_argument("--prometheus-url", default=DEFAULT_PROMETHEUS_URL, help="Prometheus for KEDA triggers")
     p.add_argument("--resync-seconds", type=float, default=RESYNC_SECONDS,
                    help="full reconcile of every LLMDeployment this often, behind the watches")
@@ -115,7 +126,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     run(OperatorConfig(namespaces=args.namespaces, peering=None if args.standalone else args.peering,
-                       priority=args.priority, liveness=args.liveness or None,
+                       priority=args.priority, liveness=args.liveness or None, metrics_port=args.metrics_port,
                        prometheus_url=args.prometheus_url, resync_seconds=args.resync_seconds,
                        log_format=args.log_format, verbose=args.verbose))
     return 0

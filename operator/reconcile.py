@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from kvpilot.operator.hub import DEFAULT_ENDPOINT, Hub, HubError
 from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, ApiFault, Kube
+from kvpilot.operator.metrics import OperatorMetrics
 from kvpilot.operator.planning import plan_deployment
 from kvpilot.operator.pod import NoWeights
 from kvpilot.operator.render import DEFAULT_PROMETHEUS_URL, LWS_API, RenderOptions, label_selector, render
@@ -45,6 +46,7 @@ class Operator:
     hub: Hub
     prometheus_url: str = DEFAULT_PROMETHEUS_URL
     runtime_image: str = DEFAULT_IMAGE
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
     def render_options(self) -> RenderOptions:
         mirror = self.hub.endpoint if self.hub.endpoint != DEFAULT_ENDPOINT else None
@@ -165,12 +167,14 @@ def reconcile(body: Mapping[str, Any], live: Mapping[ChildKey, Mapping[str, Any]
         outcome, obj = op.kube.apply(child, live.get(key))
         if outcome != "unchanged":
             changes.append(f"{outcome} {key[0]} {key[1]}")
+            op.metrics.child_changes.labels(kind=key[0], action=outcome).inc()
         if key[0] in WORKLOAD_KINDS:
             workload = obj
     for key, obj in live.items():
         if key not in desired and _owned_by(obj, meta.get("uid")):
             op.kube.delete(CHILD_RESOURCES[key[0]], meta["namespace"], key[1])
             changes.append(f"deleted {key[0]} {key[1]}")
+            op.metrics.child_changes.labels(kind=key[0], action="deleted").inc()
 
     planned = Condition(type="Planned", status="True", reason="Planned", message=describe(plan))
     status = status_patch(previous, workload=read_workload(workload), selector=selector, planned=planned,
@@ -201,6 +205,7 @@ def restore_child(owner: Mapping[str, Any], child: Mapping[str, Any], deleted: b
     outcome, obj = op.kube.apply(desired[key], None if deleted else child)
     if outcome == "unchanged":
         return [], obj
+    op.metrics.drift_restored.labels(kind=key[0]).inc()
     how = "deleted" if deleted else "changed"
     return [Event("Normal", "DriftRestored", f"{key[0]} {key[1]} was {how} outside the operator: {outcome} "
                                              "it from the spec")], obj

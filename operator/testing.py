@@ -152,6 +152,12 @@ class Emulated:
     emulator: Emulator
     kube: Kube
     namespace: str = NAMESPACE
+    operator: Operator | None = None  # set while `running_operator` runs one on this cluster
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of the running operator's metrics (0 when it has none yet)."""
+        assert self.operator is not None, "no operator runs on this cluster"
+        return self.operator.metrics.registry.get_sample_value(name, labels) or 0.0
 
     def _key(self, resource: Resource, name: str) -> tuple[kmock.resource, str, str]:
         return kmock.resource(resource.group, resource.version, resource.plural), self.namespace, name
@@ -243,7 +249,8 @@ async def running_operator(cluster: Emulated, *, hub_endpoint: str | None = None
     watched = kmock.resource(API_GROUP, LLMDEPLOYMENTS.version, LLMDEPLOYMENTS.plural)
     watches_before = len(list(cluster.emulator[kmock.action.WATCH, watched]))
     stop, ready = threading.Event(), threading.Event()
-    memo = kopf.Memo(operator=Operator(kube=cluster.kube, hub=Hub(hub_endpoint)))
+    cluster.operator = Operator(kube=cluster.kube, hub=Hub(hub_endpoint))
+    memo = kopf.Memo(operator=cluster.operator)
     thread = threading.Thread(target=kopf.run, daemon=True, name="kopf", kwargs=dict(
         registry=registry, settings=settings, memo=memo, namespaces=[cluster.namespace], standalone=True,
         stop_flag=stop, ready_flag=ready))
@@ -256,6 +263,7 @@ async def running_operator(cluster: Emulated, *, hub_endpoint: str | None = None
     finally:
         stop.set()
         await asyncio.to_thread(thread.join, START_TIMEOUT_SECONDS)
+        cluster.operator = None
 
 
 @asynccontextmanager

@@ -175,6 +175,16 @@ def test_probes_hit_the_liveness_endpoint_the_operator_is_told_to_serve(helm: He
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
 
 
+def test_metrics_service_reaches_the_port_the_operator_serves(helm: Helm) -> None:
+    objects = helm.render(sets=["metrics.port=9191"])
+    container, service = operator_container(objects), only(objects, "Service")
+    assert _flag(container["args"], "--metrics-port") == "9191"
+    assert next(p for p in container["ports"] if p["name"] == "metrics")["containerPort"] == 9191
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9191, "targetPort": "metrics", "protocol": "TCP"}]
+    off = helm.render(sets=["metrics.enabled=false"])
+    assert "--metrics-port" not in operator_container(off)["args"] and not of_kind(off, "Service")
+
+
 def test_images_are_pinned_by_tag_and_by_digest_when_given(rendered: Render) -> None:
     default, pinned = rendered(_scenario("default")), rendered(_scenario("all-optional"))
     assert operator_container(default)["image"] == "ghcr.io/kvpilot/operator:0.1.0"

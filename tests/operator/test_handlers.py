@@ -116,6 +116,7 @@ async def test_spec_change_rolls_and_scaling_changes_only_replicas(cluster: Emul
 
 
 async def test_children_edited_or_deleted_by_hand_are_restored(cluster: Emulated):
+    restored_before = cluster.metric("kvpilot_operator_drift_restored_total", kind="Service")
     await cluster.create(from_example("smollm2", "drift"))
     await planned(cluster, "drift")
     await cluster.eventually(lambda: {"Deployment", "Service"} <= set(cluster.children("drift")))
@@ -130,6 +131,8 @@ async def test_children_edited_or_deleted_by_hand_are_restored(cluster: Emulated
                                         and d["spec"]["replicas"] == 1 and d)
     assert restored["spec"]["template"] == desired["spec"]["template"]
     await cluster.eventually(lambda: "DriftRestored" in {e["reason"] for e in cluster.events("drift")})
+    assert cluster.metric("kvpilot_operator_drift_restored_total", kind="Service") == restored_before + 1
+    assert cluster.metric("kvpilot_operator_drift_restored_total", kind="Deployment") >= 1
 
 
 @pytest.mark.parametrize(("name", "spec", "reason", "words"), [
@@ -148,8 +151,10 @@ async def test_children_edited_or_deleted_by_hand_are_restored(cluster: Emulated
         "gpu": {"type": "l4"}}, "NoWeights", "says nothing about where the weights are"),
 ])
 async def test_impossible_spec_is_a_condition_and_creates_nothing(cluster: Emulated, name, spec, reason, words):
+    not_planned = cluster.metric("kvpilot_operator_reconciles_total", result="not_planned")
     await cluster.create(llmd(name, spec))
     obj = await planned(cluster, name, "False")
+    assert cluster.metric("kvpilot_operator_reconciles_total", result="not_planned") > not_planned
     verdict = condition(obj, "Planned")
     assert verdict["reason"] == reason and words in verdict["message"]
     assert obj["status"]["phase"] == "Failed"
@@ -195,8 +200,10 @@ async def test_delete_runs_the_handler_and_drops_the_finalizer(cluster: Emulated
     await cluster.create(from_example("smollm2", "gone"))
     obj = await planned(cluster, "gone")
     await cluster.eventually(lambda: cluster.get("Deployment", "gone"))
+    handled = cluster.metric("kvpilot_operator_llmdeployments", planned="true")
     await cluster.delete("LLMDeployment", "gone")
     await cluster.eventually(lambda: cluster.get("LLMDeployment", "gone") is None, what="the finalizer is dropped")
+    assert cluster.metric("kvpilot_operator_llmdeployments", planned="true") == handled - 1
     await cluster.eventually(lambda: "Deleting" in {e["reason"] for e in cluster.events("gone")})
     # The emulator has no garbage collector: what cascades the deletion is the owner reference.
     assert cluster.get("Deployment", "gone")["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]

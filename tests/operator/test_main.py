@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from llmd_cases import load_example
 
 from kvpilot.operator.main import OperatorConfig
@@ -43,6 +44,7 @@ def kubeconfig(path: Path, server: str) -> Path:
      OperatorConfig(namespaces=["team-a", "team-b"], peering=None)),
     (["operator", "--peering", "kvpilot-ha", "--priority", "7", "--liveness", ""],
      OperatorConfig(peering="kvpilot-ha", priority=7, liveness=None)),
+    (["operator", "--metrics-port", "9090"], OperatorConfig(metrics_port=9090)),
 ])
 def test_flags(argv, expected, monkeypatch):
     seen = []
@@ -51,15 +53,21 @@ def test_flags(argv, expected, monkeypatch):
     assert args.run(args) == 0 and seen == [expected]
 
 
-async def test_the_command_serves_liveness_and_reconciles(tmp_path: Path):
+def samples(exposition: str) -> dict[tuple[str, frozenset], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(exposition) for s in family.samples}
+
+
+async def test_the_command_serves_liveness_metrics_and_reconciles(tmp_path: Path):
     async with emulated_cluster() as cluster:
         config = kubeconfig(tmp_path / "kubeconfig", str(cluster.emulator.url).rstrip("/"))
         liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        metrics_port = free_port()
         log = tmp_path / "operator.log"  # a file, not a pipe: an undrained pipe would block the operator
         process = await asyncio.create_subprocess_exec(
             # every namespace: kopf's observer of named namespaces needs a namespace list kmock cannot serve
             sys.executable, "-m", "kvpilot.runtime.cli", "operator", "--standalone", "--log-format", "json",
-            "--liveness", liveness, env={**os.environ, "KUBECONFIG": str(config)},
+            "--liveness", liveness, "--metrics-port", str(metrics_port), env={**os.environ, "KUBECONFIG": str(config)},
             stdout=asyncio.subprocess.DEVNULL, stderr=log.open("w"))
         try:
             async with aiohttp.ClientSession() as session:
@@ -81,6 +89,16 @@ async def test_the_command_serves_liveness_and_reconciles(tmp_path: Path):
             await cluster.eventually(lambda: (cluster.get("LLMDeployment", "smollm2") or {}).get("status", {})
                                      .get("plan"), 30, log.name)
             assert '"message": "[ml/smollm2] Planned: fp32 weights' in log.read_text()  # json, object-prefixed
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                    assert response.status == 200
+                    scraped = samples(await response.text())
+            assert scraped[("kvpilot_operator_reconciles_total", frozenset({("result", "planned")}))] >= 1
+            assert scraped[("kvpilot_operator_llmdeployments", frozenset({("planned", "true")}))] == 1
+            created = {dict(labels)["kind"] for (name, labels), value in scraped.items()
+                       if name == "kvpilot_operator_child_changes_total" and dict(labels)["action"] == "created"}
+            assert {"Deployment", "Service"} <= created
+            assert scraped[("kvpilot_operator_reconcile_duration_seconds_count", frozenset())] >= 1
         finally:
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
