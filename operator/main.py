@@ -1,8 +1,9 @@
 """`kvpilot operator`: kopf running the LLMDeployment handlers.
 
 Namespace scoping (`--namespace`, repeatable, globs allowed; none: every namespace), a liveness
-endpoint for the pod's probe, Prometheus metrics (`--metrics-port`, see metrics.py), and kopf peering so only one of several operator replicas acts
-(each replica takes a random priority; the others stand by until its peering record expires).
+endpoint for the pod's probe, Prometheus metrics (`--metrics-port`, see metrics.py), and kopf peering
+so only one of several operator replicas acts (each replica takes a random priority; the others
+stand by until its peering record expires).
 
 kopf and the Kubernetes client load when the operator runs, not when `kvpilot` builds its parser.
 """

@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvpilot.kernels import ops  # noqa: E402 - after the interpreter switch, on purpose
+from kvpilot.kernels import ops
 
 ops.use_interpreter(False)
 

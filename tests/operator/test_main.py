@@ -12,8 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from llmd_cases import load_example
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.operator.main import OperatorConfig
 from kvpilot.operator.testing import emulated_cluster
@@ -89,10 +89,10 @@ async def test_the_command_serves_liveness_metrics_and_reconciles(tmp_path: Path
             await cluster.eventually(lambda: (cluster.get("LLMDeployment", "smollm2") or {}).get("status", {})
                                      .get("plan"), 30, log.name)
             assert '"message": "[ml/smollm2] Planned: fp32 weights' in log.read_text()  # json, object-prefixed
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
-                    assert response.status == 200
-                    scraped = samples(await response.text())
+            async with aiohttp.ClientSession() as session, \
+                    session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                assert response.status == 200
+                scraped = samples(await response.text())
             assert scraped[("kvpilot_operator_reconciles_total", frozenset({("result", "planned")}))] >= 1
             assert scraped[("kvpilot_operator_llmdeployments", frozenset({("planned", "true")}))] == 1
             created = {dict(labels)["kind"] for (name, labels), value in scraped.items()
