@@ -29,14 +29,19 @@ FP8_MAX = 448.0
 def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Scatter key/value [num_tokens, num_kv_heads, head_dim] into their slots, in place."""
-    block_size = k_cache.shape[1]
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    blocks, offsets = slots // block_size, slots % block_size
-    for cache, new, scale in ((k_cache, key[keep], k_scale), (v_cache, value[keep], v_scale)):
+    slots = slot_mapping.long()
+    if bool((slots < 0).any()):  # padding tokens: drop them (a boolean mask costs more than this check)
+        keep = slots >= 0
+        slots, key, value = slots[keep], key[keep], value[keep]
+    for cache, new, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
         if cache.dtype == FP8:
             new = (new.float() / scale).clamp(-FP8_MAX, FP8_MAX)
-        cache[blocks, offsets] = new.to(cache.dtype)
+        new = new.to(cache.dtype)
+        if cache.stride(0) == cache.shape[1] * cache.stride(1):  # blocks x offsets is one slot axis
+            cache.view(-1, *cache.shape[2:]).index_put_((slots,), new)
+        else:
+            block_size = cache.shape[1]
+            cache[slots // block_size, slots % block_size] = new
 
 
 def gather_kv_padded(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, length: int,
@@ -50,8 +55,9 @@ def gather_kv_padded(cache: torch.Tensor, block_tables: torch.Tensor, context_le
     table = block_tables[:, :num_blocks].long()
     owned = torch.arange(num_blocks, device=table.device) * block_size < context_lens.long().unsqueeze(1)
     table = torch.where(owned, table, 0)  # unused table entries are arbitrary: never index with them
-    out = cache[table].flatten(1, 2)[:, :length].float()
-    return out * scale if cache.dtype == FP8 else out
+    out = cache.index_select(0, table.flatten()).view(*table.shape, -1, *cache.shape[2:])  # [S, nb, bs, KVH, D]
+    out = out.flatten(1, 2)[:, :length].float()
+    return out.mul_(scale) if cache.dtype == FP8 else out
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -86,24 +92,25 @@ def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_ca
     The chunk's own K/V are already in the cache; sequence i's queries are its last
     `cu_seqlens_q[i+1] - cu_seqlens_q[i]` tokens of `context_lens[i]`, attending causally.
     One sequence at a time: padding ragged chunks to a common length costs more than the loop.
+    SDPA takes 4-D [1, heads, tokens, D] inputs, the shape its fused CPU (flash) kernel needs, which
+    skips the blocks a plain causal mask hides and never holds the whole score matrix.
     """
     out = torch.zeros_like(query)
-    heads, head_dim = query.shape[1:]
     starts = cu_seqlens_q.tolist()
     for i, length in enumerate(context_lens.tolist()):
         n = starts[i + 1] - starts[i]
         if n == 0 or length == 0:
             continue
-        k = gather_kv_ref(k_cache, block_tables[i], length, k_scale)
-        v = gather_kv_ref(v_cache, block_tables[i], length, v_scale)
-        kv_heads = k.shape[1]
-        q = query[starts[i] : starts[i + 1]].float().view(n, kv_heads, heads // kv_heads, head_dim)
-        scores = torch.einsum("nkgd,lkd->kgnl", q, k) * scale
-        if n > 1:  # query j sits at position length - n + j and sees keys 0..that position
-            hidden = torch.ones(n, length, dtype=torch.bool, device=query.device).triu(length - n + 1)
-            scores.masked_fill_(hidden, float("-inf"))
-        attended = torch.einsum("kgnl,lkd->nkgd", scores.softmax(dim=-1), v)
-        out[starts[i] : starts[i + 1]] = attended.reshape(n, heads, head_dim).to(query.dtype)
+        k = gather_kv_ref(k_cache, block_tables[i], length, k_scale).transpose(0, 1).unsqueeze(0)
+        v = gather_kv_ref(v_cache, block_tables[i], length, v_scale).transpose(0, 1).unsqueeze(0)
+        q = query[starts[i] : starts[i + 1]].float().transpose(0, 1).unsqueeze(0)
+        # query j sits at position length - n + j and sees keys 0..that position; is_causal aligns top-left,
+        # which is that only when the chunk is the whole context
+        plain = n == length
+        mask = None if plain else torch.ones(n, length, dtype=torch.bool, device=query.device).tril(length - n)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=plain, scale=scale,
+                                                  enable_gqa=True)
+        out[starts[i] : starts[i + 1]] = attended[0].transpose(0, 1)
     return out
 
 
@@ -113,9 +120,9 @@ def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, length: int, s
     """One sequence's first `length` cached tokens, [length, num_kv_heads, head_dim], in fp32."""
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
-    blocks = cache[block_table[:num_blocks].long()]
-    out = blocks.reshape(-1, *cache.shape[2:])[:length].float()
-    return out * scale if cache.dtype == FP8 else out
+    blocks = cache.index_select(0, block_table[:num_blocks].long())
+    out = blocks.flatten(0, 1)[:length].float()
+    return out.mul_(scale) if cache.dtype == FP8 else out
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None) -> torch.Tensor:

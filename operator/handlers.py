@@ -7,30 +7,36 @@ operator run, which is what the tests and the benchmark start several of):
 - delete -> an Event; the children go with the owner (owner references), kopf drops its finalizer;
 - events of every child kind (labelled managed-by kvpilot) -> `restore_child` puts drifted or
   deleted children back, and the workload's replica counts flow into the owner's status;
+- a timer per LLMDeployment (`autoscale_seconds`) -> `autoscale`: the pods' KV-cache use into the
+  status and, in autoscaling mode `operator`, replicas into `spec.replicas` (autoscaler.py);
 - two in-memory indexes, fed by the same watches: the owners' specs (for child events) and the
   children by owner (so a reconcile compares with what exists instead of reading it again).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, ApiFault
+from kvpilot.operator.autoscaler import average_usage, metrics_url, scrape
+from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, ApiFault
 from kvpilot.operator.reconcile import (
     WORKLOAD_KINDS,
     ChildKey,
     Event,
+    NotPlanned,
     Operator,
     Outcome,
+    parse,
     reconcile,
     restore_child,
     sync_workload_status,
 )
-from kvpilot.operator.render import MANAGED_BY
+from kvpilot.operator.render import MANAGED_BY, desired_replicas, selector_labels
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 # Backoff of a failed reconcile: 1, 2, 4 ... seconds, capped; kopf retries until it converges.
@@ -112,8 +118,40 @@ def on_resync(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, mem
         logger.info(f"resync: not planned ({failure.reason})")
 
 
+async def on_autoscale(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, memo: kopf.Memo,
+                       logger: kopf.Logger, **_: Any) -> None:
+    op: Operator = memo.operator
+    try:
+        spec = parse(body).spec
+        pods = await asyncio.to_thread(op.kube.list, PODS, namespace, selector_labels(name))
+    except NotPlanned:
+        return  # the reconcile reports the spec
+    except ApiFault as err:
+        logger.warning(f"pods not listed: {err}; the next tick tries again")
+        return
+    loads = await scrape(url for url in map(metrics_url, pods) if url)
+    usage = average_usage(loads)
+    measured = None if usage is None else round(usage, 3)
+    if (body.get("status") or {}).get("kvCacheUtilization") != measured:
+        patch.status["kvCacheUtilization"] = measured
+    scaling = spec.autoscaling
+    if not (scaling.enabled and scaling.mode == "operator" and loads):
+        op.autoscaler.forget((namespace, name))
+        return
+    current = desired_replicas(spec)
+    decision = op.autoscaler.decide((namespace, name), current, loads, scaling)
+    if decision.replicas == current:
+        return
+    patch.spec["replicas"] = decision.replicas  # what `kubectl scale` writes; the reconcile carries it on
+    direction = "up" if decision.replicas > current else "down"
+    op.metrics.scale_decisions.labels(direction=direction).inc()
+    _post(body, [Event("Normal", f"Scaled{direction.capitalize()}",
+                       decision.message(current, scaling.target_kv_cache_utilization))], logger)
+
+
 def on_delete(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     memo.operator.metrics.forget(namespace, name)
+    memo.operator.autoscaler.forget((namespace, name))
     kopf.info(body, reason="Deleting", message="its children are owned by it and go with it")
     logger.info("deleted; children follow by owner reference")
 
@@ -135,7 +173,7 @@ def on_child_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf
     _post(owner, events, logger)
 
 
-def build_registry(resync_seconds: float) -> kopf.OperatorRegistry:
+def build_registry(resync_seconds: float, autoscale_seconds: float) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     owners = (LLMDEPLOYMENTS.group, LLMDEPLOYMENTS.version, LLMDEPLOYMENTS.plural)
     kopf.index(*owners, id=OWNERS_INDEX, registry=registry)(index_owner)
@@ -145,6 +183,7 @@ def build_registry(resync_seconds: float) -> kopf.OperatorRegistry:
     kopf.on.delete(*owners, id="delete", registry=registry)(on_delete)
     kopf.timer(*owners, id="resync", interval=resync_seconds, initial_delay=resync_seconds,
                registry=registry)(on_resync)
+    kopf.timer(*owners, id="autoscale", interval=autoscale_seconds, registry=registry)(on_autoscale)
     for child in CHILD_RESOURCES.values():
         what = (child.group, child.version, child.plural)
         kopf.index(*what, id=CHILDREN_INDEX, labels=MANAGED, registry=registry)(index_child)

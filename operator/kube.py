@@ -68,6 +68,7 @@ class Resource:
 
 LLMDEPLOYMENTS = Resource("kvpilot.io/v1alpha1", "LLMDeployment", "llmdeployments")
 SECRETS = Resource("v1", "Secret", "secrets")
+PODS = Resource("v1", "Pod", "pods")  # read only: the serving pods' addresses, for their metrics
 # Every kind the operator may create for an LLMDeployment (it watches and prunes exactly these).
 CHILD_RESOURCES = {r.kind: r for r in (
     Resource("apps/v1", "Deployment", "deployments"),
@@ -117,13 +118,14 @@ class Kube:
     def close(self) -> None:
         self.api.close()
 
-    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                query: list[tuple[str, str]] | None = None) -> Any:
         """One API call; the decoded JSON answer, None for 404, ApiFault for every other failure."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         what = f"{method} {path}"
         try:
-            _, url, headers, data, _ = self.api.param_serialize(method, path, header_params=headers, body=body,
-                                                                auth_settings=["BearerToken"])
+            _, url, headers, data, _ = self.api.param_serialize(method, path, query_params=query, header_params=headers,
+                                                                body=body, auth_settings=["BearerToken"])
             response = self.api.call_api(method, url, header_params=headers, body=data,
                                          _request_timeout=REQUEST_TIMEOUT)
             payload = response.read()
@@ -142,6 +144,14 @@ class Kube:
 
     def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
         return self.request("GET", resource.path(namespace, name))
+
+    def list(self, resource: Resource, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The objects carrying all of `labels`. The selector goes to the API server and is checked here
+        too (an API emulator may ignore it)."""
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        items = (self.request("GET", resource.path(namespace), query=[("labelSelector", selector)]) or {}).get(
+            "items") or []
+        return [obj for obj in items if labels.items() <= (obj.get("metadata", {}).get("labels") or {}).items()]
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         return self.request("POST", resource_of(obj).path(obj["metadata"]["namespace"]), obj)

@@ -32,6 +32,9 @@ METRICS_ADDRESS = "0.0.0.0"  # the pod's IP: the metrics Service and Prometheus 
 # The safety net behind the watches: a drift whose restore failed (the API was down when the child
 # event came) is put back within this long. A no-op resync costs no API call.
 RESYNC_SECONDS = 300.0
+# How often the pods' KV-cache use is read (and, in autoscaling mode operator, replicas decided): the
+# HPA controller's default sync period.
+AUTOSCALE_SECONDS = 15.0
 # Sync handlers run in kopf's thread pool; the Kubernetes client's pool matches it (kube.py).
 HANDLER_THREADS = 32
 # The runtime image for specs that name none; the Helm chart sets it (pinned by digest).
@@ -49,6 +52,7 @@ class OperatorConfig:
     metrics_port: int | None = None  # None: no metrics endpoint
     prometheus_url: str = DEFAULT_PROMETHEUS_URL
     resync_seconds: float = RESYNC_SECONDS
+    autoscale_seconds: float = AUTOSCALE_SECONDS
     runtime_image: str = field(default_factory=lambda: os.environ.get(RUNTIME_IMAGE_ENV, DEFAULT_IMAGE))
     log_format: str = "full"  # kopf's: plain, full, or json (one object per line, for log pipelines)
     verbose: bool = False
@@ -84,7 +88,7 @@ def run(config: OperatorConfig, stop_flag: threading.Event | None = None) -> Non
     # kopf's formatter prefixes each object's lines with [namespace/name] (or adds fields, in json).
     kopf.configure(verbose=config.verbose, log_format=kopf.LogFormat[config.log_format.upper()], log_prefix=True)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # a line per API call is noise at any level
-    registry = build_registry(config.resync_seconds)
+    registry = build_registry(config.resync_seconds, config.autoscale_seconds)
     kopf.on.login(registry=registry)(kopf.login_via_client)
     operator = Operator(kube=Kube.from_environment(), hub=Hub(), prometheus_url=config.prometheus_url,
                         runtime_image=config.runtime_image)
@@ -120,6 +124,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prometheus-url", default=DEFAULT_PROMETHEUS_URL, help="Prometheus for KEDA triggers")
     p.add_argument("--resync-seconds", type=float, default=RESYNC_SECONDS,
                    help="full reconcile of every LLMDeployment this often, behind the watches")
+    p.add_argument("--autoscale-seconds", type=float, default=AUTOSCALE_SECONDS,
+                   help="read the pods' KV-cache use (and scale, in autoscaling mode operator) this often")
     p.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
     p.add_argument("--verbose", action="store_true", help="debug logs (kopf's included)")
     p.set_defaults(run=run_command)
@@ -129,5 +135,6 @@ def run_command(args: argparse.Namespace) -> int:
     run(OperatorConfig(namespaces=args.namespaces, peering=None if args.standalone else args.peering,
                        priority=args.priority, liveness=args.liveness or None, metrics_port=args.metrics_port,
                        prometheus_url=args.prometheus_url, resync_seconds=args.resync_seconds,
+                       autoscale_seconds=args.autoscale_seconds,
                        log_format=args.log_format, verbose=args.verbose))
     return 0

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import kopf
 from pydantic import ValidationError
 
+from kvpilot.operator.autoscaler import Autoscaler
 from kvpilot.operator.hub import DEFAULT_ENDPOINT, Hub, HubError
 from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, ApiFault, Kube
 from kvpilot.operator.metrics import OperatorMetrics
@@ -47,6 +48,7 @@ class Operator:
     prometheus_url: str = DEFAULT_PROMETHEUS_URL
     runtime_image: str = DEFAULT_IMAGE
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    autoscaler: Autoscaler = field(default_factory=Autoscaler)
 
     def render_options(self) -> RenderOptions:
         mirror = self.hub.endpoint if self.hub.endpoint != DEFAULT_ENDPOINT else None

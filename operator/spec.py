@@ -128,13 +128,17 @@ class Serving(_Model):
         return self
 
 
+# With no pod left only KEDA, querying Prometheus for the demand in front of the pods, sees new requests.
+SCALE_TO_ZERO = ("autoscaling.minReplicas 0 needs mode keda: with no pod running, neither an HPA nor the "
+                 "operator (which reads the pods' KV-cache use) can see new demand")
+
+
 class Autoscaling(_Model):
     """Replicas that follow KV-cache utilisation."""
 
     model_config = cel_rules(
         cel("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
-        cel("!self.enabled || self.mode != 'hpa' || self.minReplicas >= 1",
-            "autoscaling.minReplicas 0 needs mode keda or operator: an HPA cannot scale to zero"),
+        cel("!self.enabled || self.mode == 'keda' || self.minReplicas >= 1", SCALE_TO_ZERO),
     )
 
     enabled: bool = Field(False, description="Scale replicas on KV-cache utilisation.")
@@ -145,15 +149,16 @@ class Autoscaling(_Model):
     scale_up_stabilization_seconds: int = Field(0, ge=0, description="Window before scaling up.")
     scale_down_stabilization_seconds: int = Field(300, ge=0, description="Window before scaling down.")
     mode: Literal["operator", "hpa", "keda"] = Field("operator", description=(
-        "Who scales: the operator, an HPA (prometheus-adapter serving kv_cache_usage_perc) or KEDA."))
+        "Who scales: the operator (reads the pods' KV-cache use and writes spec.replicas), an HPA "
+        "(prometheus-adapter serving kv_cache_usage_perc) or KEDA (Prometheus; the only mode that scales to zero)."))
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"autoscaling.minReplicas ({self.min_replicas}) must be <= "
                              f"autoscaling.maxReplicas ({self.max_replicas})")
-        if self.enabled and self.mode == "hpa" and self.min_replicas < 1:
-            raise ValueError("autoscaling.minReplicas 0 needs mode keda or operator: an HPA cannot scale to zero")
+        if self.enabled and self.mode != "keda" and self.min_replicas < 1:
+            raise ValueError(SCALE_TO_ZERO)
         return self
 
 

@@ -26,8 +26,8 @@ import kopf
 
 from kvpilot.operator.handlers import build_registry
 from kvpilot.operator.hub import Hub
-from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, SECRETS, Kube, Resource
-from kvpilot.operator.main import RESYNC_SECONDS, configure
+from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, SECRETS, Kube, Resource
+from kvpilot.operator.main import AUTOSCALE_SECONDS, RESYNC_SECONDS, configure
 from kvpilot.operator.reconcile import Operator
 from kvpilot.operator.spec import API_GROUP
 
@@ -35,7 +35,7 @@ NAMESPACE = "ml"
 POLL_SECONDS = 0.02
 START_TIMEOUT_SECONDS = 20.0
 T = TypeVar("T")
-RESOURCES = {LLMDEPLOYMENTS.kind: LLMDEPLOYMENTS, SECRETS.kind: SECRETS, **CHILD_RESOURCES}
+RESOURCES = {LLMDEPLOYMENTS.kind: LLMDEPLOYMENTS, SECRETS.kind: SECRETS, PODS.kind: PODS, **CHILD_RESOURCES}
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -234,10 +234,11 @@ async def emulated_cluster(*, service_monitors: bool = False, optional_apis: boo
 
 @asynccontextmanager
 async def running_operator(cluster: Emulated, *, hub_endpoint: str | None = None,
-                           resync_seconds: float = RESYNC_SECONDS) -> AsyncIterator[Emulated]:
+                           resync_seconds: float = RESYNC_SECONDS,
+                           autoscale_seconds: float = AUTOSCALE_SECONDS) -> AsyncIterator[Emulated]:
     """The operator (kopf, our handlers and settings) watching the cluster's namespace, in a thread."""
     url = str(cluster.emulator.url).rstrip("/")
-    registry = build_registry(resync_seconds)
+    registry = build_registry(resync_seconds, autoscale_seconds)
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -269,9 +270,11 @@ async def running_operator(cluster: Emulated, *, hub_endpoint: str | None = None
 @asynccontextmanager
 async def emulated_operator(*, hub_endpoint: str | None = None, service_monitors: bool = False,
                             optional_apis: bool = True, resync_seconds: float = RESYNC_SECONDS,
-                            namespace: str = NAMESPACE, keep_history: bool = True) -> AsyncIterator[Emulated]:
+                            autoscale_seconds: float = AUTOSCALE_SECONDS, namespace: str = NAMESPACE,
+                            keep_history: bool = True) -> AsyncIterator[Emulated]:
     """`emulated_cluster` with `running_operator` on it."""
     async with emulated_cluster(service_monitors=service_monitors, optional_apis=optional_apis,
                                 namespace=namespace, keep_history=keep_history) as cluster, \
-            running_operator(cluster, hub_endpoint=hub_endpoint, resync_seconds=resync_seconds):
+            running_operator(cluster, hub_endpoint=hub_endpoint, resync_seconds=resync_seconds,
+                             autoscale_seconds=autoscale_seconds):
         yield cluster

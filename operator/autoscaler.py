@@ -1,0 +1,131 @@
+"""KV-cache utilisation read from the pods, and the operator's own autoscaler (`autoscaling.mode: operator`).
+
+Every `--autoscale-seconds` a timer per LLMDeployment scrapes `vllm:kv_cache_usage_perc` from the
+/metrics of each ready serving pod and writes the average to `status.kvCacheUtilization` (in every
+mode: the status tells the truth whoever scales). In mode `operator` it then decides the replicas
+the way the HorizontalPodAutoscaler does:
+
+- recommendation = ceil(pods measured x average / target); none while the ratio is within
+  `TOLERANCE` of 1 (the current replicas stand);
+- stabilisation: a scale-up goes to the lowest recommendation of the last
+  `scaleUpStabilizationSeconds`, a scale-down to the highest of the last
+  `scaleDownStabilizationSeconds` (so one quiet minute does not drop replicas a busy one needs);
+- clamped to `minReplicas`..`maxReplicas`.
+
+The decision is written to `spec.replicas`, as `kubectl scale` would, and the ordinary reconcile
+carries it to the workload. With no pod measured (none ready, none answering) nothing is decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvpilot.operator.pod import PORT_NAME
+from kvpilot.operator.spec import Autoscaling
+
+KV_USAGE_METRIC = "vllm:kv_cache_usage_perc"
+WAITING_METRIC = "vllm:num_requests_waiting"
+SCRAPE_TIMEOUT_SECONDS = 2.0
+# As the HPA's --horizontal-pod-autoscaler-tolerance: a ratio within 10% of 1 changes nothing.
+TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class PodLoad:
+    kv_cache_usage: float  # 0..1
+    waiting: int  # requests queued for KV blocks or a batch slot
+
+
+def parse_load(exposition: str) -> PodLoad | None:
+    """The load figures from a runtime's /metrics text; None if it does not export them."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name in (KV_USAGE_METRIC, WAITING_METRIC):
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    if KV_USAGE_METRIC not in values:
+        return None
+    return PodLoad(min(max(values[KV_USAGE_METRIC], 0.0), 1.0), int(values.get(WAITING_METRIC, 0)))
+
+
+def metrics_url(pod: Mapping[str, Any]) -> str | None:
+    """Where a pod serves /metrics: its IP and the container port named `http`; None for pods that are
+    not ready, are going away, or serve nothing (a LeaderWorkerSet's workers)."""
+    status = pod.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    if not ready or not status.get("podIP") or pod.get("metadata", {}).get("deletionTimestamp"):
+        return None
+    for container in pod.get("spec", {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == PORT_NAME:
+                return f"http://{status['podIP']}:{port['containerPort']}/metrics"
+    return None
+
+
+async def scrape(urls: Iterable[str], timeout: float = SCRAPE_TIMEOUT_SECONDS) -> list[PodLoad]:
+    """The loads of the pods that answered in time; the others are left out, as the HPA leaves out
+    pods whose metrics are missing."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        async def one(url: str) -> PodLoad | None:
+            try:
+                async with session.get(url) as response:
+                    return parse_load(await response.text()) if response.status == 200 else None
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                return None
+
+        return [load for load in await asyncio.gather(*(one(url) for url in urls)) if load is not None]
+
+
+def average_usage(loads: list[PodLoad]) -> float | None:
+    return sum(load.kv_cache_usage for load in loads) / len(loads) if loads else None
+
+
+def recommend(current: int, loads: list[PodLoad], target: float) -> int:
+    """The HPA's rule on KV-cache use: replicas that would bring the average to the target."""
+    ratio = average_usage(loads) / target  # type: ignore[operator]  # callers pass at least one load
+    if abs(ratio - 1.0) <= TOLERANCE:
+        return current
+    return math.ceil(ratio * len(loads))
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: int
+    usage: float
+    pods: int
+
+    def message(self, current: int, target: float) -> str:
+        return (f"KV-cache use {self.usage:.2f} on {self.pods} pod{'s' * (self.pods != 1)} "
+                f"(target {target:.2f}): {current} -> {self.replicas} replicas")
+
+
+@dataclass
+class Autoscaler:
+    """Recommendations remembered per LLMDeployment for the stabilisation windows (in memory, as in the
+    HPA controller: a restarted operator starts with empty windows)."""
+
+    clock: Callable[[], float] = time.monotonic
+    _history: dict[tuple[str, str], list[tuple[float, int]]] = field(default_factory=dict)
+
+    def decide(self, key: tuple[str, str], current: int, loads: list[PodLoad], scaling: Autoscaling) -> Decision:
+        now = self.clock()
+        recommendation = recommend(current, loads, scaling.target_kv_cache_utilization)
+        keep = max(scaling.scale_up_stabilization_seconds, scaling.scale_down_stabilization_seconds)
+        history = [(t, r) for t, r in self._history.get(key, []) if now - t <= keep] + [(now, recommendation)]
+        self._history[key] = history
+        up = min(r for t, r in history if now - t <= scaling.scale_up_stabilization_seconds)
+        down = max(r for t, r in history if now - t <= scaling.scale_down_stabilization_seconds)
+        replicas = min(max(current, up), down)
+        replicas = min(max(replicas, scaling.min_replicas), scaling.max_replicas)
+        return Decision(replicas, average_usage(loads), len(loads))  # type: ignore[arg-type]
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self._history.pop(key, None)
