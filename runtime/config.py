@@ -16,6 +16,7 @@ from kvpilot.runtime.model_facts import ModelFacts
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 DEFAULT_BLOCK_SIZE = 16
+WEIGHT_QUANT_MODES = ("int8", "int4", "fp8")  # runtime/models/quantized.py
 
 
 class UnsupportedOption(ValueError):
@@ -38,8 +39,8 @@ class EngineConfig:
     model: str | None = None  # HF directory or GGUF file; None: the embedded SmolLM2-135M-Instruct
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    quantization: str | None = None  # only the compute dtype runs until the quantization issue lands
-    kv_cache_dtype: str = "auto"  # only the compute dtype runs until fp8 KV lands
+    quantization: str | None = None  # weights: None (the compute dtype) | int8 | int4 | fp8
+    kv_cache_dtype: str = "auto"  # auto (the compute dtype) | the compute dtype's name | fp8
     tensor_parallel_size: int = 1
     block_size: int = DEFAULT_BLOCK_SIZE
     num_kv_blocks: int | None = None  # None: as many as the memory plan gives
@@ -61,13 +62,8 @@ class EngineConfig:
             bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
             self.dtype = "fp32" if self.device == "cpu" else ("bf16" if bf16 else "fp16")
         self.dtype = _dtype_name(self.dtype)
-        if self.quantization not in (None, "auto", "none") and _dtype_name_or_none(self.quantization) != self.dtype:
-            raise UnsupportedOption(f"quantization {self.quantization!r} is not run by this runtime yet: it serves "
-                                    f"weights in the compute dtype {self.dtype}; leave quantization unset")
-        if self.kv_cache_dtype != "auto" and _dtype_name_or_none(self.kv_cache_dtype) != self.dtype:
-            raise UnsupportedOption(f"KV cache dtype {self.kv_cache_dtype!r} is not run by this runtime yet: the "
-                                    f"KV cache is kept in the compute dtype {self.dtype}; use auto")
-        self.kv_cache_dtype = self.dtype
+        self.quantization = self._weight_quantization(self.quantization)
+        self.kv_cache_dtype = self._kv_cache_dtype(self.kv_cache_dtype)
         if self.tensor_parallel_size != 1:
             raise UnsupportedOption(f"tensor parallel size {self.tensor_parallel_size} is not run by this "
                                     "runtime yet: only 1 (one GPU, or the CPU)")
@@ -82,9 +78,33 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
 
+    def _weight_quantization(self, value: str | None) -> str | None:
+        if value in (None, "auto", "none") or _dtype_name_or_none(value) == self.dtype:
+            return None
+        if value in WEIGHT_QUANT_MODES:
+            return value
+        if _dtype_name_or_none(value):
+            raise UnsupportedOption(f"quantization {value!r} differs from the compute dtype {self.dtype}: set "
+                                    f"dtype {value} instead (weights are kept in the compute dtype unless quantized)")
+        raise ValueError(f"quantization {value!r} is not one of none, {', '.join(WEIGHT_QUANT_MODES)}")
+
+    def _kv_cache_dtype(self, value: str) -> str:
+        if value == "auto" or _dtype_name_or_none(value) == self.dtype:
+            return self.dtype
+        if value == "fp8":
+            return value
+        if _dtype_name_or_none(value):
+            raise UnsupportedOption(f"KV cache dtype {value!r} differs from the compute dtype {self.dtype}: use "
+                                    "auto, or fp8 to halve the cache")
+        raise ValueError(f"KV cache dtype {value!r} is not one of auto, {self.dtype}, fp8")
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else DTYPES[self.kv_cache_dtype]
 
     @property
     def is_complete(self) -> bool:
@@ -120,6 +140,7 @@ def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
         gpu = detect_gpu() if config.device.startswith("cuda") else None
         device = gpu[0] if gpu else cpu_device()
     request = PlanRequest(max_context=config.max_model_len, max_batched_tokens=config.max_num_batched_tokens,
-                          max_num_seqs=config.max_num_seqs, quantization=config.dtype, kv_dtype=config.kv_cache_dtype,
+                          max_num_seqs=config.max_num_seqs, quantization=config.quantization or config.dtype,
+                          kv_dtype=config.kv_cache_dtype,
                           block_size=config.block_size, gpu_memory_utilization=config.gpu_memory_utilization)
     return plan(facts, device, request)

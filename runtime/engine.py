@@ -13,8 +13,9 @@ from kvpilot.runtime.block_manager import BlockManager
 from kvpilot.runtime.config import EngineConfig
 from kvpilot.runtime.detokenizer import IncrementalDetokenizer
 from kvpilot.runtime.kv_cache import expected_kv_bytes
-from kvpilot.runtime.loader import LoadedModel, load_model
+from kvpilot.runtime.loader import LoadedModel, load_configured
 from kvpilot.runtime.model_runner import ModelRunner
+from kvpilot.runtime.models.quantized import weight_quantization
 from kvpilot.runtime.outputs import EngineStats, RequestOutput
 from kvpilot.runtime.sampler import Sampler, stop_token_ids
 from kvpilot.runtime.sampling import SamplingParams
@@ -28,14 +29,17 @@ MiB = 1 << 20
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         started = time.perf_counter()
-        self.loaded = loaded or load_model(config.model, config.torch_dtype, config.device, config.max_model_len)
+        self.loaded = loaded or load_configured(config)
+        if weight_quantization(self.loaded.model) != config.quantization:
+            raise ValueError(f"the model was loaded with {weight_quantization(self.loaded.model) or 'no'} weight "
+                             f"quantization, the config asks for {config.quantization or 'none'}")
         self.facts = self.loaded.facts
         self.config = config = config.for_model(self.facts)
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = self.loaded.eos_token_ids
         self.device = torch.device(config.device)
         _check_device_memory(self.device, expected_kv_bytes(self.facts, config.num_kv_blocks, config.block_size,
-                                                            config.torch_dtype))
+                                                            config.kv_torch_dtype))
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -43,9 +47,10 @@ class LLMEngine:
         self.requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        logger.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_size=%d kv_mib=%.1f "
+        logger.info("engine ready: model=%s device=%s dtype=%s weights=%s kv=%s kv_blocks=%d block_size=%d kv_mib=%.1f "
                     "max_model_len=%d max_num_seqs=%d max_batched_tokens=%d prefix_caching=%s seconds=%.1f",
-                    self.facts.name, config.device, config.dtype, config.num_kv_blocks, config.block_size,
+                    self.facts.name, config.device, config.dtype, config.quantization or config.dtype,
+                    config.kv_cache_dtype, config.num_kv_blocks, config.block_size,
                     self.runner.kv_cache.nbytes / MiB, config.max_model_len, config.max_num_seqs,
                     config.max_num_batched_tokens, config.enable_prefix_caching, time.perf_counter() - started)
 

@@ -12,7 +12,7 @@ import torch
 from kvpilot.runtime.model_facts import ModelFacts
 from kvpilot.runtime.quantization import kv_bytes_per_token
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float8_e4m3fn: "fp8"}
 
 
 @dataclass
@@ -40,7 +40,10 @@ def expected_kv_bytes(facts: ModelFacts, num_blocks: int, block_size: int, dtype
 
 def allocate_kv_cache(facts: ModelFacts, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: torch.device | str) -> KVCache:
-    """Zeroed, so the slots the kernels gather but mask out never hold NaNs."""
+    """fp8 blocks hold K/V divided by a scale of 1.0 (the kernels' k_scale / v_scale default), as
+    vLLM's fp8 cache does without calibrated scales.
+
+    Zeroed, so the slots the kernels gather but mask out never hold NaNs."""
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"KV cache dtype {dtype} is not one of {', '.join(map(str, DTYPE_NAMES))}")
     shape = (2, facts.num_layers, num_blocks, block_size, facts.num_kv_heads, facts.head_dim)

@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvpilot.runtime.config import UnsupportedOption
+from kvpilot.runtime.config import EngineConfig, UnsupportedOption
 from kvpilot.runtime.embedded import embedded_model_path
 from kvpilot.runtime.gguf_loader import GGUFModel
 from kvpilot.runtime.model_facts import ModelFacts, UnknownModel, from_hf_config
 from kvpilot.runtime.models.llama import LlamaForCausalLM
+from kvpilot.runtime.models.quantized import quantized_weight_names, quantizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -97,20 +98,39 @@ def _hf_eos_token_ids(directory: Path, tokenizer: Any) -> list[int]:
 
 def build_model(facts: ModelFacts, weights: Iterator[tuple[str, torch.Tensor]], num_weights: int,
                 dtype: torch.dtype, device: torch.device, max_positions: int,
-                rope_freq_factors: torch.Tensor | None = None) -> LlamaForCausalLM:
-    """Construct without initializing (meta device), then fill every parameter from `weights`."""
+                rope_freq_factors: torch.Tensor | None = None, quantization: str | None = None) -> LlamaForCausalLM:
+    """Construct without initializing (meta device), then fill every parameter from `weights`;
+    with `quantization` (int8 / int4 / fp8) the decoder projections are quantized as they load."""
     with torch.device("meta"):
         model = LlamaForCausalLM(facts, max_positions, rope_freq_factors)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype)
+    materialize(model, device, quantized_weight_names(model) if quantization else set())
     model.model.rotary.build_tables(device)
     bar = tqdm(weights, total=num_weights, desc=f"loading {facts.name}", unit="tensor", disable=None, leave=False)
-    model.load_weights((name, tensor.to(device)) for name, tensor in bar)
+    model.load_weights(((name, tensor.to(device)) for name, tensor in bar),
+                       quantizer(quantization, dtype) if quantization else None)
     return model.eval()
 
 
+def materialize(model: torch.nn.Module, device: torch.device, keep_on_meta: set[str]) -> None:
+    """`model.to_empty(device)`, except the parameters named in `keep_on_meta` (weights that will be
+    quantized while loading: their full-precision copies are never allocated all at once)."""
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if f"{module_name}.{name}".lstrip(".") not in keep_on_meta:
+                setattr(module, name, torch.nn.Parameter(torch.empty_like(param, device=device), requires_grad=False))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, torch.empty_like(buffer, device=device))
+
+
+def load_configured(config: EngineConfig) -> LoadedModel:
+    return load_model(config.model, config.torch_dtype, config.device, config.max_model_len, config.quantization)
+
+
 def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device,
-               max_positions: int | None = None) -> LoadedModel:
-    """Model, tokenizer, facts and EOS ids from a HF directory or a GGUF file (None: the embedded one)."""
+               max_positions: int | None = None, quantization: str | None = None) -> LoadedModel:
+    """Model, tokenizer, facts and EOS ids from a HF directory or a GGUF file (None: the embedded one);
+    `quantization`: int8 / int4 / fp8 weights for the decoder projections, None for the compute dtype."""
     from transformers import AutoTokenizer
 
     path, device = resolve_model_path(model), torch.device(device)
@@ -119,7 +139,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
         facts = from_hf_config(gguf.hf_config(), name=path.stem)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         net = build_model(facts, gguf.weights(dtype), len(gguf), dtype, device,
-                          max_positions or facts.max_position_embeddings, gguf.rope_freq_factors())
+                          max_positions or facts.max_position_embeddings, gguf.rope_freq_factors(), quantization)
         eos = gguf.eos_token_ids() + ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
         eos = sorted(set(eos))
         return LoadedModel(net, tokenizer, facts, eos, path)
@@ -135,5 +155,5 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
             num_weights += len(list(f.keys()))
     tokenizer = AutoTokenizer.from_pretrained(path)
     net = build_model(facts, _safetensors_weights(files, dtype), num_weights, dtype, device,
-                      max_positions or facts.max_position_embeddings)
+                      max_positions or facts.max_position_embeddings, quantization=quantization)
     return LoadedModel(net, tokenizer, facts, _hf_eos_token_ids(path, tokenizer), path)

@@ -45,7 +45,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.kv_cache: KVCache = allocate_kv_cache(facts, config.num_kv_blocks, config.block_size,
-                                                   config.torch_dtype, self.device)
+                                                   config.kv_torch_dtype, self.device)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table

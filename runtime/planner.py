@@ -194,6 +194,11 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
     return plan, shortfall
 
 
+# Weight-only int8 / int4 run on the CPU too (dequantized per matmul by the torch reference): slower than
+# fp32, but a model fits in a quarter of the memory. Never chosen by `auto` there; asked for, allowed.
+CPU_WEIGHT_QUANT = ("int8", "int4")
+
+
 def _precision_ladder(device: Device, req: PlanRequest) -> list[tuple[str, str]]:
     compute = device.compute_dtype
     if device.kind == "cpu":
@@ -216,8 +221,8 @@ def _check_supported(device: Device, dtype: str, what: str) -> None:
                         f"RTX-4090, H100, H200); {device.name} has none: use int8 or int4")
     if dtype == "bf16" and not device.bf16:
         raise PlanError(f"{what} bf16 needs an Ampere or newer GPU; {device.name} has none: use fp16")
-    if device.kind == "cpu" and dtype not in ("fp32", "bf16"):
-        raise PlanError(f"{what} {dtype} is not supported on the CPU: use fp32 or bf16")
+    if device.kind == "cpu" and dtype not in ("fp32", "bf16", *CPU_WEIGHT_QUANT):
+        raise PlanError(f"{what} {dtype} is not supported on the CPU: use fp32 or bf16 (or int8 / int4 weights)")
 
 
 def _tp_degrees(facts: ModelFacts, device: Device, limit: int) -> list[int]:

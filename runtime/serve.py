@@ -40,8 +40,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="name the API answers to (default: the model's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, fp32, bf16, fp16")
-    p.add_argument("--quantization", help="weight quantization (the plan's choice)")
-    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--quantization", help="weights of the decoder projections: int8, int4 or fp8; "
+                   "default: the compute dtype")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the compute dtype) or fp8 (half the bytes)")
     p.add_argument("--tensor-parallel", type=int, default=1)
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--num-kv-blocks", type=int, help="KV blocks to allocate (the operator's plan passes it)")
@@ -86,7 +87,7 @@ def resolve_source(source: str) -> str | None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from kvpilot.runtime.config import EngineConfig
-    from kvpilot.runtime.loader import load_model
+    from kvpilot.runtime.loader import load_configured
 
     try:
         config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
@@ -98,12 +99,12 @@ def run_serve(args: argparse.Namespace) -> int:
                               enable_prefix_caching=not args.no_prefix_caching)
     except ValueError as err:  # EngineConfig names the bad option and what is allowed
         raise UsageError(f"kvpilot serve: {err}") from None
-    loaded = load_model(config.model, config.torch_dtype, config.device, config.max_model_len)
+    loaded = load_configured(config)
     if args.kv_memory:
         from kvpilot.runtime.kv_cache import DTYPE_NAMES
         from kvpilot.runtime.quantization import kv_bytes_per_token
 
-        per_block = args.block_size * kv_bytes_per_token(loaded.facts, DTYPE_NAMES[config.torch_dtype])
+        per_block = args.block_size * kv_bytes_per_token(loaded.facts, DTYPE_NAMES[config.kv_torch_dtype])
         blocks = parse_quantity(args.kv_memory) // per_block
         if blocks < 1:
             raise UsageError(f"--kv-memory {args.kv_memory} holds no block of {per_block} bytes")
@@ -116,7 +117,7 @@ def run_up(args: argparse.Namespace) -> int:
     from kvpilot.operator.planning import local_plan
     from kvpilot.operator.spec import load_manifest
     from kvpilot.runtime.config import EngineConfig
-    from kvpilot.runtime.loader import load_model
+    from kvpilot.runtime.loader import load_configured
 
     deployment = load_manifest(args.manifest)
     spec = deployment.spec
@@ -131,7 +132,7 @@ def run_up(args: argparse.Namespace) -> int:
                               gpu_memory_utilization=spec.gpu_memory_utilization)
     except ValueError as err:
         raise UsageError(f"kvpilot up: the plan for this machine cannot run here: {err}") from None
-    loaded = load_model(config.model, config.torch_dtype, config.device, config.max_model_len)
+    loaded = load_configured(config)
     name = spec.model.served_name or deployment.metadata.name
     return _serve(config, loaded, name, args)
 

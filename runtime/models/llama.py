@@ -4,15 +4,17 @@ grouped-query attention, tied or untied embeddings. Attention and cache writes g
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvpilot.kernels import ops
+from kvpilot.kernels.quant_reference import QuantizedWeight
 from kvpilot.runtime.model_facts import ModelFacts
 from kvpilot.runtime.models.layers import AttentionMetadata, RMSNorm, RotaryEmbedding
+from kvpilot.runtime.models.quantized import quantized_weight_names, replace_with_quantized
 
 # HF checkpoint projections that live inside one fused matrix here: (fused name, shard index)
 PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -119,10 +121,16 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, weight)
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     quantize: Callable[[torch.Tensor], QuantizedWeight] | None = None) -> None:
         """Copy HF-named tensors in (q/k/v and gate/up into their fused matrices); every parameter
-        must be given exactly once, else the error names what is missing or unknown."""
+        must be given exactly once, else the error names what is missing or unknown.
+
+        With `quantize`, the decoder projections (left on the meta device by the loader) are
+        materialised when their first shard arrives and quantized as soon as their last one is in."""
         params = dict(self.named_parameters())
+        expected = {n: (3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 1) for n in params}
+        deferred = quantized_weight_names(self) if quantize else set()
         filled: dict[str, int] = {}
         for name, tensor in weights:
             if name.endswith(IGNORED_WEIGHTS) or (self.lm_head is None and name == "lm_head.weight"):
@@ -135,6 +143,8 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
+            if param.is_meta:  # left unallocated by the loader until now: see models/quantized.py
+                param = params[target] = _materialize(self, target, param.shape, tensor)
             if shard is None:
                 _copy(param, tensor, name)
             else:
@@ -142,7 +152,9 @@ class LlamaForCausalLM(nn.Module):
                 start = sum(sizes[:shard])
                 _copy(param[start : start + sizes[shard]], tensor, name)
             filled[target] = filled.get(target, 0) + 1
-        expected = {n: (3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 1) for n in params}
+            if target in deferred and filled[target] == expected[target]:
+                replace_with_quantized(self, target, param, quantize)
+                params[target] = param = torch.empty(param.shape, device="meta")  # the fp copy goes now
         missing = sorted(n for n, count in expected.items() if filled.get(n, 0) != count)
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -151,6 +163,13 @@ class LlamaForCausalLM(nn.Module):
         if ".qkv_proj." in fused_name:
             return self.model.layers[0].self_attn.shard_sizes
         return (self.facts.intermediate_size,) * 2
+
+
+def _materialize(model: nn.Module, name: str, shape: torch.Size, like: torch.Tensor) -> nn.Parameter:
+    module_name, _, attr = name.rpartition(".")
+    param = nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device), requires_grad=False)
+    setattr(model.get_submodule(module_name), attr, param)
+    return param
 
 
 def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:

@@ -90,14 +90,16 @@ def test_requests_that_can_never_fit_are_refused_naming_the_numbers(llm, make_ll
 
 
 @pytest.mark.parametrize(("options", "match"), [
-    ({"quantization": "int4"}, r"quantization 'int4' is not run by this runtime yet"),
-    ({"kv_cache_dtype": "fp8"}, r"KV cache dtype 'fp8' is not run"),
+    ({"quantization": "int3"}, r"quantization 'int3' is not one of none, int8, int4, fp8"),
+    ({"quantization": "bf16"}, r"quantization 'bf16' differs from the compute dtype fp32: set dtype bf16"),
+    ({"kv_cache_dtype": "fp16"}, r"KV cache dtype 'fp16' differs from the compute dtype fp32"),
+    ({"kv_cache_dtype": "int8"}, r"KV cache dtype 'int8' is not one of auto, fp32, fp8"),
     ({"tensor_parallel_size": 2}, r"tensor parallel size 2 is not run"),
     ({"device": "cuda"} if not torch.cuda.is_available() else {"device": "tpu"}, r"device"),
 ])
 def test_options_not_run_yet_are_refused_at_start_up(options, match):
     with pytest.raises(ValueError, match=match):
-        EngineConfig(**options)
+        EngineConfig(**{"device": "cpu", **options})
 
 
 def test_unset_limits_come_from_the_model_and_the_plan(loaded_model):
