@@ -96,7 +96,7 @@ def weights(model: ModelSource) -> Weights:
 def runtime_args(deployment: LLMDeployment, plan: Plan, model_path: str, role: Role) -> list[str]:
     spec = deployment.spec
     args = ["serve", "--model", model_path, "--served-model-name", spec.model.name,
-            "--quantization", plan.quantization, "--kv-cache-dtype", plan.kv_dtype,
+            "--dtype", plan.compute_dtype, "--quantization", plan.quantization, "--kv-cache-dtype", plan.kv_dtype,
             "--tensor-parallel", str(plan.tensor_parallel), "--num-kv-blocks", str(plan.num_kv_blocks),
             "--block-size", str(plan.block_size), "--max-model-len", str(plan.max_model_len),
             "--max-num-seqs", str(plan.max_num_seqs), "--max-num-batched-tokens", str(plan.max_batched_tokens),

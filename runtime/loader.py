@@ -60,11 +60,17 @@ def normalize_hf_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _check_architecture(config: dict[str, Any], source: Path) -> None:
+def _check_architecture(config: dict[str, Any], source: Path, max_positions: int | None) -> None:
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedOption(f"architecture {arch!r} of {source} is not supported: only "
                                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    # Mistral v0.1 attends to the last `sliding_window` tokens only; Qwen2 declares one but turns it off.
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    length = max_positions or config.get("max_position_embeddings") or 0
+    if window and length > window:
+        raise UnsupportedOption(f"{source.name} uses sliding-window attention over {window} tokens, which this "
+                                f"runtime does not run: set max_model_len to at most {window} (asked: {length})")
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -144,7 +150,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
         eos = sorted(set(eos))
         return LoadedModel(net, tokenizer, facts, eos, path)
     config = normalize_hf_config(json.loads((path / "config.json").read_text()))
-    _check_architecture(config, path)
+    _check_architecture(config, path, max_positions)
     facts = from_hf_config(config, name=path.name)
     files = _safetensors_files(path)
     num_weights = 0

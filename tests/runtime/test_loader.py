@@ -56,7 +56,7 @@ def test_architectures_match_hf_logprobs(kind, tokenizer, tmp_path):
                              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
     else:
-        config = MistralConfig(**SMALL, head_dim=24, sliding_window=None)
+        config = MistralConfig(**SMALL, head_dim=24, sliding_window=128)  # = max_model_len below: no effect
     reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     save_hf_dir(reference, tokenizer, tmp_path)
     prompts = [tokenizer.encode(t) for t in ("The quick brown fox", "def main():\n    return 42")]
@@ -82,3 +82,13 @@ def test_bad_model_paths_are_explained(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UnsupportedOption, match=r"architecture 'GPT2LMHeadModel'.*not supported"):
         load_model(str(tmp_path), torch.float32, "cpu")
+
+
+def test_sliding_window_beyond_max_model_len_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["MistralForCausalLM"], "sliding_window": 4096, "max_position_embeddings": 32768}))
+    with pytest.raises(UnsupportedOption, match=r"sliding-window attention over 4096 tokens.*set max_model_len to "
+                                                r"at most 4096 \(asked: 32768\)"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+    with pytest.raises(UnsupportedOption, match=r"asked: 8192"):
+        load_model(str(tmp_path), torch.float32, "cpu", max_positions=8192)
