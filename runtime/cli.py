@@ -134,5 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m kvpilot.runtime.cli`: run the imported module, whose UsageError
+    from kvpilot.runtime.cli import main as imported_main  # is the one the subcommands raise
+
+    sys.exit(imported_main())

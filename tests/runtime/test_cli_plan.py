@@ -38,6 +38,13 @@ def test_plan_overrides_on_manifest(capsys):
     assert json.loads(capsys.readouterr().out)["quantization"] == "int4"
 
 
+def test_cpu_plans_quantized_weights_when_asked(capsys):
+    assert main(["plan", "--model", "smollm2-135m", "--gpu", "cpu", "--quantization", "int4", "--output",
+                 "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["quantization"] == "int4" and data["device_kind"] == "cpu"
+
+
 def test_plan_local_machine(capsys):
     assert main(["plan", "--model", "smollm2-135m", "--gpu", "local", "--max-context", "2048",
                  "--output", "json"]) == 0
@@ -56,6 +63,10 @@ def test_plan_local_machine(capsys):
     (["plan"], "give a manifest, or --model and --gpu"),
     (["plan", "--output", "xml", "--model", "x"], "invalid choice: 'xml'"),
     (["launch"], "invalid choice: 'launch'"),
+    (["plan", "--model", "smollm2-135m", "--gpu", "cpu", "--quantization", "fp8"], "fp8 needs a GPU"),
+    (["serve", "--quantization", "int3"], "quantization 'int3' is not one of none, int8, int4, fp8"),
+    (["serve", "--device", "cpu", "--kv-cache-dtype", "fp16"], "KV cache dtype 'fp16' differs from the compute"),
+    (["serve", "--device", "cpu", "--tensor-parallel", "2"], "tensor parallel size 2 is not run"),
 ])
 def test_mistakes_are_one_line_and_exit_2(args, message):
     result = run(*args)
