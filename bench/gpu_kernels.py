@@ -6,9 +6,15 @@ Sections (Llama-3.1-8B shapes: 32 query / 8 KV heads, head_dim 128, hidden 4096,
 - decode: batch {1, 16, 64, 256} x context {1k, 4k, 16k, 64k}, bf16 and fp8 KV: ms, KV bytes read / s,
   fraction of the copy bandwidth (goal >= 0.8 at context >= 4k), vs torch gather + SDPA.
 - decode_flex: a few decode shapes vs torch's flex_attention (compiled, contiguous KV, length mask).
-- prefill: packed causal prefill, TFLOP/s vs scaled_dot_product_attention (flash) on the same shapes.
+- prefill: packed causal prefill, TFLOP/s vs scaled_dot_product_attention (flash) on the same shapes
+  (a chunk after a cached prefix: SDPA with a bottom-right causal bias, on K/V already contiguous).
 - matmul: int8 / int4 / fp8 weights at M = 1, 16, 64, 1024 vs bf16 torch.matmul (goal at M <= 16:
   int4 >= 2.5x, int8 >= 1.6x).
+- norm_rope: the decision on fused rms_norm / RoPE kernels (issue #4, point 5: "if the profile says
+  they pay"), measured instead of written: the runtime's own torch RMSNorm and rotary embedding at
+  1..4096 tokens against the floor a fused kernel could reach (its bytes at the copy bandwidth).
+  The saving per decode step, (torch - floor) x 32 layers, is set against the step's own floor
+  (reading 16 GB of bf16 weights at the copy bandwidth); `pays` says whether it is >= 5% of that.
 Cases that would not fit in memory or in the time budget are reported as skipped, not dropped.
 
 Prints one JSON line per result and appends it to $OUT/gpu_kernels.jsonl (OUT defaults to ./out).
@@ -33,7 +39,11 @@ import torch
 import torch.nn.functional as F
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-HIDDEN, INTERMEDIATE = 4096, 14336
+HIDDEN, INTERMEDIATE, LAYERS = 4096, 14336, 32
+WEIGHT_BYTES = 16_060_000_000  # Llama-3.1-8B in bf16: what one decode step must read at least
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+FUSION_PAYS = 0.05  # a fused norm/RoPE kernel is worth writing if it saves this share of a decode step
 GiB = 1 << 30
 
 
@@ -47,12 +57,15 @@ class Sizes:
     matmul_shapes: tuple[tuple[str, int, int], ...] = (("gate_up", HIDDEN, INTERMEDIATE),
                                                         ("down", INTERMEDIATE, HIDDEN))  # (name, K, N)
     heads: tuple[int, int, int] = (HEADS, KV_HEADS, HEAD_DIM)
+    norm_tokens: tuple[int, ...] = (1, 16, 64, 256, 4096)
+    hidden: int = HIDDEN
     copy_bytes: int = 2 * GiB
     check_seqs: int = 2  # sequences checked against the fp32 reference per decode case
 
 
 DRY_RUN = Sizes(batches=(2,), contexts=(40,), flex_cases=(), prefill_cases=((2, 24, 0), (1, 8, 16)),
-                matmul_ms=(2,), matmul_shapes=(("tiny", 256, 48),), heads=(4, 2, 64), copy_bytes=1 << 20)
+                matmul_ms=(2,), matmul_shapes=(("tiny", 256, 48),), heads=(4, 2, 64), norm_tokens=(3,), hidden=256,
+                copy_bytes=1 << 20)
 
 
 @dataclass
@@ -275,11 +288,8 @@ def _prefill_case(run: Run, sizes: Sizes, batch: int, q_len: int, prefix: int) -
     out = paged_attention_prefill(*args, max_query_len=q_len)
     expected = paged_attention_prefill_ref(query[:q_len], k_cache, v_cache, tables[:1], cu[:2], lens[:1], scale)
     record = {"ms": round(ms, 4), "TFLOPs": round(flops / ms / 1e9, 1), **_err(out[:q_len], expected)}
-    if prefix:
-        record["sdpa_ms"] = "n/a: SDPA's causal mask cannot offset a chunk after a cached prefix"
-        return record
-    k = k_cache[tables.long()].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
-    v = v_cache[tables.long()].flatten(1, 2).transpose(1, 2)
+    k = k_cache[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2)  # [B, KVH, context, D]
+    v = v_cache[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2)
     q = query.view(batch, q_len, heads, head_dim).transpose(1, 2)
     return {**record, **_sdpa_peer(run, q, k, v, scale, ms, flops, out.view(batch, q_len, heads, head_dim))}
 
@@ -287,14 +297,18 @@ def _prefill_case(run: Run, sizes: Sizes, batch: int, q_len: int, prefix: int) -
 def _sdpa_peer(run: Run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ms: float, flops: int,
                ours: torch.Tensor) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
 
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1).contiguous(), v.repeat_interleave(group, 1).contiguous()
     backends = [SDPBackend.FLASH_ATTENTION] if run.device.type == "cuda" else [SDPBackend.MATH]
+    # a chunk after a cached prefix is causal aligned to the bottom right, which flash runs without a mask
+    chunked = q.shape[2] != k.shape[2]
+    mask = causal_lower_right(q.shape[2], k.shape[2]) if chunked else None
 
     def sdpa() -> torch.Tensor:
         with sdpa_kernel(backends):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not chunked, scale=scale)
 
     try:
         sdpa_ms = run.time_ms(sdpa)
@@ -351,19 +365,60 @@ def bench_matmul(run: Run, sizes: Sizes) -> None:
         run.free()
 
 
+# --- rms_norm and RoPE: would fused kernels pay? -------------------------------------------------
+
+def bench_norm_rope(run: Run, sizes: Sizes, copy_gbps: float) -> None:
+    """Per layer a Llama runs two RMSNorms (several elementwise kernels each in torch) and one RoPE of q and k.
+    A fused kernel cannot beat its own bytes at the copy bandwidth, so (torch - that floor) bounds what
+    fusing saves; it pays if 32 layers of it are >= FUSION_PAYS of a decode step's weight-read floor."""
+    from kvpilot.runtime.models.layers import RMSNorm, RotaryEmbedding
+
+    heads, kv_heads, head_dim = sizes.heads
+    dtype = torch.bfloat16
+    norm = RMSNorm(sizes.hidden, 1e-5).to(run.device, dtype)
+    rotary = RotaryEmbedding(head_dim, 8192, 500000.0, LLAMA3_ROPE)
+    rotary.build_tables(run.device)
+    step_floor_ms = WEIGHT_BYTES / copy_gbps / 1e6
+    for tokens in sizes.norm_tokens:
+        if run.over_budget(0.9):
+            run.emit({"bench": "norm_rope", "tokens": tokens, "skipped": "time budget"})
+            continue
+        x = torch.randn(tokens, sizes.hidden, device=run.device, dtype=dtype)
+        q = torch.randn(tokens, heads, head_dim, device=run.device, dtype=dtype)
+        k = torch.randn(tokens, kv_heads, head_dim, device=run.device, dtype=dtype)
+        positions = torch.randint(0, 8192, (tokens,), device=run.device)
+        with torch.no_grad():
+            norm_ms = run.time_ms(lambda x=x: norm(x))
+            rope_ms = run.time_ms(lambda q=q, k=k, positions=positions: rotary(positions, q, k))
+        norm_bytes = 2 * x.numel() * x.element_size() + sizes.hidden * 2
+        rope_bytes = 2 * (q.numel() + k.numel()) * q.element_size() + tokens * head_dim * 4  # + cos/sin rows
+        layer_ms = 2 * norm_ms + rope_ms
+        floor_ms = (2 * norm_bytes + rope_bytes) / copy_gbps / 1e6
+        saving_ms = LAYERS * (layer_ms - floor_ms)
+        run.emit({"bench": "norm_rope", "tokens": tokens, "rms_norm_ms": round(norm_ms, 4),
+                  "rope_ms": round(rope_ms, 4), "fused_floor_ms_per_layer": round(floor_ms, 4),
+                  "saving_ms_per_step": round(saving_ms, 3), "step_floor_ms": round(step_floor_ms, 3),
+                  "saving_fraction": round(saving_ms / step_floor_ms, 3),
+                  "pays": saving_ms >= FUSION_PAYS * step_floor_ms})
+        run.free()
+
+
 # --- main ----------------------------------------------------------------------------------------
+
+SECTIONS = ("copy", "decode", "matmul", "prefill", "norm_rope", "decode_flex")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "./out"), help="folder for gpu_kernels.jsonl")
-    parser.add_argument("--only", default="copy,decode,matmul,prefill,decode_flex",
-                        help="comma-separated sections to run (copy is always run for decode)")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help="comma-separated sections to run (copy is always run for decode and norm_rope)")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new cases after this long")
     parser.add_argument("--kv-limit-gib", type=float, default=None,
                         help="largest KV cache to allocate (default: a quarter of the GPU's memory)")
     parser.add_argument("--dry-run", action="store_true", help="one tiny case per section on the CPU (interpreter)")
     args = parser.parse_args(argv)
-    unknown = set(args.only.split(",")) - {"copy", "decode", "matmul", "prefill", "decode_flex"}
+    unknown = set(args.only.split(",")) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     return args
@@ -392,13 +447,15 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(device, out_dir / "gpu_kernels.jsonl", args.budget_s, kv_limit,
               meta={**meta, "torch": torch.__version__, "triton": triton.__version__})
     sections = args.only.split(",")
-    copy_gbps = bench_copy(run, sizes) if {"copy", "decode"} & set(sections) else 0.0
+    copy_gbps = bench_copy(run, sizes) if {"copy", "decode", "norm_rope"} & set(sections) else 0.0
     if "decode" in sections:
         bench_decode(run, sizes, copy_gbps)
     if "matmul" in sections:
         bench_matmul(run, sizes)
     if "prefill" in sections:
         bench_prefill(run, sizes)
+    if "norm_rope" in sections:
+        bench_norm_rope(run, sizes, copy_gbps)
     if "decode_flex" in sections and device.type == "cuda":
         bench_decode_flex(run, sizes)
     run.emit({"bench": "done", "wall_s": round(run.elapsed(), 1)})

@@ -12,9 +12,12 @@ Shapes (the paged KV layout shared by the runtime and every kernel):
 - query head h reads KV head h // (num_heads // num_kv_heads) (GQA / MQA).
 
 `paged_attention_decode_ref` gathers every sequence's blocks at once and runs one masked SDPA in
-fp32; `paged_attention_prefill_ref` walks the sequences, grouping query heads per KV head instead of
-repeating K/V. These are what the CPU engine serves with. The `*_naive` functions (per sequence,
-K/V repeated per query head, positions compared explicitly) are the oracle tests hold them to.
+fp32; `paged_attention_prefill_ref` walks the sequences, one causal SDPA each. Both are what the CPU
+engine serves with, so they are built for speed: blocks are gathered with `index_select` (several
+times faster than advanced indexing on CPU), SDPA gets 4-D inputs (its fused CPU kernel; 3-D ones
+fall back to the unfused math path) and `enable_gqa` instead of repeated K/V. The `*_naive`
+functions (per sequence, K/V repeated per query head, einsum and softmax, positions compared
+explicitly) are the oracle tests hold them to.
 """
 
 from __future__ import annotations
@@ -37,11 +40,10 @@ def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
         if cache.dtype == FP8:
             new = (new.float() / scale).clamp(-FP8_MAX, FP8_MAX)
         new = new.to(cache.dtype)
-        if cache.stride(0) == cache.shape[1] * cache.stride(1):  # blocks x offsets is one slot axis
+        if cache.stride(0) == cache.shape[1] * cache.stride(1):  # [blocks, offsets] is one axis of slots
             cache.view(-1, *cache.shape[2:]).index_put_((slots,), new)
-        else:
-            block_size = cache.shape[1]
-            cache[slots // block_size, slots % block_size] = new
+        else:  # a strided view of a larger cache: index blocks and offsets apart
+            cache[slots // cache.shape[1], slots % cache.shape[1]] = new
 
 
 def gather_kv_padded(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, length: int,
@@ -92,8 +94,8 @@ def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_ca
     The chunk's own K/V are already in the cache; sequence i's queries are its last
     `cu_seqlens_q[i+1] - cu_seqlens_q[i]` tokens of `context_lens[i]`, attending causally.
     One sequence at a time: padding ragged chunks to a common length costs more than the loop.
-    SDPA takes 4-D [1, heads, tokens, D] inputs, the shape its fused CPU (flash) kernel needs, which
-    skips the blocks a plain causal mask hides and never holds the whole score matrix.
+    A whole-prompt chunk uses `is_causal`, with which SDPA's fused CPU kernel also skips the key
+    blocks past each query block; a chunk after a cached prefix needs an explicit (offset) mask.
     """
     out = torch.zeros_like(query)
     starts = cu_seqlens_q.tolist()
@@ -106,9 +108,9 @@ def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_ca
         q = query[starts[i] : starts[i + 1]].float().transpose(0, 1).unsqueeze(0)
         # query j sits at position length - n + j and sees keys 0..that position; is_causal aligns top-left,
         # which is that only when the chunk is the whole context
-        plain = n == length
-        mask = None if plain else torch.ones(n, length, dtype=torch.bool, device=query.device).tril(length - n)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=plain, scale=scale,
+        whole = n == length
+        mask = None if whole else torch.ones(n, length, dtype=torch.bool, device=query.device).tril(length - n)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=whole, scale=scale,
                                                   enable_gqa=True)
         out[starts[i] : starts[i + 1]] = attended[0].transpose(0, 1)
     return out

@@ -21,11 +21,13 @@ def test_dry_run_reports_every_section_with_its_correctness(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "gpu_kernels.jsonl").read_text().splitlines()]
     assert lines == [json.loads(line) for line in result.stdout.splitlines()]
     benches = {line["bench"] for line in lines}
-    assert benches == {"copy", "decode", "matmul", "prefill", "done"}
+    assert benches == {"copy", "decode", "matmul", "prefill", "norm_rope", "done"}
     for line in lines:
         if line["bench"] in ("decode", "matmul", "prefill"):
             assert line["ms"] > 0 and line["rel_err"] < 0.02, line
     assert {line["mode"] for line in lines if line["bench"] == "matmul"} == {"int8", "int4", "fp8"}
+    (norm_rope,) = (line for line in lines if line["bench"] == "norm_rope")
+    assert norm_rope["rms_norm_ms"] > 0 and norm_rope["rope_ms"] > 0 and isinstance(norm_rope["pays"], bool)
 
 
 def test_unknown_section_is_rejected():

@@ -29,14 +29,44 @@ def test_batched_decode_matches_oracle(dtype, kv_dtype, heads, kv_heads):
 
 
 @pytest.mark.parametrize("q_lens,context_lens", [([3, 9, 1], [3, 9, 1]), ([2, 5, 1, 4], [30, 5, 17, 12]),
-                                                 ([0, 4], [6, 4])], ids=["prefill", "chunked", "empty-chunk"])
-def test_batched_prefill_matches_oracle(q_lens, context_lens):
-    kv = make_paged_kv(context_lens, 2, 32, 8, torch.float32, CPU)
+                                                 ([0, 4], [6, 4]), ([40], [40])],
+                         ids=["prefill", "chunked", "empty-chunk", "many-blocks"])
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                            (torch.float16, torch.float8_e4m3fn)], ids=["fp32", "bf16", "fp8kv"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (8, 1)])
+def test_batched_prefill_matches_oracle(q_lens, context_lens, dtype, kv_dtype, heads, kv_heads):
+    kv = make_paged_kv(context_lens, kv_heads, 32, 8, dtype, CPU, kv_dtype=kv_dtype)
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    query = torch.randn(sum(q_lens), 4, 32)
-    args = (query, kv.k_cache, kv.v_cache, kv.block_tables, cu, kv.context_lens, 0.2)
+    query = torch.randn(sum(q_lens), heads, 32).to(dtype)
+    args = (query, kv.k_cache, kv.v_cache, kv.block_tables, cu, kv.context_lens, 0.2, kv.k_scale, kv.v_scale)
     torch.testing.assert_close(ref.paged_attention_prefill_ref(*args), ref.paged_attention_prefill_naive(*args),
-                               atol=1e-5, rtol=1e-5)
+                               atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "k-and-v-interleaved-per-block"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn], ids=str)
+def test_write_kv_cache_matches_a_per_token_loop(layout, cache_dtype):
+    """The flat-slot scatter, padding skipped, fp8 scaled and saturated; also into caches that are strided
+    views of a larger pool (blocks and offsets not one axis)."""
+    gen = torch.Generator().manual_seed(4)
+    num_blocks, block_size, kv_heads, head_dim, tokens = 5, 8, 2, 16, 9
+    key = torch.randn(tokens, kv_heads, head_dim, generator=gen) * 100  # past fp8's +-448 once scaled
+    value = torch.randn(tokens, kv_heads, head_dim, generator=gen)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[[1, 6]] = -1
+    if layout == "contiguous":
+        k_cache, v_cache = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=cache_dtype).unbind(0)
+    else:
+        k_cache, v_cache = torch.zeros(num_blocks, 2, block_size, kv_heads, head_dim, dtype=cache_dtype).unbind(1)
+    expected_k, expected_v = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim).unbind(0)
+    k_scale, v_scale = (0.1, 0.01) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
+    for token, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            for expected, new, scale in ((expected_k, key, k_scale), (expected_v, value, v_scale)):
+                stored = (new[token] / scale).clamp(-448, 448) if cache_dtype == torch.float8_e4m3fn else new[token]
+                expected[slot // block_size, slot % block_size] = stored.to(cache_dtype).float()
+    ref.write_kv_cache_ref(key, value, k_cache, v_cache, slots, k_scale, v_scale)
+    assert torch.equal(k_cache.float(), expected_k) and torch.equal(v_cache.float(), expected_v)
 
 
 def test_int4_nibble_order_and_layout():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_testing import DEVICE, assert_close, make_paged_kv
 
-from kvpilot.kernels.paged_attention_decode import MAX_SPLITS, choose_splits, paged_attention_decode
+from kvpilot.kernels.paged_attention_decode import MAX_GROUP, MAX_SPLITS, choose_splits, paged_attention_decode
 from kvpilot.kernels.reference import paged_attention_decode_ref
 
 FP8 = torch.float8_e4m3fn
@@ -108,6 +108,7 @@ def test_split_heuristic():
 @pytest.mark.parametrize("change,message", [
     ({"head_dim": 512}, "head_dim 512 is not supported"),
     ({"heads": 6}, "6 query heads are not a multiple of 4 KV heads"),
+    ({"heads": 4 * (MAX_GROUP + 1)}, f"{MAX_GROUP + 1} query heads per KV head exceeds {MAX_GROUP}"),
     ({"cache_dtype": torch.bfloat16}, "caches must both be"),
     ({"num_splits": MAX_SPLITS + 1}, f"not in 1..{MAX_SPLITS}"),
     ({"max_context_len": 10_000}, "exceeds block_tables capacity"),

@@ -46,7 +46,7 @@ def test_plain_prefill_gqa_and_block_sizes(paged_kv, close, device, heads, kv_he
              dtype=torch.float32, q_lens=q_lens, context_lens=context_lens)
 
 
-@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_chunked_prefill_head_dims_and_dtypes(paged_kv, close, device, head_dim, dtype):
     run_case(paged_kv, close, device, heads=4, kv_heads=2, head_dim=head_dim, block_size=16, dtype=dtype,
@@ -74,6 +74,24 @@ def test_gqa_wider_than_the_row_tile(paged_kv, close, device):
 def test_empty_chunk_in_the_batch(paged_kv, close, device):
     run_case(paged_kv, close, device, heads=4, kv_heads=2, head_dim=64, block_size=8, dtype=torch.float32,
              q_lens=[4, 0, 3], context_lens=[4, 9, 12])
+
+
+def test_strided_query_and_block_table_views(paged_kv, close, device):
+    """A query sliced out of a fused qkv tensor and a block table that is a column slice of a wider one."""
+    q_lens, context_lens = CHUNKED
+    kv = paged_kv(context_lens, 2, 64, 16, torch.float16)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    qkv = torch.randn(sum(q_lens), 8 + 2 * 2, 64, device=device).half()
+    query = qkv[:, :8]
+    blocks = kv.block_tables.shape[1]
+    wide = torch.full((len(q_lens), blocks + 5), 3, dtype=torch.int32, device=device)
+    wide[:, :blocks] = kv.block_tables
+    table = wide[:, :blocks]
+    assert not query.is_contiguous() and not table.is_contiguous()
+    expected = paged_attention_prefill_ref(query.contiguous(), kv.k_cache, kv.v_cache, kv.block_tables, cu,
+                                           kv.context_lens, 0.125)
+    close(paged_attention_prefill(query, kv.k_cache, kv.v_cache, table, cu, kv.context_lens, 0.125), expected,
+          torch.float16)
 
 
 def test_causality(paged_kv, device):

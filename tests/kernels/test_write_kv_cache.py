@@ -17,8 +17,9 @@ def caches(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype
     return [fill.to(dtype).to(device) for _ in range(4)]
 
 
-@pytest.mark.parametrize("kv_heads,head_dim,block_size", [(2, 64, 16), (3, 80, 8), (1, 96, 32), (20, 256, 16)],
-                         ids=["h2d64", "h3d80", "h1d96", "h20d256-two-head-tiles"])
+@pytest.mark.parametrize("kv_heads,head_dim,block_size", [(2, 64, 16), (3, 80, 8), (1, 96, 32), (4, 128, 8),
+                                                           (20, 256, 16)],
+                         ids=["h2d64", "h3d80", "h1d96", "h4d128", "h20d256-two-head-tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_reference_bit_for_bit(device, kv_heads, head_dim, block_size, dtype):
     gen = torch.Generator().manual_seed(0)
