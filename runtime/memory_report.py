@@ -16,8 +16,10 @@ from kvpilot.runtime.metrics import MemoryFigures
 from kvpilot.runtime.planner import Plan
 
 
-def _tensor_bytes(module: torch.nn.Module) -> int:
-    tensors = {t.data_ptr(): t for t in (*module.parameters(), *module.buffers())}  # tied weights once
+def weight_bytes_held(module: torch.nn.Module) -> int:
+    """Bytes of the model's weights as loaded (quantized ones with their scales; tied weights once). The
+    state dict leaves out the rotary cos/sin tables, which are derived, not weights."""
+    tensors = {t.data_ptr(): t for t in module.state_dict().values()}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -44,7 +46,7 @@ def memory_figures(engine, plan: Plan) -> MemoryFigures:
     kv_planned = config.num_kv_blocks * config.block_size * plan.kv_bytes_per_token
     planned = {"weights": plan.memory.weights, "kv_cache": kv_planned,
                "activations": plan.memory.activations, "other": plan.memory.overhead}
-    weights = _tensor_bytes(engine.loaded.model)
+    weights = weight_bytes_held(engine.loaded.model)
     kv = engine.runner.kv_cache.nbytes
     measured = {"weights": weights, "kv_cache": kv}
     device = engine.device

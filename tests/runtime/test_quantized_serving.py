@@ -11,7 +11,7 @@ import torch
 
 from kvpilot.runtime.llm import LLM
 from kvpilot.runtime.loader import LoadedModel, load_model, materialize
-from kvpilot.runtime.memory_report import _tensor_bytes
+from kvpilot.runtime.memory_report import weight_bytes_held
 from kvpilot.runtime.models.llama import LlamaForCausalLM
 from kvpilot.runtime.models.quantized import (
     QUANTIZED_PROJECTIONS,
@@ -27,9 +27,10 @@ LIMITS = {"num_kv_blocks": 64, "max_model_len": 512, "max_num_seqs": 8, "max_num
           "device": "cpu"}
 FIRST_TOKEN = SamplingParams(temperature=0.0, max_tokens=1)
 GREEDY_8 = SamplingParams(temperature=0.0, max_tokens=8)
-# Of the parity prompts' first greedy tokens, how many each mode must keep (SmolLM2-135M is small and
-# so more sensitive to rounding than the models these modes are for; measured: int8 8/8, fp8 8/8, int4 7/8).
-KEEPS_FIRST_TOKENS = {"int8": 8, "fp8": 7, "int4": 6}
+# Of the 8 parity prompts' first greedy tokens, how many each variant must keep. Measured on this CPU:
+# int8 8, fp8 weights 7, int4 7, fp8 KV 7 (SmolLM2-135M is small, so more sensitive to rounding than the
+# models these modes are for); one of slack below that, for other BLAS builds' rounding.
+KEEPS_FIRST_TOKENS = {"int8": 8, "fp8": 6, "int4": 6, "fp8-kv": 6}
 
 
 @functools.cache
@@ -49,19 +50,13 @@ def full_precision(loaded_model: LoadedModel, parity_prompts: list[list[int]]) -
     return [o.token_ids for o in outputs]
 
 
-def rotary_bytes(model: torch.nn.Module) -> int:
-    rotary = model.model.rotary
-    return (rotary.cos.numel() + rotary.sin.numel()) * 4  # fp32 tables, not weights (the plan counts them apart)
-
-
 def test_projections_are_quantized_and_hold_the_planned_bytes(quantized: LoadedModel):
     model, mode = quantized.model, weight_quantization(quantized.model)
     projections = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in QUANTIZED_PROJECTIONS]
     assert len(projections) == 4 * quantized.facts.num_layers
     assert all(isinstance(m, QuantizedLinear) and m.weight.mode == mode for m in projections)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())  # embeddings are tied: no lm_head
-    held = _tensor_bytes(model) - rotary_bytes(model)
-    assert held == weight_bytes(quantized.facts, mode, "fp32")
+    assert weight_bytes_held(model) == weight_bytes(quantized.facts, mode, "fp32")
 
 
 def test_quantized_models_keep_the_next_token(quantized: LoadedModel, full_precision: list[list[int]],
@@ -103,7 +98,7 @@ def test_loading_never_holds_the_unquantized_projections_at_once(loaded_model: L
     model.load_weights(checkpoint(), quantizer("int8", torch.float32))
     gate_up = 2 * facts.intermediate_size * facts.hidden_size * 4
     assert peak <= _materialized_bytes(model) + gate_up
-    assert peak < _tensor_bytes(loaded_model.model) / 2
+    assert peak < weight_bytes_held(loaded_model.model) / 2
 
 
 def _materialized_bytes(model: torch.nn.Module) -> int:
@@ -135,5 +130,5 @@ def test_fp8_kv_cache_holds_a_quarter_of_fp32_and_keeps_the_tokens(loaded_model:
         64 * 16 * kv_bytes_per_token(loaded_model.facts, "fp32") // 4
     cached = [o.token_ids for o in fp8.generate(parity_prompts, GREEDY_8)]  # prefix hits read fp8 blocks back
     first = sum(a[0] == b[0] for a, b in zip(full_precision, cached, strict=True))
-    assert first >= 7, (full_precision, cached)
+    assert first >= KEEPS_FIRST_TOKENS["fp8-kv"], (full_precision, cached)
     assert fp8.stats().prefix_cache_hits > 0
