@@ -156,3 +156,8 @@ class AsyncLLMEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
             self._loop_task = None
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._lock:  # after the step in flight, if any: workers must not see the stop mid-step
+            self.engine.close()

@@ -42,6 +42,10 @@ class EngineConfig:
     quantization: str | None = None  # weights: None (the compute dtype) | int8 | int4 | fp8
     kv_cache_dtype: str = "auto"  # auto (the compute dtype) | the compute dtype's name | fp8
     tensor_parallel_size: int = 1
+    nnodes: int = 1  # tensor parallelism across nodes: tensor_parallel_size / nnodes GPUs on each
+    node_rank: int = 0  # 0: the leader (engine and HTTP server); others only run their ranks
+    leader_address: str | None = None  # where ranks meet when nnodes > 1 (the leader's host)
+    leader_port: int = 29500
     block_size: int = DEFAULT_BLOCK_SIZE
     num_kv_blocks: int | None = None  # None: as many as the memory plan gives
     max_model_len: int | None = None  # None: the model's max positions
@@ -64,9 +68,19 @@ class EngineConfig:
         self.dtype = _dtype_name(self.dtype)
         self.quantization = self._weight_quantization(self.quantization)
         self.kv_cache_dtype = self._kv_cache_dtype(self.kv_cache_dtype)
-        if self.tensor_parallel_size != 1:
-            raise UnsupportedOption(f"tensor parallel size {self.tensor_parallel_size} is not run by this "
-                                    "runtime yet: only 1 (one GPU, or the CPU)")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"nnodes ({self.nnodes}) must divide tensor_parallel_size ({self.tensor_parallel_size})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not one of 0..{self.nnodes - 1}")
+        if self.nnodes > 1 and not self.leader_address:
+            raise ValueError("nnodes > 1 needs leader_address (where the ranks meet)")
+        per_node = self.tensor_parallel_size // self.nnodes
+        if per_node > 1 and self.device.startswith("cuda") and torch.cuda.device_count() < per_node:
+            raise UnsupportedOption(f"tensor parallel size {self.tensor_parallel_size} over {self.nnodes} node(s) "
+                                    f"needs {per_node} GPUs here (ranks run on cuda:0..{per_node - 1}); torch sees "
+                                    f"{torch.cuda.device_count()}")
         for name in ("block_size", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -97,6 +111,10 @@ class EngineConfig:
             raise UnsupportedOption(f"KV cache dtype {value!r} differs from the compute dtype {self.dtype}: use "
                                     "auto, or fp8 to halve the cache")
         raise ValueError(f"KV cache dtype {value!r} is not one of auto, {self.dtype}, fp8")
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -134,7 +152,7 @@ def _dtype_name_or_none(value: str) -> str | None:
 def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
     """The memory model's plan for this config on `device` (default: this machine's device)."""
     from kvpilot.runtime.devices import cpu_device, detect_gpu
-    from kvpilot.runtime.planner import PlanRequest, plan
+    from kvpilot.runtime.planner import PlanRequest, plan, size
 
     if device is None:
         gpu = detect_gpu() if config.device.startswith("cuda") else None
@@ -143,4 +161,7 @@ def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
                           max_num_seqs=config.max_num_seqs, quantization=config.quantization or config.dtype,
                           kv_dtype=config.kv_cache_dtype,
                           block_size=config.block_size, gpu_memory_utilization=config.gpu_memory_utilization)
-    return plan(facts, device, request)
+    if config.tensor_parallel_size == 1:
+        return plan(facts, device, request)
+    tp = config.tensor_parallel_size  # given: size that one configuration, fitting or not (the KV blocks say)
+    return size(facts, device, request, request.quantization, request.kv_dtype, tp, gpus_per_node=tp)[0]

@@ -3,6 +3,7 @@ batches) and `AsyncLLMEngine` (the server's streams) are thin drivers of this on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -17,6 +18,7 @@ from kvpilot.runtime.loader import LoadedModel, load_configured
 from kvpilot.runtime.model_runner import ModelRunner
 from kvpilot.runtime.models.quantized import weight_quantization
 from kvpilot.runtime.outputs import EngineStats, RequestOutput
+from kvpilot.runtime.parallel import SINGLE, start_workers
 from kvpilot.runtime.sampler import Sampler, stop_token_ids
 from kvpilot.runtime.sampling import SamplingParams
 from kvpilot.runtime.scheduler import Scheduler
@@ -29,6 +31,12 @@ MiB = 1 << 20
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         started = time.perf_counter()
+        self.parallel, self.workers = SINGLE, None
+        if config.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise ValueError("a tensor-parallel engine loads its own shards: pass no loaded model")
+            self.parallel, self.workers = start_workers(config)
+            loaded = self._load_shard(config)
         self.loaded = loaded or load_configured(config)
         if weight_quantization(self.loaded.model) != config.quantization:
             raise ValueError(f"the model was loaded with {weight_quantization(self.loaded.model) or 'no'} weight "
@@ -39,11 +47,12 @@ class LLMEngine:
         self.eos_token_ids = self.loaded.eos_token_ids
         self.device = torch.device(config.device)
         _check_device_memory(self.device, expected_kv_bytes(self.facts, config.num_kv_blocks, config.block_size,
-                                                            config.kv_torch_dtype))
+                                                            config.kv_torch_dtype, config.tensor_parallel_size))
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.runner = ModelRunner(self.loaded.model, self.facts, config, Sampler(self.eos_token_ids, generator))
+        self.runner = ModelRunner(self.loaded.model, self.facts, config, Sampler(self.eos_token_ids, generator),
+                                  self.parallel)
         self.requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -53,6 +62,26 @@ class LLMEngine:
                     config.kv_cache_dtype, config.num_kv_blocks, config.block_size,
                     self.runner.kv_cache.nbytes / MiB, config.max_model_len, config.max_num_seqs,
                     config.max_num_batched_tokens, config.enable_prefix_caching, time.perf_counter() - started)
+
+    def _load_shard(self, config: EngineConfig) -> LoadedModel:
+        """Rank 0's shard; raises what a worker's load raised (every rank reports before any runs)."""
+        try:
+            loaded = load_configured(config, self.parallel)
+        except Exception:
+            self.parallel.all_ok(False, config.device)
+            self.workers.stop_group()
+            raise
+        if not self.parallel.all_ok(True, config.device):
+            self.workers.stop_group()
+            self.workers.raise_failure()
+        self.parallel.broadcast(dataclasses.asdict(config.for_model(loaded.facts)))  # the workers' limits
+        return loaded
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do for one process). The engine is unusable after."""
+        if self.workers is not None:
+            self.workers.stop(self.parallel)
+            self.workers = None
 
     @property
     def max_model_len(self) -> int:

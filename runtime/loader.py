@@ -19,6 +19,7 @@ from kvpilot.runtime.gguf_loader import GGUFModel
 from kvpilot.runtime.model_facts import ModelFacts, UnknownModel, from_hf_config
 from kvpilot.runtime.models.llama import LlamaForCausalLM
 from kvpilot.runtime.models.quantized import quantized_weight_names, quantizer
+from kvpilot.runtime.parallel import SINGLE, Parallel
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -104,11 +105,12 @@ def _hf_eos_token_ids(directory: Path, tokenizer: Any) -> list[int]:
 
 def build_model(facts: ModelFacts, weights: Iterator[tuple[str, torch.Tensor]], num_weights: int,
                 dtype: torch.dtype, device: torch.device, max_positions: int,
-                rope_freq_factors: torch.Tensor | None = None, quantization: str | None = None) -> LlamaForCausalLM:
+                rope_freq_factors: torch.Tensor | None = None, quantization: str | None = None,
+                parallel: Parallel = SINGLE) -> LlamaForCausalLM:
     """Construct without initializing (meta device), then fill every parameter from `weights`;
     with `quantization` (int8 / int4 / fp8) the decoder projections are quantized as they load."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(facts, max_positions, rope_freq_factors)
+        model = LlamaForCausalLM(facts, max_positions, rope_freq_factors, parallel)
     model = model.to(dtype=dtype)
     materialize(model, device, quantized_weight_names(model) if quantization else set())
     model.model.rotary.build_tables(device)
@@ -129,12 +131,14 @@ def materialize(model: torch.nn.Module, device: torch.device, keep_on_meta: set[
             setattr(module, name, torch.empty_like(buffer, device=device))
 
 
-def load_configured(config: EngineConfig) -> LoadedModel:
-    return load_model(config.model, config.torch_dtype, config.device, config.max_model_len, config.quantization)
+def load_configured(config: EngineConfig, parallel: Parallel = SINGLE) -> LoadedModel:
+    return load_model(config.model, config.torch_dtype, config.device, config.max_model_len, config.quantization,
+                      parallel)
 
 
 def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device,
-               max_positions: int | None = None, quantization: str | None = None) -> LoadedModel:
+               max_positions: int | None = None, quantization: str | None = None,
+               parallel: Parallel = SINGLE) -> LoadedModel:
     """Model, tokenizer, facts and EOS ids from a HF directory or a GGUF file (None: the embedded one);
     `quantization`: int8 / int4 / fp8 weights for the decoder projections, None for the compute dtype."""
     from transformers import AutoTokenizer
@@ -145,7 +149,8 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
         facts = from_hf_config(gguf.hf_config(), name=path.stem)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         net = build_model(facts, gguf.weights(dtype), len(gguf), dtype, device,
-                          max_positions or facts.max_position_embeddings, gguf.rope_freq_factors(), quantization)
+                          max_positions or facts.max_position_embeddings, gguf.rope_freq_factors(), quantization,
+                          parallel)
         eos = gguf.eos_token_ids() + ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
         eos = sorted(set(eos))
         return LoadedModel(net, tokenizer, facts, eos, path)
@@ -161,5 +166,5 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
             num_weights += len(list(f.keys()))
     tokenizer = AutoTokenizer.from_pretrained(path)
     net = build_model(facts, _safetensors_weights(files, dtype), num_weights, dtype, device,
-                      max_positions or facts.max_position_embeddings, quantization=quantization)
+                      max_positions or facts.max_position_embeddings, quantization=quantization, parallel=parallel)
     return LoadedModel(net, tokenizer, facts, _hf_eos_token_ids(path, tokenizer), path)

@@ -13,9 +13,27 @@ from kvpilot.runtime.kv_cache import KVCache, allocate_kv_cache
 from kvpilot.runtime.model_facts import ModelFacts
 from kvpilot.runtime.models.layers import AttentionMetadata
 from kvpilot.runtime.models.llama import LlamaForCausalLM
+from kvpilot.runtime.parallel import SINGLE, Parallel
 from kvpilot.runtime.sampler import Sampler
 from kvpilot.runtime.scheduler import ScheduledBatch
 from kvpilot.runtime.sequence import Sequence, TokenLogprob
+
+
+@dataclass
+class HostInputs:
+    """One step's packed inputs as host lists: what rank 0 broadcasts to tensor-parallel workers."""
+
+    tokens: list[int]
+    positions: list[int]
+    slots: list[int]
+    num_decodes: int
+    decode_block_tables: list[list[int]]
+    decode_context_lens: list[int]
+    prefill_block_tables: list[list[int]]
+    prefill_cu_seqlens: list[int]
+    prefill_context_lens: list[int]
+    prefill_max_query_len: int
+    sample_rows: list[int]  # rows of the packed batch whose logits are sampled
 
 
 @dataclass
@@ -23,8 +41,7 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    sample_indices: torch.Tensor  # rows of the packed batch whose logits are sampled
-    sample_seqs: list[Sequence]
+    sample_indices: torch.Tensor
 
 
 @dataclass
@@ -40,18 +57,21 @@ def _block_tables(seqs: list[Sequence]) -> list[list[int]]:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, facts: ModelFacts, config: EngineConfig, sampler: Sampler) -> None:
-        self.model, self.facts, self.sampler = model, facts, sampler
+    def __init__(self, model: LlamaForCausalLM, facts: ModelFacts, config: EngineConfig, sampler: Sampler | None,
+                 parallel: Parallel = SINGLE) -> None:
+        """`sampler`: None on tensor-parallel workers, which never sample."""
+        self.model, self.facts, self.sampler, self.parallel = model, facts, sampler, parallel
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.kv_cache: KVCache = allocate_kv_cache(facts, config.num_kv_blocks, config.block_size,
-                                                   config.kv_torch_dtype, self.device)
+                                                   config.kv_torch_dtype, self.device, parallel.size)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def pack(self, batch: ScheduledBatch) -> tuple[HostInputs, list[Sequence]]:
+        """The batch's tokens packed (decodes first, then prefill chunks), and the sequences to sample."""
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -76,34 +96,50 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_rows.append(len(tokens) - 1)
                 sample_seqs.append(seq)
-        prefill_seqs = [seq for seq, _ in batch.prefills]
+        host = HostInputs(
+            tokens, positions, slots, len(batch.decodes), _block_tables(batch.decodes),
+            [s.num_computed_tokens + 1 for s in batch.decodes], _block_tables([seq for seq, _ in batch.prefills]),
+            cu_seqlens, prefill_lens, max((n for _, n in batch.prefills), default=0), sample_rows)
+        return host, sample_seqs
 
+    def to_device(self, host: HostInputs) -> StepInputs:
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
         meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            num_decode_tokens=len(batch.decodes),
-            decode_block_tables=tensor(_block_tables(batch.decodes), torch.int32),
-            decode_context_lens=tensor([s.num_computed_tokens + 1 for s in batch.decodes], torch.int32),
-            prefill_block_tables=tensor(_block_tables(prefill_seqs), torch.int32),
-            prefill_cu_seqlens_q=tensor(cu_seqlens, torch.int32),
-            prefill_context_lens=tensor(prefill_lens, torch.int32),
-            decode_max_context_len=max((s.num_computed_tokens + 1 for s in batch.decodes), default=0),
-            prefill_max_query_len=max((n for _, n in batch.prefills), default=0),
+            slot_mapping=tensor(host.slots, torch.int64),
+            num_decode_tokens=host.num_decodes,
+            decode_block_tables=tensor(host.decode_block_tables, torch.int32),
+            decode_context_lens=tensor(host.decode_context_lens, torch.int32),
+            prefill_block_tables=tensor(host.prefill_block_tables, torch.int32),
+            prefill_cu_seqlens_q=tensor(host.prefill_cu_seqlens, torch.int32),
+            prefill_context_lens=tensor(host.prefill_context_lens, torch.int32),
+            decode_max_context_len=max(host.decode_context_lens, default=0),
+            prefill_max_query_len=host.prefill_max_query_len,
         )
-        return StepInputs(tensor(tokens, torch.int64), tensor(positions, torch.int64), meta,
-                          tensor(sample_rows, torch.int64), sample_seqs)
+        return StepInputs(tensor(host.tokens, torch.int64), tensor(host.positions, torch.int64), meta,
+                          tensor(host.sample_rows, torch.int64))
 
     @torch.inference_mode()
+    def execute(self, host: HostInputs) -> torch.Tensor | None:
+        """The forward pass and the sampled rows' logits (None when no row is sampled). Every rank of a
+        tensor-parallel group runs it with the same inputs."""
+        inputs = self.to_device(host)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.k_caches, self.kv_cache.v_caches,
+                            inputs.meta)
+        if not host.sample_rows:
+            return None
+        return self.model.compute_logits(hidden[inputs.sample_indices])
+
     def run(self, batch: ScheduledBatch) -> StepResult:
         """Compute the batch's tokens into the KV cache and sample for the sequences that are ready
         (call before the scheduler's `postprocess`, which counts the tokens as computed)."""
-        inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.k_caches, self.kv_cache.v_caches,
-                            inputs.meta)
-        if not inputs.sample_seqs:
+        host, sample_seqs = self.pack(batch)
+        if self.parallel.size > 1:
+            self.parallel.broadcast(host)
+        logits = self.execute(host)
+        if logits is None:
             return StepResult([], [], [])
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        token_ids, logprobs = self.sampler(logits, inputs.sample_seqs)
-        return StepResult(inputs.sample_seqs, token_ids, logprobs)
+        with torch.inference_mode():
+            token_ids, logprobs = self.sampler(logits, sample_seqs)
+        return StepResult(sample_seqs, token_ids, logprobs)

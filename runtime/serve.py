@@ -43,7 +43,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantization", help="weights of the decoder projections: int8, int4 or fp8; "
                    "default: the compute dtype")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the compute dtype) or fp8 (half the bytes)")
-    p.add_argument("--tensor-parallel", type=int, default=1)
+    p.add_argument("--tensor-parallel", type=int, default=1, help="GPUs (ranks) the model is split over")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes the ranks span (tensor-parallel / nnodes GPUs each)")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this node's place; 0 serves HTTP, the others only run their ranks")
+    p.add_argument("--leader-address", help="host of node 0, where the ranks meet (nnodes > 1)")
+    p.add_argument("--leader-port", type=int, default=29500)
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--num-kv-blocks", type=int, help="KV blocks to allocate (the operator's plan passes it)")
     kv.add_argument("--kv-memory", help="bytes of KV cache instead, e.g. 2Gi")
@@ -92,13 +97,24 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                              tensor_parallel_size=args.tensor_parallel, block_size=args.block_size,
+                              tensor_parallel_size=args.tensor_parallel, nnodes=args.nnodes,
+                              node_rank=args.node_rank, leader_address=args.leader_address,
+                              leader_port=args.leader_port, block_size=args.block_size,
                               num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               gpu_memory_utilization=args.gpu_memory_utilization,
                               enable_prefix_caching=not args.no_prefix_caching)
     except ValueError as err:  # EngineConfig names the bad option and what is allowed
         raise UsageError(f"kvpilot serve: {err}") from None
+    if config.node_rank > 0:  # a LeaderWorkerSet worker pod: its ranks only, no server
+        from kvpilot.runtime.parallel import run_worker_node
+
+        return run_worker_node(config)
+    if config.tensor_parallel_size > 1:  # the engine loads every rank's shard itself
+        if args.kv_memory:
+            raise UsageError("kvpilot serve: with --tensor-parallel > 1 give --num-kv-blocks (the plan's), "
+                             "not --kv-memory")
+        return _serve(config, None, args.served_model_name, args)
     loaded = load_configured(config)
     if args.kv_memory:
         from kvpilot.runtime.kv_cache import DTYPE_NAMES
@@ -132,7 +148,7 @@ def run_up(args: argparse.Namespace) -> int:
                               gpu_memory_utilization=spec.gpu_memory_utilization)
     except ValueError as err:
         raise UsageError(f"kvpilot up: the plan for this machine cannot run here: {err}") from None
-    loaded = load_configured(config)
+    loaded = None if config.tensor_parallel_size > 1 else load_configured(config)
     name = spec.model.served_name or deployment.metadata.name
     return _serve(config, loaded, name, args)
 
@@ -142,7 +158,9 @@ def _default_name(source: Path) -> str:
     return name.split(".")[0] if source.suffix == ".gguf" else name
 
 
-def _serve(config, loaded, name: str, args: argparse.Namespace) -> int:
+def _serve(config, loaded, name: str | None, args: argparse.Namespace) -> int:
+    """Serve until SIGTERM; `loaded` None: the engine loads (its shards, under tensor parallelism);
+    `name` None: the model's own."""
     from rich.console import Console
 
     from kvpilot.runtime.async_engine import AsyncLLMEngine
@@ -154,6 +172,8 @@ def _serve(config, loaded, name: str, args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = AsyncLLMEngine(LLMEngine(config, loaded=loaded))
+    loaded = engine.engine.loaded
+    name = name or _default_name(loaded.source)
     plan = memory_plan(loaded.facts, engine.engine.config)
     render_plan(plan, Console(stderr=True))
     app = build_app(engine, ServerConfig(name, args.api_key, args.max_waiting),

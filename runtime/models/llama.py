@@ -1,9 +1,13 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2 with QKV bias, SmolLM2): RMSNorm, RoPE, SwiGLU,
 grouped-query attention, tied or untied embeddings. Attention and cache writes go through
-`kvpilot.kernels.ops` only; q/k/v and gate/up are each one fused matmul."""
+`kvpilot.kernels.ops` only; q/k/v and gate/up are each one fused matmul.
+
+Under tensor parallelism (`parallel`, see runtime/parallel.py) each rank holds its heads, its
+intermediate rows and its vocabulary rows; `load_weights` cuts each checkpoint tensor to that share."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -12,9 +16,12 @@ from torch import nn
 
 from kvpilot.kernels import ops
 from kvpilot.kernels.quant_reference import QuantizedWeight
+from kvpilot.runtime.config import UnsupportedOption
 from kvpilot.runtime.model_facts import ModelFacts
 from kvpilot.runtime.models.layers import AttentionMetadata, RMSNorm, RotaryEmbedding
 from kvpilot.runtime.models.quantized import quantized_weight_names, replace_with_quantized
+from kvpilot.runtime.parallel import SINGLE, Parallel
+from kvpilot.runtime.quantization import kv_heads_per_gpu, tp_compatible
 
 # HF checkpoint projections that live inside one fused matrix here: (fused name, shard index)
 PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -23,9 +30,11 @@ IGNORED_WEIGHTS = ("rotary_emb.inv_freq",)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, facts: ModelFacts, rotary: RotaryEmbedding) -> None:
+    def __init__(self, facts: ModelFacts, rotary: RotaryEmbedding, parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = facts.num_heads, facts.num_kv_heads, facts.head_dim
+        self.parallel = parallel
+        self.num_heads, self.head_dim = facts.num_heads // parallel.size, facts.head_dim
+        self.num_kv_heads = kv_heads_per_gpu(facts, parallel.size)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
         self.scale = self.head_dim ** -0.5
@@ -47,7 +56,7 @@ class LlamaAttention(nn.Module):
             out = self._prefill(q, k_cache, v_cache, meta)
         else:
             out = torch.cat((self._decode(q[:n], k_cache, v_cache, meta), self._prefill(q[n:], k_cache, v_cache, meta)))
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.parallel.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -62,21 +71,23 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, facts: ModelFacts) -> None:
+    def __init__(self, facts: ModelFacts, parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(facts.hidden_size, 2 * facts.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(facts.intermediate_size, facts.hidden_size, bias=False)
+        self.parallel = parallel
+        self.intermediate_size = facts.intermediate_size // parallel.size
+        self.gate_up_proj = nn.Linear(facts.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, facts.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.parallel.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, facts: ModelFacts, rotary: RotaryEmbedding) -> None:
+    def __init__(self, facts: ModelFacts, rotary: RotaryEmbedding, parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(facts, rotary)
-        self.mlp = LlamaMLP(facts)
+        self.self_attn = LlamaAttention(facts, rotary, parallel)
+        self.mlp = LlamaMLP(facts, parallel)
         self.input_layernorm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
 
@@ -86,14 +97,34 @@ class LlamaDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class VocabParallelEmbedding(nn.Module):
+    """Rows [rank x V/size, (rank + 1) x V/size) of the embedding (V rounded up to a multiple of size);
+    each rank looks up the ids it holds and one all-reduce sums the ranks' rows."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: Parallel = SINGLE) -> None:
+        super().__init__()
+        self.parallel, self.rows = parallel, math.ceil(vocab_size / parallel.size)
+        self.start = parallel.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.parallel.all_reduce(h)
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, facts: ModelFacts, max_positions: int, rope_freq_factors: torch.Tensor | None) -> None:
+    def __init__(self, facts: ModelFacts, max_positions: int, rope_freq_factors: torch.Tensor | None,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
         rotary = RotaryEmbedding(facts.head_dim, max_positions, facts.rope_theta, facts.rope_scaling,
                                  rope_freq_factors)
         self.rotary = rotary
-        self.embed_tokens = nn.Embedding(facts.vocab_size, facts.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(facts, rotary) for _ in range(facts.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(facts.vocab_size, facts.hidden_size, parallel)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(facts, rotary, parallel) for _ in range(facts.num_layers))
         self.norm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
@@ -105,20 +136,23 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, facts: ModelFacts, max_positions: int, rope_freq_factors: torch.Tensor | None = None) -> None:
+    def __init__(self, facts: ModelFacts, max_positions: int, rope_freq_factors: torch.Tensor | None = None,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.facts = facts
-        self.model = LlamaModel(facts, max_positions, rope_freq_factors)
-        self.lm_head = None if facts.tie_word_embeddings else nn.Linear(facts.hidden_size, facts.vocab_size,
-                                                                          bias=False)
+        check_shardable(facts, parallel.size)
+        self.facts, self.parallel = facts, parallel
+        self.model = LlamaModel(facts, max_positions, rope_freq_factors, parallel)
+        rows = self.model.embed_tokens.rows
+        self.lm_head = None if facts.tie_word_embeddings else nn.Linear(facts.hidden_size, rows, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
                 v_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, k_caches, v_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary (each rank's rows gathered), on every rank."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return self.parallel.gather_last_dim(F.linear(hidden, weight))[:, : self.facts.vocab_size]
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
@@ -142,6 +176,7 @@ class LlamaForCausalLM(nn.Module):
                 target = ".".join([*parts[:-2], fused, parts[-1]])
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            tensor = self._local_share(parts, tensor)
             param = params[target]
             if param.is_meta:  # left unallocated by the loader until now: see models/quantized.py
                 param = params[target] = _materialize(self, target, param.shape, tensor)
@@ -162,7 +197,42 @@ class LlamaForCausalLM(nn.Module):
     def _shard_sizes(self, fused_name: str) -> tuple[int, ...]:
         if ".qkv_proj." in fused_name:
             return self.model.layers[0].self_attn.shard_sizes
-        return (self.facts.intermediate_size,) * 2
+        return (self.model.layers[0].mlp.intermediate_size,) * 2
+
+    def _local_share(self, parts: list[str], tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full checkpoint tensor (all of it without tensor parallelism)."""
+        p = self.parallel
+        if p.size == 1:
+            return tensor
+        module, kind = parts[-2], parts[-1]
+        head_dim, facts = self.facts.head_dim, self.facts
+        if module == "q_proj":
+            start, end = p.split(facts.num_heads)
+            return tensor[start * head_dim : end * head_dim]
+        if module in ("k_proj", "v_proj"):
+            heads = kv_heads_per_gpu(facts, p.size)
+            first = p.rank * heads if facts.num_kv_heads >= p.size else p.rank * facts.num_kv_heads // p.size
+            return tensor[first * head_dim : (first + heads) * head_dim]
+        if module in ("gate_proj", "up_proj"):
+            start, end = p.split(facts.intermediate_size)
+            return tensor[start:end]
+        if module in ("o_proj", "down_proj") and kind == "weight":
+            start, end = p.split(tensor.shape[1])
+            return tensor[:, start:end]
+        if module in ("embed_tokens", "lm_head"):
+            rows = self.model.embed_tokens.rows
+            share = tensor[p.rank * rows : (p.rank + 1) * rows]
+            return F.pad(share, (0, 0, 0, rows - share.shape[0]))  # the last rank's padding rows: zeros
+        return tensor  # norms: every rank holds them whole
+
+
+def check_shardable(facts: ModelFacts, tp: int) -> None:
+    """Tensor parallelism splits heads, KV heads (or replicates them) and the MLP's rows evenly."""
+    if tp == 1:
+        return
+    if not tp_compatible(facts, tp) or facts.intermediate_size % tp:
+        raise UnsupportedOption(f"tensor parallel size {tp} does not divide {facts.name}: {facts.num_heads} "
+                                f"heads, {facts.num_kv_heads} KV heads, intermediate size {facts.intermediate_size}")
 
 
 def _materialize(model: nn.Module, name: str, shape: torch.Size, like: torch.Tensor) -> nn.Parameter:
