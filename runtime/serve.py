@@ -90,12 +90,12 @@ def resolve_source(source: str) -> str | None:
     return source
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def engine_config(args: argparse.Namespace):
+    """The EngineConfig `kvpilot serve` flags ask for; UsageError naming the bad option."""
     from kvpilot.runtime.config import EngineConfig
-    from kvpilot.runtime.loader import load_configured
 
     try:
-        config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+        return EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                               tensor_parallel_size=args.tensor_parallel, nnodes=args.nnodes,
                               node_rank=args.node_rank, leader_address=args.leader_address,
@@ -106,6 +106,12 @@ def run_serve(args: argparse.Namespace) -> int:
                               enable_prefix_caching=not args.no_prefix_caching)
     except ValueError as err:  # EngineConfig names the bad option and what is allowed
         raise UsageError(f"kvpilot serve: {err}") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from kvpilot.runtime.loader import load_configured
+
+    config = engine_config(args)
     if config.node_rank > 0:  # a LeaderWorkerSet worker pod: its ranks only, no server
         from kvpilot.runtime.parallel import run_worker_node
 

@@ -343,3 +343,32 @@ def test_runtime_image_from_the_spec_else_the_operators_default():
 def test_sources_that_name_no_weights_are_refused(source, words):
     with pytest.raises(NoWeights, match=words):
         weights(ModelSource(source=source))
+
+
+def _engine_config_of(container: dict[str, Any], env: dict[str, str]):
+    """What `kvpilot serve` makes of a rendered container's arguments (kubelet's $(VAR) expanded)."""
+    from kvpilot.runtime.cli import build_parser
+    from kvpilot.runtime.serve import engine_config
+
+    args = [env.get(a[2:-1], a) if a.startswith("$(") else a for a in container["args"]]
+    return engine_config(build_parser().parse_args(args))
+
+
+@pytest.mark.parametrize("example", ["llama-3.1-70b", "llama-3.1-8b", "smollm2"])
+def test_pod_arguments_make_the_planned_engine(example):
+    spec = load_example(example)["spec"]
+    plan = plan_deployment(deployment(spec).spec)
+    config = _engine_config_of(rendered(spec)["Deployment"]["spec"]["template"]["spec"]["containers"][0], {})
+    assert (config.tensor_parallel_size, config.kv_cache_dtype, config.num_kv_blocks, config.max_model_len) == (
+        plan.tensor_parallel, plan.kv_dtype, plan.num_kv_blocks, plan.max_model_len)
+    assert config.quantization == (None if plan.quantization == plan.compute_dtype else plan.quantization)
+
+
+def test_leader_worker_set_pods_make_one_tensor_parallel_group():
+    group = rendered(MULTI_NODE)["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]
+    env = {"LWS_LEADER_ADDRESS": "llm-0.llm", "LWS_WORKER_INDEX": "1"}
+    leader = _engine_config_of(group["leaderTemplate"]["spec"]["containers"][0], env | {"LWS_WORKER_INDEX": "0"})
+    worker = _engine_config_of(group["workerTemplate"]["spec"]["containers"][0], env)
+    assert (leader.node_rank, worker.node_rank) == (0, 1)
+    assert leader.nnodes == worker.nnodes == 2 and leader.tensor_parallel_size == worker.tensor_parallel_size == 16
+    assert leader.leader_address == worker.leader_address == "llm-0.llm"
