@@ -33,6 +33,7 @@ from kvpilot.operator.spec import Autoscaling
 
 KV_USAGE_METRIC = "vllm:kv_cache_usage_perc"
 WAITING_METRIC = "vllm:num_requests_waiting"
+MEMORY_METRIC = "kvpilot:memory_measured_bytes"  # labelled part = weights, kv_cache, activations, other
 SCRAPE_TIMEOUT_SECONDS = 2.0
 # As the HPA's --horizontal-pod-autoscaler-tolerance: a ratio within 10% of 1 changes nothing.
 TOLERANCE = 0.1
@@ -42,18 +43,34 @@ TOLERANCE = 0.1
 class PodLoad:
     kv_cache_usage: float  # 0..1
     waiting: int  # requests queued for KV blocks or a batch slot
+    memory: dict[str, int] = field(default_factory=dict)  # bytes held, by part
 
 
 def parse_load(exposition: str) -> PodLoad | None:
     """The load figures from a runtime's /metrics text; None if it does not export them."""
     values: dict[str, float] = {}
+    memory: dict[str, int] = {}
     for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
             if sample.name in (KV_USAGE_METRIC, WAITING_METRIC):
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            elif sample.name == MEMORY_METRIC and "part" in sample.labels:
+                memory[sample.labels["part"]] = int(sample.value)
     if KV_USAGE_METRIC not in values:
         return None
-    return PodLoad(min(max(values[KV_USAGE_METRIC], 0.0), 1.0), int(values.get(WAITING_METRIC, 0)))
+    return PodLoad(min(max(values[KV_USAGE_METRIC], 0.0), 1.0), int(values.get(WAITING_METRIC, 0)), memory)
+
+
+def measured_memory(loads: list[PodLoad]) -> dict[str, int] | None:
+    """status.measuredMemory: per part, the most any pod holds (None when no pod reports memory)."""
+    parts: dict[str, int] = {}
+    for load in loads:
+        for part, value in load.memory.items():
+            parts[part] = max(parts.get(part, 0), value)
+    if not parts:
+        return None
+    names = {"kv_cache": "kvCache"}
+    return {names.get(part, part): value for part, value in sorted(parts.items())} | {"pods": len(loads)}
 
 
 def metrics_url(pod: Mapping[str, Any]) -> str | None:

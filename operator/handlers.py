@@ -22,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from kvpilot.operator.autoscaler import average_usage, metrics_url, scrape
+from kvpilot.operator.autoscaler import average_usage, measured_memory, metrics_url, scrape
 from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, ApiFault
 from kvpilot.operator.reconcile import (
     WORKLOAD_KINDS,
@@ -132,8 +132,12 @@ async def on_autoscale(body: kopf.Body, name: str, namespace: str, patch: kopf.P
     loads = await scrape(url for url in map(metrics_url, pods) if url)
     usage = average_usage(loads)
     measured = None if usage is None else round(usage, 3)
-    if (body.get("status") or {}).get("kvCacheUtilization") != measured:
+    status = body.get("status") or {}
+    if status.get("kvCacheUtilization") != measured:
         patch.status["kvCacheUtilization"] = measured
+    memory = measured_memory(loads)
+    if status.get("measuredMemory") != memory:
+        patch.status["measuredMemory"] = memory
     scaling = spec.autoscaling
     if not (scaling.enabled and scaling.mode == "operator" and loads):
         op.autoscaler.forget((namespace, name))

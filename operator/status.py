@@ -52,6 +52,17 @@ class MemoryStatus(_Model):
     overhead: int = Field(ge=0, description="CUDA context, NCCL buffers or the CPU process.")
 
 
+class MeasuredMemory(_Model):
+    """Bytes the serving pods report holding (`kvpilot:memory_measured_bytes`; per part, the most any pod
+    reports), to hold against the plan's perGpuBytes. Parts a device cannot measure are left out."""
+
+    weights: int | None = Field(None, ge=0, description="Model weights, as loaded.")
+    kv_cache: int | None = Field(None, ge=0, description="The KV-cache pool.")
+    activations: int | None = Field(None, ge=0, description="Peak activations (GPU pods).")
+    other: int | None = Field(None, ge=0, description="Outside torch's allocator: CUDA context, NCCL (GPU pods).")
+    pods: int = Field(ge=1, description="Pods the figures come from.")
+
+
 class PlanStatus(_Model):
     """The memory plan the pods run with."""
 
@@ -87,6 +98,8 @@ class LLMDeploymentStatus(_Model):
     selector: str | None = Field(None, description="Label selector of the pods (for the scale subresource).")
     kv_cache_utilization: float | None = Field(None, ge=0, le=1, alias="kvCacheUtilization", description=(
         "Average KV-cache use of the replicas (0..1), as the autoscaler last read it."))
+    measured_memory: MeasuredMemory | None = Field(None, description=(
+        "Memory the serving pods report holding, read with the KV-cache use."))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 from llmd_cases import load_example
 from prometheus_client import generate_latest, start_http_server
 
-from kvpilot.operator.autoscaler import Autoscaler, PodLoad, metrics_url, parse_load, recommend
+from kvpilot.operator.autoscaler import Autoscaler, PodLoad, measured_memory, metrics_url, parse_load, recommend
 from kvpilot.operator.pod import HTTP_PORT
 from kvpilot.operator.render import selector_labels
 from kvpilot.operator.spec import Autoscaling
@@ -85,15 +85,23 @@ def runtime_metrics(usage: float, waiting: int = 0) -> ServerMetrics:
                         num_free_kv_blocks=round(100 * (1 - usage)), kv_cache_usage=usage, num_preemptions=0,
                         prefix_cache_queries=0, prefix_cache_hits=0, prompt_tokens_total=0,
                         generation_tokens_total=0)
-    metrics = ServerMetrics("smollm2", lambda: metrics.stats, lambda: MemoryFigures({}, {}), lambda: [])
+    held = MemoryFigures({}, {"weights": 538060032, "kv_cache": 150994944})  # CPU pods: what the runtime measures
+    metrics = ServerMetrics("smollm2", lambda: metrics.stats, lambda: held, lambda: [])
     metrics.stats = stats  # type: ignore[attr-defined]  # what the collector reads at scrape time
     return metrics
 
 
 def test_the_operator_reads_what_the_runtime_exports():
     exposition = generate_latest(runtime_metrics(0.625, waiting=4).registry).decode()
-    assert parse_load(exposition) == PodLoad(0.625, 4)
+    assert parse_load(exposition) == PodLoad(0.625, 4, {"weights": 538060032, "kv_cache": 150994944})
     assert parse_load("# nothing a runtime exports\nother_metric 1\n") is None
+
+
+def test_measured_memory_is_the_most_any_pod_holds():
+    loads = [PodLoad(0.5, 0, {"weights": 10, "kv_cache": 7, "activations": 3}), PodLoad(0.5, 0, {"weights": 12}),
+             PodLoad(0.5, 0)]
+    assert measured_memory(loads) == {"weights": 12, "kvCache": 7, "activations": 3, "pods": 3}
+    assert measured_memory([PodLoad(0.5, 0)]) is None and measured_memory([]) is None
 
 
 def pod(name: str, port: int = HTTP_PORT, ready: bool = True, ip: str = "10.0.0.7", serves: bool = True) -> dict:
@@ -174,6 +182,7 @@ async def test_kv_cache_use_drives_replicas_and_the_status(runtime_pods):
         await cluster.eventually(lambda: replicas_of(cluster, "busy") == (2, 2), what="scaled up to 2")
         status = cluster.get("LLMDeployment", "busy")["status"]
         assert status["kvCacheUtilization"] == 0.9
+        assert status["measuredMemory"] == {"weights": 538060032, "kvCache": 150994944, "pods": 1}
         await cluster.eventually(lambda: any(e["reason"] == "ScaledUp" and "KV-cache use 0.90 on 1 pod (target "
                                              "0.50): 1 -> 2 replicas" in e["message"] for e in cluster.events("busy")))
         assert cluster.metric("kvpilot_operator_scale_decisions_total", direction="up") == 1
