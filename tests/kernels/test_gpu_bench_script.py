@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_kernels.py"
 
@@ -34,3 +37,10 @@ def test_unknown_section_is_rejected():
     result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "decode,attention"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown sections ['attention']" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs the benchmarks (by hand)")
+def test_engine_script_says_when_there_is_no_gpu(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_engine.sh")], env={**os.environ, "OUT": str(tmp_path)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "torch sees no CUDA device, nothing was run" in result.stderr
