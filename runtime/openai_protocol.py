@@ -1,14 +1,15 @@
 """OpenAI API request bodies (plus vLLM's extra sampling fields) and the error shape.
 
 Unknown fields are ignored, as OpenAI's own server does for forward compatibility; wrong types
-and out-of-range values are 400 errors that name the field.
+and out-of-range values are 400 errors that name the field, and so are the known fields this server
+does not run (tools, response_format, logit_bias, ...: NOT_RUN).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from kvpilot.runtime.sampling import SamplingParams
 
@@ -26,6 +27,20 @@ def error_json(status: int, message: str, kind: str = "invalid_request_error", p
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+# OpenAI fields that change what comes back and that this server does not run: a request using one is
+# refused with a 400 naming it, never answered as if the field were absent. Values meaning "off" pass.
+NOT_RUN = {
+    "tools": ("tool calling", (None, [])),
+    "tool_choice": ("tool calling", (None, "none")),
+    "functions": ("function calling", (None, [])),
+    "function_call": ("function calling", (None, "none")),
+    "response_format": ("structured output", (None, {"type": "text"})),
+    "logit_bias": ("logit_bias", (None, {})),
+    "best_of": ("best_of", (None, 1)),
+    "suffix": ("suffix (insertion)", (None, "")),
+}
 
 
 class _SamplingRequest(BaseModel):
@@ -49,6 +64,23 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator(*NOT_RUN)
+    @classmethod
+    def _not_run(cls, value: Any, info: ValidationInfo) -> Any:
+        feature, off = NOT_RUN[info.field_name]
+        if value not in off:
+            raise ValueError(f"{feature} is not supported by this server; send the request without "
+                             f"{info.field_name}")
+        return value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -206,6 +206,22 @@ def test_body_limit_is_413(live, http):
         config.max_body_bytes = 8 << 20
 
 
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool calling"),
+    ("response_format", {"type": "json_object"}, "structured output"),
+    ("logit_bias", {"50256": -100}, "logit_bias"),
+])
+def test_fields_this_server_does_not_run_are_refused_not_ignored(http, field, value, words):
+    body = _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, field: value}), 400)
+    assert body["param"] == field and f"{words} is not supported by this server" in body["message"]
+
+
+def test_fields_set_to_off_are_accepted(live):
+    answer = live.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, tools=[],
+                                                 tool_choice="none", response_format={"type": "text"})
+    assert answer.choices[0].message.content is not None
+
+
 def test_bad_sampling_values_are_400(http):
     body = _error(http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "top_p": 0}), 400)
     assert body["param"] == "top_p"
