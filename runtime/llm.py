@@ -34,6 +34,16 @@ class LLM:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's worker processes (nothing to do on one device)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def generate(self, prompts: str | list[int] | Seq[str] | Seq[list[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; one final output per prompt, in order. Prompts are text

@@ -51,10 +51,9 @@ def unsplit(checkpoint, tokenizer):
 @pytest.mark.parametrize("tp", [2, 4])  # 4: fewer KV heads than ranks, so each is held by two ranks
 def test_split_engine_gives_the_unsplit_tokens_and_logprobs(checkpoint, unsplit, tp):
     prompts, expected = unsplit
-    llm = LLM(checkpoint, tensor_parallel_size=tp, **LIMITS)
-    workers = llm.engine.workers.processes
-    assert len(workers) == tp - 1 and all(p.is_alive() for p in workers)
-    try:
+    with LLM(checkpoint, tensor_parallel_size=tp, **LIMITS) as llm:
+        workers = llm.engine.workers.processes
+        assert len(workers) == tp - 1 and all(p.is_alive() for p in workers)
         outputs = llm.generate(prompts, GREEDY)  # 16-token steps: chunked prefill and decodes mixed
         for want, got in zip(expected, outputs, strict=True):
             assert got.token_ids == want.token_ids
@@ -65,8 +64,6 @@ def test_split_engine_gives_the_unsplit_tokens_and_logprobs(checkpoint, unsplit,
         assert weight_bytes_held(engine.loaded.model) == weight_bytes(facts, "fp32", "fp32", tp)
         assert engine.runner.kv_cache.pool.shape[4] == max(1, facts.num_kv_heads // tp)
         assert engine.runner.kv_cache.nbytes == 32 * 16 * kv_bytes_per_token(facts, "fp32", tp)
-    finally:
-        llm.engine.close()
     assert not any(p.is_alive() for p in workers)
 
 
