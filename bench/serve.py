@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import json
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,15 +21,11 @@ from pathlib import Path
 
 import httpx
 
+from kvpilot.runtime.parallel import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["the ocean", "a lighthouse keeper", "Kubernetes", "GPU memory", "a long train journey", "bread",
           "the first snow", "an old map", "a chess game", "the moon landing", "a small robot", "tea"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -105,7 +100,7 @@ def main() -> None:
     }
     results: dict[str, list[dict]] = {}
     for name, command in servers.items():
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = _start(command(port), url)
         try:

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.operator.pod import PORT_NAME
 from kvpilot.operator.spec import Autoscaling
+from kvpilot.operator.status import MeasuredMemory
 
 KV_USAGE_METRIC = "vllm:kv_cache_usage_perc"
 WAITING_METRIC = "vllm:num_requests_waiting"
@@ -69,8 +70,8 @@ def measured_memory(loads: list[PodLoad]) -> dict[str, int] | None:
             parts[part] = max(parts.get(part, 0), value)
     if not parts:
         return None
-    names = {"kv_cache": "kvCache"}
-    return {names.get(part, part): value for part, value in sorted(parts.items())} | {"pods": len(loads)}
+    known = {part: value for part, value in parts.items() if part in MeasuredMemory.model_fields}
+    return MeasuredMemory(**known, pods=len(loads)).model_dump(by_alias=True, exclude_none=True)
 
 
 def metrics_url(pod: Mapping[str, Any]) -> str | None:

@@ -85,7 +85,7 @@ def node_ranks(config: EngineConfig) -> range:
 
 def group_address(config: EngineConfig) -> str:
     """Where the ranks meet: the leader's address across nodes; a free local port on one node."""
-    return f"{config.leader_address}:{config.leader_port}" if config.nnodes > 1 else _free_address()
+    return f"{config.leader_address}:{config.leader_port}" if config.nnodes > 1 else f"127.0.0.1:{free_port()}"
 
 
 def _join(rank: int, size: int, address: str, device: str) -> Parallel:
@@ -96,10 +96,11 @@ def _join(rank: int, size: int, address: str, device: str) -> Parallel:
     return Parallel(rank, size)
 
 
-def _free_address() -> str:
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it; the caller binds it soon after)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+        return s.getsockname()[1]
 
 
 @dataclass

@@ -4,7 +4,6 @@ metrics as the operator reads them, and the whole loop on the emulated cluster."
 from __future__ import annotations
 
 import copy
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from kvpilot.operator.spec import Autoscaling
 from kvpilot.operator.testing import Emulated, emulated_operator
 from kvpilot.runtime.metrics import MemoryFigures, ServerMetrics
 from kvpilot.runtime.outputs import EngineStats
+from kvpilot.runtime.parallel import free_port
 
 
 def loads(*usages: float) -> list[PodLoad]:
@@ -121,11 +121,6 @@ def test_only_ready_serving_pods_are_scraped():
 
 
 # --- the loop on the emulated cluster -----------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RuntimePod:

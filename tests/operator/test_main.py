@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -18,14 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvpilot.operator.main import OperatorConfig
 from kvpilot.operator.testing import emulated_cluster
 from kvpilot.runtime.cli import build_parser
+from kvpilot.runtime.parallel import free_port
 
 pytestmark = pytest.mark.asyncio
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kubeconfig(path: Path, server: str) -> Path:

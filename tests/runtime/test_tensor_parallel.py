@@ -3,7 +3,6 @@ the unsplit engine's tokens and log-probabilities; each rank holds its share of 
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import torch
 from kvpilot.runtime.config import UnsupportedOption
 from kvpilot.runtime.llm import LLM
 from kvpilot.runtime.memory_report import weight_bytes_held
+from kvpilot.runtime.parallel import free_port
 from kvpilot.runtime.quantization import kv_bytes_per_token, weight_bytes
 from kvpilot.runtime.sampling import SamplingParams
 
@@ -95,9 +95,3 @@ def test_ranks_span_two_nodes_as_a_leader_worker_set_runs_them(checkpoint, unspl
     finally:
         if node1.poll() is None:
             node1.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

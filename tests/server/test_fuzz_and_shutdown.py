@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import openai
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+
+from kvpilot.runtime.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ_MAX_TOKENS = 4  # keeps each fuzzed generation short on a CPU; every other field is fuzzed freely
@@ -45,16 +46,10 @@ def test_fuzzed_requests_never_get_5xx(case):
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_up_serves_the_manifest_and_drains_on_sigterm(tmp_path):
     """`kvpilot up` (the README's main job) on the example manifest; SIGTERM mid-stream lets the
     stream finish, then the process exits 0."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real dispatch, not the tests'
     log = open(tmp_path / "up.log", "w+")  # noqa: SIM115 - the child process writes to it until the end
     proc = subprocess.Popen([sys.executable, "-m", "kvpilot.runtime", "up", "examples/smollm2.yaml",
