@@ -105,7 +105,7 @@ def free_port() -> int:
 
 @dataclass
 class Workers:
-    """Ranks 1..N-1, and how rank 0 learns that one of them failed to start."""
+    """The ranks this node runs in child processes, and how their start-up failures reach the caller."""
 
     processes: list[mp.process.BaseProcess]
     failures: Any  # a multiprocessing queue of error messages
