@@ -13,6 +13,7 @@ import torch
 from kvpilot.runtime.block_manager import BlockManager
 from kvpilot.runtime.config import EngineConfig
 from kvpilot.runtime.detokenizer import IncrementalDetokenizer
+from kvpilot.runtime.json_mode import token_texts
 from kvpilot.runtime.kv_cache import expected_kv_bytes
 from kvpilot.runtime.loader import LoadedModel, load_configured
 from kvpilot.runtime.model_runner import ModelRunner
@@ -51,8 +52,8 @@ class LLMEngine:
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.runner = ModelRunner(self.loaded.model, self.facts, config, Sampler(self.eos_token_ids, generator),
-                                  self.parallel)
+        sampler = Sampler(self.eos_token_ids, generator, self._token_texts)
+        self.runner = ModelRunner(self.loaded.model, self.facts, config, sampler, self.parallel)
         self.requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -76,6 +77,9 @@ class LLMEngine:
             self.workers.raise_failure()
         self.parallel.broadcast(dataclasses.asdict(config.for_model(loaded.facts)))  # the workers' limits
         return loaded
+
+    def _token_texts(self) -> list[str]:
+        return token_texts(self.tokenizer, self.facts.vocab_size)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do for one process). The engine is unusable after."""

@@ -2,7 +2,7 @@
 
 Unknown fields are ignored, as OpenAI's own server does for forward compatibility; wrong types
 and out-of-range values are 400 errors that name the field, and so are the known fields this server
-does not run (tools, response_format, logit_bias, ...: NOT_RUN).
+does not run (tools, logit_bias, a response_format JSON schema, ...: NOT_RUN, RESPONSE_FORMATS).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# response_format: text and json_object run (json_mode.py); a JSON schema does not.
+RESPONSE_FORMATS = ("text", "json_object")
 # OpenAI fields that change what comes back and that this server does not run: a request using one is
 # refused with a 400 naming it, never answered as if the field were absent. Values meaning "off" pass.
 NOT_RUN = {
@@ -36,7 +38,6 @@ NOT_RUN = {
     "tool_choice": ("tool calling", (None, "none")),
     "functions": ("function calling", (None, [])),
     "function_call": ("function calling", (None, "none")),
-    "response_format": ("structured output", (None, {"type": "text"})),
     "logit_bias": ("logit_bias", (None, {})),
     "best_of": ("best_of", (None, 1)),
     "suffix": ("suffix (insertion)", (None, "")),
@@ -82,6 +83,19 @@ class _SamplingRequest(BaseModel):
                              f"{info.field_name}")
         return value
 
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: Any) -> Any:
+        kind = value.get("type") if isinstance(value, dict) else value
+        if value is not None and kind not in RESPONSE_FORMATS:
+            raise ValueError(f"type {kind!r} is not supported by this server: use one of {', '.join(RESPONSE_FORMATS)}"
+                             " (json_schema is not run)")
+        return value
+
+    @property
+    def json_object(self) -> bool:
+        return isinstance(self.response_format, dict) and self.response_format.get("type") == "json_object"
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -95,7 +109,7 @@ class _SamplingRequest(BaseModel):
             stop=self.stop_list(), stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logprobs=logprobs,
+            logprobs=logprobs, json_object=self.json_object,
         )
 
 

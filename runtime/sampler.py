@@ -1,14 +1,17 @@
 """From the last position's logits of every sampled sequence to one token each, in a few batched
 tensor ops: stop-token masking (min_tokens), penalties, greedy argmax, temperature, top-k / top-p /
 min-p, and sampling by the exponential race (argmax of p / q, q ~ Exp(1)), which lets a request with
-a seed draw its q from its own generator while the rest share the engine's."""
+a seed draw its q from its own generator while the rest share the engine's. JSON-mode rows take the
+best-scoring token the JSON grammar accepts (json_mode.py) instead of the plain argmax."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
 
+from kvpilot.runtime.json_mode import feed
 from kvpilot.runtime.sampling import SamplingParams
 from kvpilot.runtime.sequence import Sequence, TokenLogprob
 
@@ -73,9 +76,14 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: Seq[int], generator: torch.Generator) -> None:
+    def __init__(self, eos_token_ids: Seq[int], generator: torch.Generator,
+                 token_texts: Callable[[], list[str]] | None = None) -> None:
+        """`token_texts`: each token id's text, made on the first JSON-mode request (a pass over the
+        vocabulary); None: JSON mode is refused."""
         self.eos_token_ids = list(eos_token_ids)
         self.generator = generator
+        self._make_token_texts = token_texts
+        self._token_texts: list[str] | None = None
 
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [len(seqs), vocab] -> one token per sequence, and its logprobs where asked."""
@@ -85,15 +93,24 @@ class Sampler:
         apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+        race = None
         if sampled:
-            tokens[sampled] = self._sample(logits[sampled], [seqs[i] for i in sampled])
+            race = self._race(logits[sampled], [seqs[i] for i in sampled])
+            tokens[sampled] = race.argmax(dim=-1)
         token_list = tokens.tolist()
+        for i, seq in enumerate(seqs):
+            if seq.json_state is not None:
+                passes = [(logits[i], float("-inf"))]  # by likelihood, ignoring truncation: the fallback
+                if i in sampled:  # a race score of 0 is a token top-k / top-p / min-p cut away
+                    passes.insert(0, (race[sampled.index(i)], 0.0))
+                token_list[i] = self._json_pick(passes, seq)
         logprobs = [None if raw_logprobs is None or seq.params.logprobs is None
                     else self._logprob(raw_logprobs[i], token_list[i], seq.params.logprobs)
                     for i, seq in enumerate(seqs)]
         return token_list, logprobs
 
-    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+    def _race(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+        """p / q per token: its argmax is a sample of p (and, restricted to any subset, of p there)."""
         device = logits.device
         params = [s.params for s in seqs]
         logits = logits / torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
@@ -107,7 +124,36 @@ class Sampler:
         for row, seq in enumerate(seqs):
             if seq.generator is not None:
                 race[row].exponential_(generator=seq.generator)
-        return (probs / race).argmax(dim=-1)
+        return probs / race
+
+    def _json_pick(self, passes: list[tuple[torch.Tensor, float]], seq: Sequence) -> int:
+        """The best-scoring token (scores above the floor, pass by pass) that keeps the output a JSON
+        object's prefix; stop tokens once the object is whole. Advances the sequence's JSON state."""
+        if self._token_texts is None:
+            if self._make_token_texts is None:
+                raise ValueError("JSON mode needs the tokenizer's token texts, and this sampler has none")
+            self._token_texts = self._make_token_texts()
+        stops = set(stop_token_ids(seq.params, self.eos_token_ids))
+        state = seq.json_state
+        logits = passes[-1][0]
+        if state.complete:  # the object is whole: stop now rather than pad it with whitespace
+            allowed = [t for t in stops if t < logits.shape[0] and logits[t] > float("-inf")]  # min_tokens bans
+            if allowed:
+                return max(allowed, key=lambda t: float(logits[t]))
+        for ranked, floor in passes:
+            for token in ranked.argsort(descending=True).tolist():
+                if ranked[token] <= floor:
+                    break
+                if token in stops:
+                    if state.complete:
+                        return token
+                    continue
+                text = self._token_texts[token] if token < len(self._token_texts) else ""
+                after = feed(state, text) if text else None
+                if after is not None:
+                    seq.json_state = after
+                    return token
+        raise ValueError(f"request {seq.request_id!r}: no token continues the JSON output")
 
     @staticmethod
     def _logprob(logprobs: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:

@@ -24,6 +24,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: none; n: the sampled token's logprob and the top n
+    json_object: bool = False  # the output is one JSON object (runtime/json_mode.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from kvpilot.runtime.json_mode import START, JsonState
 from kvpilot.runtime.sampling import SamplingParams
 
 
@@ -52,6 +53,8 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
+        # JSON mode: where the output stands in the JSON grammar (the sampler advances it).
+        self.json_state: JsonState | None = START if params.json_object else None
 
     def __len__(self) -> int:
         return len(self.token_ids)

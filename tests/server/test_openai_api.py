@@ -208,12 +208,22 @@ def test_body_limit_is_413(live, http):
 
 @pytest.mark.parametrize(("field", "value", "words"), [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool calling"),
-    ("response_format", {"type": "json_object"}, "structured output"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+     "type 'json_schema'"),
     ("logit_bias", {"50256": -100}, "logit_bias"),
 ])
 def test_fields_this_server_does_not_run_are_refused_not_ignored(http, field, value, words):
     body = _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, field: value}), 400)
     assert body["param"] == field and f"{words} is not supported by this server" in body["message"]
+
+
+def test_json_mode_answers_with_a_json_object(live):
+    answer = live.client().chat.completions.create(
+        model=MODEL, max_tokens=96, temperature=0, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "Describe a cat as JSON with keys name and age."}])
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(json.loads(choice.message.content), dict)
 
 
 def test_fields_set_to_off_are_accepted(live):
