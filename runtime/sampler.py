@@ -135,14 +135,16 @@ class Sampler:
             self._token_texts = self._make_token_texts()
         stops = set(stop_token_ids(seq.params, self.eos_token_ids))
         state = seq.json_state
-        logits = passes[-1][0]
         if state.complete:  # the object is whole: stop now rather than pad it with whitespace
-            allowed = [t for t in stops if t < logits.shape[0] and logits[t] > float("-inf")]  # min_tokens bans
+            logits = passes[-1][0]
+            allowed = {t: float(logits[t]) for t in stops if t < logits.shape[0]}
+            allowed = {t: score for t, score in allowed.items() if score > float("-inf")}  # min_tokens bans them
             if allowed:
-                return max(allowed, key=lambda t: float(logits[t]))
+                return max(allowed, key=allowed.__getitem__)
         for ranked, floor in passes:
-            for token in ranked.argsort(descending=True).tolist():
-                if ranked[token] <= floor:
+            values, order = ranked.float().cpu().sort(descending=True)  # one transfer, then plain Python
+            for score, token in zip(values.tolist(), order.tolist(), strict=True):
+                if score <= floor:
                     break
                 if token in stops:
                     if state.complete:
