@@ -63,8 +63,8 @@ def label_selector(name: str) -> str:
 def desired_replicas(spec: LLMDeploymentSpec) -> int | None:
     """Replicas to write on the workload; None when an HPA or KEDA owns that field.
 
-    Mode `operator` is the seam for the operator's own autoscaler (a later issue): until it decides,
-    `spec.replicas` clamped to the autoscaling bounds."""
+    In mode `operator`, `spec.replicas` (which the operator's autoscaler writes, autoscaler.py) clamped
+    to the autoscaling bounds."""
     scaling = spec.autoscaling
     if not scaling.enabled:
         return spec.replicas
