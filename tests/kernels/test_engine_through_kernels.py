@@ -15,6 +15,7 @@ from kvpilot.runtime.llm import LLM
 from kvpilot.runtime.loader import LoadedModel
 from kvpilot.runtime.model_facts import ModelFacts
 from kvpilot.runtime.models.llama import LlamaForCausalLM
+from kvpilot.runtime.models.quantized import quantized_weight_names, quantizer, replace_with_quantized
 from kvpilot.runtime.sampling import SamplingParams
 
 
@@ -81,3 +82,42 @@ def test_greedy_tokens_match_the_reference_path(monkeypatch, prefix_caching):
         expected = [list(out.token_ids) for out in expected]
     assert actual == expected
     assert all(len(tokens) == 6 for tokens in actual)
+
+
+@pytest.mark.parametrize(("quantization", "kv_cache_dtype"), [("int8", "fp8"), ("int4", "auto"), ("fp8", "auto")])
+def test_quantized_engine_through_the_kernels_matches_the_reference_path(monkeypatch, quantization, kv_cache_dtype):
+    """The same quantized model and fp8 KV cache: quantized_matmul and the fp8 attention kernels give the
+    greedy tokens the torch references give."""
+    prompts = [[5], [3, 1, 4, 1, 5, 9, 2], list(range(10, 27))]
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    def generate(device: str, use_kernels: bool) -> list[list[int]]:
+        loaded = quantized(tiny_llama(device), quantization)
+        llm = LLM(loaded=loaded, device=device, dtype="fp32", quantization=quantization,
+                  kv_cache_dtype=kv_cache_dtype, block_size=8, num_kv_blocks=32, max_model_len=128, max_num_seqs=4,
+                  max_num_batched_tokens=24)
+        with ops.interpreter(use_kernels and device == "cpu"):
+            return [list(out.token_ids) for out in llm.generate(prompts, greedy)]
+
+    with ops.interpreter(False):
+        expected = generate("cpu", use_kernels=False)
+    matmuls = {"calls": 0}
+    module = importlib.import_module("kvpilot.kernels.quantized_matmul")
+    launcher = module.quantized_matmul
+
+    def counted(*args, **kwargs):
+        matmuls["calls"] += 1
+        return launcher(*args, **kwargs)
+
+    monkeypatch.setattr(module, "quantized_matmul", counted)
+    assert generate(DEVICE, use_kernels=True) == expected
+    assert matmuls["calls"] >= 4 * 2 * 4  # four projections, two layers, a prefill and three decode steps
+
+
+def quantized(loaded: LoadedModel, mode: str) -> LoadedModel:
+    """`loaded` with its decoder projections quantized, as the loader does it while reading a checkpoint."""
+    model = loaded.model
+    for name in sorted(quantized_weight_names(model)):
+        weight = model.get_parameter(name).detach()
+        replace_with_quantized(model, name, weight, quantizer(mode, torch.float32))
+    return loaded
