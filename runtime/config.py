@@ -76,7 +76,7 @@ class EngineConfig:
             raise ValueError(f"node_rank {self.node_rank} is not one of 0..{self.nnodes - 1}")
         if self.nnodes > 1 and not self.leader_address:
             raise ValueError("nnodes > 1 needs leader_address (where the ranks meet)")
-        per_node = self.tensor_parallel_size // self.nnodes
+        per_node = self.gpus_per_node
         if per_node > 1 and self.device.startswith("cuda") and torch.cuda.device_count() < per_node:
             raise UnsupportedOption(f"tensor parallel size {self.tensor_parallel_size} over {self.nnodes} node(s) "
                                     f"needs {per_node} GPUs here (ranks run on cuda:0..{per_node - 1}); torch sees "

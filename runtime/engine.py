@@ -39,9 +39,10 @@ class LLMEngine:
             self.parallel, self.workers = start_workers(config)
             loaded = self._load_shard(config)
         self.loaded = loaded or load_configured(config)
-        if weight_quantization(self.loaded.model) != config.quantization:
-            raise ValueError(f"the model was loaded with {weight_quantization(self.loaded.model) or 'no'} weight "
-                             f"quantization, the config asks for {config.quantization or 'none'}")
+        loaded_as = weight_quantization(self.loaded.model)
+        if loaded_as != config.quantization:
+            raise ValueError(f"the model was loaded with {loaded_as or 'no'} weight quantization, the config asks "
+                             f"for {config.quantization or 'none'}")
         self.facts = self.loaded.facts
         self.config = config = config.for_model(self.facts)
         self.tokenizer = self.loaded.tokenizer

@@ -20,8 +20,8 @@ from torch import nn
 
 from kvpilot.kernels import ops
 from kvpilot.kernels.quant_reference import QuantizedWeight, quantize_fp8, quantize_int4, quantize_int8
+from kvpilot.runtime.config import WEIGHT_QUANT_MODES
 
-WEIGHT_QUANT_MODES = ("int8", "int4", "fp8")
 QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
