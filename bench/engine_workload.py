@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kvpilot.runtime.loader import LoadedModel, load_model
+from kvpilot.runtime.loading.loader import LoadedModel, load_model
 
 VOCABULARY = ("the model serves tokens from a paged cache while the scheduler batches every running request "
               "memory blocks hold keys and values for each layer and a prompt can share its prefix with others "

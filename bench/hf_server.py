@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-from kvpilot.runtime.embedded import embedded_model_path
+from kvpilot.runtime.loading.embedded import embedded_model_path
 
 
 def build_app() -> FastAPI:

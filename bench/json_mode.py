@@ -12,9 +12,9 @@ import argparse
 import json
 import time
 
-from kvpilot.runtime.config import default_device
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.sampling import SamplingParams
+from kvpilot.runtime.engine.config import default_device
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
 
 QUESTIONS = [
     "Describe a cat as JSON with keys name and age.", "Give me a JSON object of three fruits.",

@@ -17,9 +17,9 @@ import json
 
 from engine_workload import describe, load, make_requests
 
-from kvpilot.runtime.config import default_device
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.sampling import SamplingParams
+from kvpilot.runtime.engine.config import default_device
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
 
 GOAL_SLOT_EFFICIENCY = 0.95
 GOAL_SEQUENCES_RATIO = 3.0

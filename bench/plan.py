@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import time
 
-from kvpilot.runtime.devices import GPU_CATALOG
-from kvpilot.runtime.model_facts import catalog_names, from_catalog
-from kvpilot.runtime.planner import NoFit, PlanError, PlanRequest, plan, size
+from kvpilot.runtime.memory.devices import GPU_CATALOG
+from kvpilot.runtime.memory.facts import catalog_names, from_catalog
+from kvpilot.runtime.memory.planner import NoFit, PlanError, PlanRequest, plan, size
 
 REQUESTS = [PlanRequest(max_context=8192, concurrency=16),
             PlanRequest(max_context=32768, concurrency=4, optimize="cost")]

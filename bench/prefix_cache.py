@@ -15,9 +15,9 @@ import time
 
 from engine_workload import WORDS, load
 
-from kvpilot.runtime.config import default_device
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.sampling import SamplingParams
+from kvpilot.runtime.engine.config import default_device
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
 
 QUESTIONS = ["What is a paged KV cache?", "Why batch requests?", "Summarize the rules above.",
              "Which rule matters most?", "Explain prefix sharing.", "How long may an answer be?",

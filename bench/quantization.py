@@ -21,13 +21,13 @@ import time
 
 import torch
 
-from kvpilot.runtime.config import default_device
-from kvpilot.runtime.kv_cache import DTYPE_NAMES
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.loader import load_model
-from kvpilot.runtime.memory_report import weight_bytes_held
-from kvpilot.runtime.quantization import weight_bytes
-from kvpilot.runtime.sampling import SamplingParams
+from kvpilot.runtime.engine.config import default_device
+from kvpilot.runtime.engine.kv_cache import DTYPE_NAMES
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.loading.loader import load_model
+from kvpilot.runtime.memory.quantization import weight_bytes
+from kvpilot.runtime.server.memory_report import weight_bytes_held
 
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about autumn leaves.", "What is 17 times 23?",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from kvpilot.runtime.parallel import free_port
+from kvpilot.runtime.models.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["the ocean", "a lighthouse keeper", "Kubernetes", "GPU memory", "a long train journey", "bread",

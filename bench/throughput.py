@@ -19,11 +19,11 @@ import torch
 from engine_workload import Request, describe, load, make_requests
 from transformers import AutoModelForCausalLM
 
-from kvpilot.runtime.config import default_device
-from kvpilot.runtime.embedded import embedded_model_path
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.loader import LoadedModel
-from kvpilot.runtime.sampling import SamplingParams
+from kvpilot.runtime.engine.config import default_device
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.loading.embedded import embedded_model_path
+from kvpilot.runtime.loading.loader import LoadedModel
 
 GOAL_RATIO = 2.0
 

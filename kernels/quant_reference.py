@@ -1,6 +1,6 @@
 """Weight-only quantized linear weights: the packed layout, pure-torch quantizers and the reference matmul.
 
-Layouts (the ones `kvpilot.runtime.quantization` documents and counts), for a weight W [N, K]
+Layouts (the ones `kvpilot.runtime.memory.quantization` documents and counts), for a weight W [N, K]
 (N = out_features, K = in_features) used as y = x @ W^T:
 - int8: qweight int8 [N, K]; scale [N] in the compute dtype; W ~= qweight * scale[:, None].
 - int4: qweight uint8 [N, ceil(K / 2)], two values per byte along K: k even in the low nibble,
@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 QuantModeName = Literal["int8", "int4", "fp8"]
-INT4_GROUP_SIZE = 128  # the same as kvpilot.runtime.quantization.INT4_GROUP_SIZE (a test holds them equal)
+INT4_GROUP_SIZE = 128  # the same as kvpilot.runtime.memory.quantization.INT4_GROUP_SIZE (a test holds them equal)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

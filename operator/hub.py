@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from kvpilot.runtime.model_facts import ModelFacts, UnknownModel, from_hf_config
+from kvpilot.runtime.memory.facts import ModelFacts, UnknownModel, from_hf_config
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT_SECONDS = 10.0  # per file; both are a few kB

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from kvpilot.operator.spec import LLMDeploymentSpec
-from kvpilot.runtime.devices import Device, GiB, custom_gpu, gpu_from_catalog, local_device, parse_quantity
-from kvpilot.runtime.model_facts import ModelFacts, resolve_model
-from kvpilot.runtime.planner import Plan, PlanRequest, plan
+from kvpilot.runtime.memory.devices import Device, GiB, custom_gpu, gpu_from_catalog, local_device, parse_quantity
+from kvpilot.runtime.memory.facts import ModelFacts, resolve_model
+from kvpilot.runtime.memory.planner import Plan, PlanRequest, plan
 
 # Memory a CPU pod plans with when its spec sets no memory limit.
 DEFAULT_CPU_POD_MEMORY = 16 * GiB

@@ -5,17 +5,14 @@ Pure functions of (deployment, plan, options): no kopf, no Kubernetes client.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 from typing import Any, Literal
 
 from kvpilot.operator.planning import DEFAULT_CPU_POD_MEMORY, target_device
 from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, ModelSource
-from kvpilot.runtime import model_facts
-from kvpilot.runtime.devices import GiB
-from kvpilot.runtime.planner import Plan
+from kvpilot.runtime.memory.devices import GiB
+from kvpilot.runtime.memory.facts import catalog_aliases
+from kvpilot.runtime.memory.planner import Plan
 
 HTTP_PORT = 8000  # OpenAI API, /health, /ready and /metrics share one port
 PORT_NAME = "http"
@@ -57,15 +54,9 @@ class NoWeights(ValueError):
     """The model source says nothing about where the weights are."""
 
 
-@cache
-def _catalog_repos() -> dict[str, list[str]]:
-    text = (Path(model_facts.__file__).parent / "catalog" / "models.json").read_text()
-    return {key: entry["aliases"] for key, entry in json.loads(text).items()}
-
-
 def hub_repo(name: str) -> str:
     """The hub repository of a catalog name: its instruction-tuned variant, which is what one serves."""
-    aliases = _catalog_repos().get(name.lower())
+    aliases = catalog_aliases(name)
     if not aliases:
         raise NoWeights(f"model.source {name!r} is no catalog name, so it says nothing about where the weights "
                         "are: use hf://org/name, pvc://claim/path or file:///path")
@@ -95,12 +86,9 @@ def weights(model: ModelSource) -> Weights:
 
 def runtime_args(deployment: LLMDeployment, plan: Plan, model_path: str, role: Role) -> list[str]:
     spec = deployment.spec
-    args = ["serve", "--model", model_path, "--served-model-name", spec.model.name,
-            "--dtype", plan.compute_dtype, "--quantization", plan.quantization, "--kv-cache-dtype", plan.kv_dtype,
-            "--tensor-parallel", str(plan.tensor_parallel), "--num-kv-blocks", str(plan.num_kv_blocks),
-            "--block-size", str(plan.block_size), "--max-model-len", str(plan.max_model_len),
-            "--max-num-seqs", str(plan.max_num_seqs), "--max-num-batched-tokens", str(plan.max_batched_tokens),
-            "--port", str(HTTP_PORT)]
+    args = ["serve", "--model", model_path, "--served-model-name", spec.model.name, "--port", str(HTTP_PORT)]
+    for flag, value in plan.engine_options().items():
+        args += [f"--{flag}", str(value)]
     if role != "single":  # LeaderWorkerSet injects these variables into every pod of a group
         args += ["--nnodes", str(plan.nodes), "--node-rank", "$(LWS_WORKER_INDEX)",
                  "--leader-address", "$(LWS_LEADER_ADDRESS)"]

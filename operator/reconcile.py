@@ -22,9 +22,9 @@ from kvpilot.operator.pod import NoWeights
 from kvpilot.operator.render import DEFAULT_PROMETHEUS_URL, LWS_API, RenderOptions, label_selector, render
 from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, describe_errors
 from kvpilot.operator.status import Condition, plan_status, read_workload, status_patch
-from kvpilot.runtime.devices import UnknownDevice
-from kvpilot.runtime.model_facts import UnknownModel
-from kvpilot.runtime.planner import NoFit, Plan, PlanError
+from kvpilot.runtime.memory.devices import UnknownDevice
+from kvpilot.runtime.memory.facts import UnknownModel
+from kvpilot.runtime.memory.planner import NoFit, Plan, PlanError
 
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1"
 WORKLOAD_KINDS = ("Deployment", "LeaderWorkerSet")

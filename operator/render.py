@@ -12,7 +12,7 @@ from typing import Any
 
 from kvpilot.operator.pod import HTTP_PORT, PORT_NAME, pod_spec
 from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, LLMDeploymentSpec
-from kvpilot.runtime.planner import Plan
+from kvpilot.runtime.memory.planner import Plan
 
 APP_NAME = "kvpilot"
 COMPONENT = "llm-runtime"

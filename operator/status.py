@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from kvpilot.runtime.planner import Plan
+from kvpilot.runtime.memory.planner import Plan
 
 ConditionType = Literal["Planned", "Available", "Progressing", "Degraded"]
 Phase = Literal["Pending", "Progressing", "Ready", "ScaledToZero", "Degraded", "Failed"]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvpilot.runtime.config import UnsupportedOption
+from kvpilot.runtime.memory.support import UnsupportedOption
 
 
 @dataclass

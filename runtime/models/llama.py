@@ -16,12 +16,12 @@ from torch import nn
 
 from kvpilot.kernels import ops
 from kvpilot.kernels.quant_reference import QuantizedWeight
-from kvpilot.runtime.config import UnsupportedOption
-from kvpilot.runtime.model_facts import ModelFacts
+from kvpilot.runtime.memory.facts import ModelFacts
+from kvpilot.runtime.memory.quantization import kv_heads_per_gpu, tp_compatible
+from kvpilot.runtime.memory.support import UnsupportedOption
 from kvpilot.runtime.models.layers import AttentionMetadata, RMSNorm, RotaryEmbedding
+from kvpilot.runtime.models.parallel import SINGLE, Parallel
 from kvpilot.runtime.models.quantized import quantized_weight_names, replace_with_quantized
-from kvpilot.runtime.parallel import SINGLE, Parallel
-from kvpilot.runtime.quantization import kv_heads_per_gpu, tp_compatible
 
 # HF checkpoint projections that live inside one fused matrix here: (fused name, shard index)
 PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),

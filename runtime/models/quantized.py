@@ -1,7 +1,7 @@
 """Weight-only quantized linear layers (int8, int4, fp8), made while the checkpoint loads.
 
 The decoder layers' projections (fused q/k/v, o, fused gate/up, down) are quantized; embeddings,
-lm_head, norms and biases stay in the compute dtype: the layout `kvpilot.runtime.quantization`
+lm_head, norms and biases stay in the compute dtype: the layout `kvpilot.runtime.memory.quantization`
 counts, so the bytes the memory plan predicts are the bytes the model holds. The matmul is
 `kvpilot.kernels.ops.quantized_matmul` (Triton on CUDA, the torch reference elsewhere).
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from kvpilot.kernels import ops
 from kvpilot.kernels.quant_reference import QuantizedWeight, quantize_fp8, quantize_int4, quantize_int8
-from kvpilot.runtime.config import WEIGHT_QUANT_MODES
+from kvpilot.runtime.memory.quantization import WEIGHT_QUANT_MODES
 
 QUANTIZED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 

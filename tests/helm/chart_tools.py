@@ -129,14 +129,7 @@ def operator_container(objects: list[Manifest]) -> dict[str, Any]:
 
 
 def operator_cli() -> argparse.ArgumentParser:
-    """`kvpilot`'s real parser; while the CLI lacks `operator`, one holding just the operator's subcommand."""
-    from kvpilot.runtime import cli
+    """`kvpilot`'s real parser, the one the chart's container runs."""
+    from kvpilot.cli.main import build_parser
 
-    parser = cli.build_parser()
-    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "operator" in subcommands.choices:
-        return parser
-    from kvpilot.operator import main
-    parser = argparse.ArgumentParser(prog="kvpilot")
-    main.add_command(parser.add_subparsers())
-    return parser
+    return build_parser()

@@ -21,7 +21,7 @@ OPERATOR_DOCKERFILE = ROOT / "operator" / "Dockerfile"
 RUNTIME_DOCKERFILE = ROOT / "runtime" / "Dockerfile"
 DOCKERFILES = [OPERATOR_DOCKERFILE, RUNTIME_DOCKERFILE]
 OPERATOR_REQUIREMENTS = ROOT / "operator" / "requirements.txt"
-PORTIONS = {"kvpilot.operator": ROOT / "operator", "kvpilot.runtime": ROOT / "runtime",
+PORTIONS = {"kvpilot.cli": ROOT / "cli", "kvpilot.operator": ROOT / "operator", "kvpilot.runtime": ROOT / "runtime",
             "kvpilot.kernels": ROOT / "kernels"}
 HEAVY = {"torch", "triton", "transformers", "accelerate", "nvidia-ml-py"}
 
@@ -72,7 +72,7 @@ def test_operator_image_runs_kvpilot_operator() -> None:
     assert command[:2] == ["kvpilot", "operator"]
     assert callable(operator_cli().parse_args(command[1:]).run), "the image's default arguments parse"
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["kvpilot"] == "kvpilot.runtime.cli:main", "the image's `kvpilot` is this console script"
+    assert scripts["kvpilot"] == "kvpilot.cli.main:main", "the image's `kvpilot` is this console script"
 
 
 def test_runtime_image_runs_python_m_kvpilot_runtime_serve() -> None:
@@ -223,7 +223,7 @@ def operator_third_party_imports() -> dict[str, str]:
     operator_dir = ROOT / "operator"
     main = operator_dir / "main.py"
     entry = [(main, True)] if main.is_file() else [(p, True) for p in sorted(operator_dir.glob("*.py"))]
-    entry.append((ROOT / "runtime" / "cli.py", False))
+    entry.append((ROOT / "cli" / "main.py", False))
     seen: set[Path] = set()
     third_party: dict[str, str] = {}
     while entry:

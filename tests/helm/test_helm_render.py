@@ -345,13 +345,13 @@ def test_dashboard_shows_kv_queue_ttft_and_tokens_per_deployment(rendered: Rende
 
 
 def test_dashboard_metrics_are_ones_the_runtime_exports() -> None:
-    metrics_source = ROOT / "runtime" / "metrics.py"
+    metrics_source = ROOT / "runtime" / "server" / "metrics.py"
     source = metrics_source.read_text()
     dashboard = json.loads((CHART / "dashboards" / "kvpilot.json").read_text())
     used = {m for e in _panel_exprs(dashboard) for m in re.findall(r"vllm:[a-z0-9_]+", e)}
     family = {re.sub(r"_(total|bucket|count|sum)$", "", m) for m in used}
     missing = sorted(m for m in family if f'"{m}"' not in source)
-    assert not missing, f"the dashboard reads metrics runtime/metrics.py does not export: {missing}"
+    assert not missing, f"the dashboard reads metrics runtime/server/metrics.py does not export: {missing}"
 
 
 def test_optional_parts_are_off_by_default(rendered: Render) -> None:

@@ -11,12 +11,12 @@ import torch
 from kernel_testing import DEVICE
 
 from kvpilot.kernels import ops
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.loader import LoadedModel
-from kvpilot.runtime.model_facts import ModelFacts
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.loading.loader import LoadedModel
+from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.models.llama import LlamaForCausalLM
 from kvpilot.runtime.models.quantized import quantized_weight_names, quantizer, replace_with_quantized
-from kvpilot.runtime.sampling import SamplingParams
 
 
 class NumberTokenizer:

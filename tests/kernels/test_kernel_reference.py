@@ -1,5 +1,5 @@
 """The torch references: batched attention against the one-sequence-at-a-time oracle, and the quantized
-weight layouts against what kvpilot.runtime.quantization counts. No Triton here."""
+weight layouts against what kvpilot.runtime.memory.quantization counts. No Triton here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from kernel_testing import make_paged_kv
 
 from kvpilot.kernels import quant_reference as qr
 from kvpilot.kernels import reference as ref
-from kvpilot.runtime import quantization
+from kvpilot.runtime.memory import quantization
 
 CPU = torch.device("cpu")
 

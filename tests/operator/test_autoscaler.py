@@ -16,9 +16,9 @@ from kvpilot.operator.pod import HTTP_PORT
 from kvpilot.operator.render import selector_labels
 from kvpilot.operator.spec import Autoscaling
 from kvpilot.operator.testing import Emulated, emulated_operator
-from kvpilot.runtime.metrics import MemoryFigures, ServerMetrics
-from kvpilot.runtime.outputs import EngineStats
-from kvpilot.runtime.parallel import free_port
+from kvpilot.runtime.engine.outputs import EngineStats
+from kvpilot.runtime.models.parallel import free_port
+from kvpilot.runtime.server.metrics import MemoryFigures, ServerMetrics
 
 
 def loads(*usages: float) -> list[PodLoad]:

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from llmd_cases import EXAMPLES, load_example
 
+from kvpilot.cli.main import main
 from kvpilot.operator.crd import CRD_PATH, crd, crd_yaml
 from kvpilot.operator.spec import SpecError, parse_manifest
-from kvpilot.runtime.cli import main
 
 SCHEMA = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 CEL = celpy.Environment()

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from kvpilot.operator.hub import Hub, HubError
-from kvpilot.runtime.model_facts import from_hf_config
+from kvpilot.runtime.memory.facts import from_hf_config
 
 REPO = "acme/tiny-llama"
 

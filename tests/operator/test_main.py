@@ -14,10 +14,10 @@ import yaml
 from llmd_cases import load_example
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvpilot.cli.main import build_parser
 from kvpilot.operator.main import OperatorConfig
 from kvpilot.operator.testing import emulated_cluster
-from kvpilot.runtime.cli import build_parser
-from kvpilot.runtime.parallel import free_port
+from kvpilot.runtime.models.parallel import free_port
 
 pytestmark = pytest.mark.asyncio
 
@@ -60,7 +60,7 @@ async def test_the_command_serves_liveness_metrics_and_reconciles(tmp_path: Path
         log = tmp_path / "operator.log"  # a file, not a pipe: an undrained pipe would block the operator
         process = await asyncio.create_subprocess_exec(
             # every namespace: kopf's observer of named namespaces needs a namespace list kmock cannot serve
-            sys.executable, "-m", "kvpilot.runtime.cli", "operator", "--standalone", "--log-format", "json",
+            sys.executable, "-m", "kvpilot.cli.main", "operator", "--standalone", "--log-format", "json",
             "--liveness", liveness, "--metrics-port", str(metrics_port), env={**os.environ, "KUBECONFIG": str(config)},
             stdout=asyncio.subprocess.DEVNULL, stderr=log.open("w"))
         try:

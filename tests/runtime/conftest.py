@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from kvpilot.runtime.embedded import embedded_model_path
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.loader import LoadedModel, load_model
-from kvpilot.runtime.sampling import SamplingParams
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.loading.embedded import embedded_model_path
+from kvpilot.runtime.loading.loader import LoadedModel, load_model
 
 PARITY_NEW_TOKENS = 32
 SYSTEM = ("You are a careful assistant. Answer briefly, in plain English, and never invent facts you are "

@@ -8,11 +8,11 @@ import asyncio
 import pytest
 import pytest_asyncio
 
-from kvpilot.runtime.async_engine import AsyncLLMEngine
-from kvpilot.runtime.config import EngineConfig
-from kvpilot.runtime.engine import LLMEngine
-from kvpilot.runtime.sampling import SamplingParams
-from kvpilot.runtime.scheduler import AdmissionError
+from kvpilot.runtime.engine.async_engine import AsyncLLMEngine
+from kvpilot.runtime.engine.config import EngineConfig
+from kvpilot.runtime.engine.llm_engine import LLMEngine
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.engine.scheduler import AdmissionError
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kvpilot.runtime.block_manager import BlockManager
-from kvpilot.runtime.config import EngineConfig
-from kvpilot.runtime.sampling import SamplingParams
-from kvpilot.runtime.scheduler import AdmissionError, Scheduler
-from kvpilot.runtime.sequence import Sequence, SequenceStatus
+from kvpilot.runtime.engine.block_manager import BlockManager
+from kvpilot.runtime.engine.config import EngineConfig
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.engine.scheduler import AdmissionError, Scheduler
+from kvpilot.runtime.engine.sequence import Sequence, SequenceStatus
 
 BS = 4
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from kvpilot.runtime.cli import main
-from kvpilot.runtime.devices import local_device
+from kvpilot.cli.main import main
+from kvpilot.runtime.memory.devices import local_device
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kvpilot.runtime.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "kvpilot.cli.main", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

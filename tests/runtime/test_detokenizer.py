@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvpilot.runtime.detokenizer import IncrementalDetokenizer
+from kvpilot.runtime.engine.detokenizer import IncrementalDetokenizer
 
 TEXT = "Héllo wörld! Ünïcode ✓ and emoji 🚀🎉 mixed with code: `x = [1, 2]` — done."
 

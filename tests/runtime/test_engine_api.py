@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvpilot.runtime.config import EngineConfig, memory_plan
-from kvpilot.runtime.kv_cache import allocate_kv_cache
-from kvpilot.runtime.quantization import kv_bytes_per_token
-from kvpilot.runtime.sampling import SamplingParams
-from kvpilot.runtime.scheduler import AdmissionError
+from kvpilot.runtime.engine.config import EngineConfig, memory_plan
+from kvpilot.runtime.engine.kv_cache import allocate_kv_cache
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.engine.scheduler import AdmissionError
+from kvpilot.runtime.memory.quantization import kv_bytes_per_token
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
@@ -18,7 +18,7 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def llm(loaded_model):
-    from kvpilot.runtime.llm import LLM
+    from kvpilot.runtime.engine.llm import LLM
 
     return LLM(loaded=loaded_model, num_kv_blocks=64, max_model_len=512, device="cpu")
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpilot.runtime.json_mode import START, feed
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.sampling import SamplingParams
+from kvpilot.runtime.engine.json_mode import START, feed
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
 
 scalars = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.text(max_size=8) | st.floats(
     allow_nan=False, allow_infinity=False)

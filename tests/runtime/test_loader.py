@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from kvpilot.runtime.config import UnsupportedOption
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.loader import load_model, resolve_model_path
-from kvpilot.runtime.model_facts import UnknownModel
-from kvpilot.runtime.sampling import SamplingParams
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.loading.loader import load_model, resolve_model_path
+from kvpilot.runtime.memory.facts import UnknownModel
+from kvpilot.runtime.memory.support import UnsupportedOption
 
 pytestmark = pytest.mark.slow
 SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,

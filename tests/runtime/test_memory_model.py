@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpilot.runtime.devices import Device, GiB, custom_gpu, gpu_from_catalog, parse_quantity
-from kvpilot.runtime.model_facts import (
+from kvpilot.runtime.memory.devices import Device, GiB, custom_gpu, gpu_from_catalog, parse_quantity
+from kvpilot.runtime.memory.facts import (
     UnknownModel,
     catalog_names,
     from_catalog,
@@ -15,8 +15,8 @@ from kvpilot.runtime.model_facts import (
     load_hf_config,
     resolve_model,
 )
-from kvpilot.runtime.planner import NoFit, PlanError, PlanRequest, plan, size
-from kvpilot.runtime.quantization import (
+from kvpilot.runtime.memory.planner import NoFit, PlanError, PlanRequest, plan, size
+from kvpilot.runtime.memory.quantization import (
     INT4_GROUP_SIZE,
     kv_bytes_per_token,
     tp_compatible,

@@ -9,9 +9,10 @@ import functools
 import pytest
 import torch
 
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.loader import LoadedModel, load_model, materialize
-from kvpilot.runtime.memory_report import weight_bytes_held
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.loading.loader import LoadedModel, load_model, materialize
+from kvpilot.runtime.memory.quantization import kv_bytes_per_token, weight_bytes
 from kvpilot.runtime.models.llama import LlamaForCausalLM
 from kvpilot.runtime.models.quantized import (
     QUANTIZED_PROJECTIONS,
@@ -20,8 +21,7 @@ from kvpilot.runtime.models.quantized import (
     quantizer,
     weight_quantization,
 )
-from kvpilot.runtime.quantization import kv_bytes_per_token, weight_bytes
-from kvpilot.runtime.sampling import SamplingParams
+from kvpilot.runtime.server.memory_report import weight_bytes_held
 
 LIMITS = {"num_kv_blocks": 64, "max_model_len": 512, "max_num_seqs": 8, "max_num_batched_tokens": 256,
           "device": "cpu"}

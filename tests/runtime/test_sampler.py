@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from kvpilot.runtime.sampler import Sampler, apply_min_p, apply_penalties, truncate
-from kvpilot.runtime.sampling import SamplingParams
-from kvpilot.runtime.sequence import Sequence
+from kvpilot.runtime.engine.sampler import Sampler, apply_min_p, apply_penalties, truncate
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.engine.sequence import Sequence
 
 EOS = 3
 

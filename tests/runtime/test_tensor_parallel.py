@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-from kvpilot.runtime.config import UnsupportedOption
-from kvpilot.runtime.llm import LLM
-from kvpilot.runtime.memory_report import weight_bytes_held
-from kvpilot.runtime.parallel import free_port
-from kvpilot.runtime.quantization import kv_bytes_per_token, weight_bytes
-from kvpilot.runtime.sampling import SamplingParams
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.memory.quantization import kv_bytes_per_token, weight_bytes
+from kvpilot.runtime.memory.support import UnsupportedOption
+from kvpilot.runtime.models.parallel import free_port
+from kvpilot.runtime.server.memory_report import weight_bytes_held
 
 pytestmark = pytest.mark.slow
 # 4 heads over 2 KV heads; a vocabulary that 2 and 4 do not divide (the last rank's rows are padded).

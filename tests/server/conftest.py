@@ -13,12 +13,12 @@ import pytest
 import torch
 import uvicorn
 
-from kvpilot.runtime.async_engine import AsyncLLMEngine
-from kvpilot.runtime.config import EngineConfig, memory_plan
-from kvpilot.runtime.engine import LLMEngine
-from kvpilot.runtime.loader import load_model
-from kvpilot.runtime.memory_report import memory_figures
-from kvpilot.runtime.server import ServerConfig, build_app
+from kvpilot.runtime.engine.async_engine import AsyncLLMEngine
+from kvpilot.runtime.engine.config import EngineConfig, memory_plan
+from kvpilot.runtime.engine.llm_engine import LLMEngine
+from kvpilot.runtime.loading.loader import load_model
+from kvpilot.runtime.server.app import ServerConfig, build_app
+from kvpilot.runtime.server.memory_report import memory_figures
 
 MODEL = "smollm2"
 MAX_MODEL_LEN = 512

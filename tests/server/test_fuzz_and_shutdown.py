@@ -15,7 +15,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from kvpilot.runtime.parallel import free_port
+from kvpilot.runtime.models.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ_MAX_TOKENS = 4  # keeps each fuzzed generation short on a CPU; every other field is fuzzed freely

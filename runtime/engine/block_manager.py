@@ -1,0 +1,161 @@
+"""The paged KV pool's bookkeeping: a free list, reference counts and the prefix cache.
+
+A full block is keyed by the chained hash of (parent block's hash, the block's tokens), so equal
+hashes mean equal prefixes. A new sequence takes the cached blocks of its longest cached prefix.
+Freed blocks that carry a hash stay in the cache (`evictable`, least recently freed first) and are
+only evicted when no never-cached free block is left: the cache costs nothing until memory runs out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence as Seq
+
+from kvpilot.runtime.engine.sequence import Sequence
+
+ROOT_HASH = 0  # the parent hash of every sequence's first block
+
+
+class Block:
+    __slots__ = ("block_id", "hash", "ref_count", "token_ids")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] = ()  # the tokens the hash stands for, to rule out collisions
+
+    def __repr__(self) -> str:
+        return f"Block({self.block_id}, ref={self.ref_count}, hash={self.hash})"
+
+
+def chain_hash(parent_hash: int, token_ids: Seq[int]) -> int:
+    return hash((parent_hash, tuple(token_ids)))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"a KV pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks} x {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_block_ids: deque[int] = deque(range(num_blocks))  # free, holding nothing worth keeping
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # free but cached, least recently freed first
+        self.hash_to_block_id: dict[int, int] = {}
+        self.prefix_cache_queries = 0  # prompt tokens looked up
+        self.prefix_cache_hits = 0  # prompt tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids) + len(self.evictable)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    # --- prefix cache ---------------------------------------------------------------------------
+    def _hash_full_blocks(self, seq: Sequence) -> list[int]:
+        """Extend `seq.block_hashes` over every full block of its tokens; hashes are computed once."""
+        for i in range(len(seq.block_hashes), seq.num_tokens // self.block_size):
+            parent = seq.block_hashes[i - 1] if i else ROOT_HASH
+            seq.block_hashes.append(chain_hash(parent, seq.block_tokens(i)))
+        return seq.block_hashes
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding the longest cached prefix of `seq`, leaving at least its last token to
+        compute (the step that computes it produces the logits for the next one)."""
+        if not self.enable_prefix_caching:
+            return []
+        hashes = self._hash_full_blocks(seq)
+        cached: list[int] = []
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            block_id = self.hash_to_block_id.get(hashes[i])
+            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.block_tokens(i)):
+                break
+            cached.append(block_id)
+        return cached
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Record the hashes of the blocks `seq` has filled and computed since the last call."""
+        num_full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full <= seq.num_registered_blocks:
+            return
+        hashes = self._hash_full_blocks(seq)
+        for i in range(seq.num_registered_blocks, num_full):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None and hashes[i] not in self.hash_to_block_id:
+                block.hash, block.token_ids = hashes[i], tuple(seq.block_tokens(i))
+                self.hash_to_block_id[block.hash] = block.block_id
+        seq.num_registered_blocks = num_full
+
+    # --- allocation -----------------------------------------------------------------------------
+    def num_blocks_needed(self, seq: Sequence, num_new_tokens: int, cached: Seq[int] = ()) -> int:
+        """Free blocks that scheduling `num_new_tokens` more tokens of `seq` would take."""
+        computed = len(cached) * self.block_size if cached else seq.num_computed_tokens
+        held = len(cached) if cached else len(seq.block_table)
+        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # cached but free: leave the free pool
+        return max(0, seq.num_blocks_for(computed + num_new_tokens) - held) + revived
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: Seq[int] = ()) -> bool:
+        return self.num_blocks_needed(seq, num_new_tokens, cached) <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached: Seq[int] = ()) -> None:
+        """Give `seq` the blocks for `num_new_tokens` more tokens; a waiting sequence first takes the
+        cached blocks of its prefix (`find_cached_prefix`), which count as computed."""
+        if not self.can_allocate(seq, num_new_tokens, cached):
+            raise RuntimeError(f"{seq!r}: {self.num_blocks_needed(seq, num_new_tokens, cached)} blocks needed "
+                               f"for {num_new_tokens} tokens, {self.num_free_blocks} free")
+        if not seq.block_table:
+            if self.enable_prefix_caching:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += len(cached) * self.block_size
+            for block_id in cached:
+                self._take(block_id)
+            seq.block_table = list(cached)
+            seq.num_registered_blocks = len(cached)
+            seq.num_computed_tokens = len(cached) * self.block_size
+            seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
+        while len(seq.block_table) < seq.num_blocks_for(seq.num_computed_tokens + num_new_tokens):
+            seq.block_table.append(self._take_free())
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.evictable[block_id]
+        block.ref_count += 1
+
+    def _take_free(self) -> int:
+        if self.free_block_ids:
+            block_id = self.free_block_ids.popleft()
+        else:  # evict the least recently freed cached block
+            block_id, _ = self.evictable.popitem(last=False)
+            block = self.blocks[block_id]
+            if self.hash_to_block_id.get(block.hash) == block_id:
+                del self.hash_to_block_id[block.hash]
+            block.hash, block.token_ids = None, ()
+        self.blocks[block_id].ref_count = 1
+        return block_id
+
+    def free(self, seq: Sequence) -> None:
+        """Release `seq`'s blocks at once; the tail goes first, so it is evicted before the shared head."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is None:
+                    self.free_block_ids.append(block_id)
+                else:
+                    self.evictable[block_id] = None
+        seq.block_table = []
+        seq.num_registered_blocks = 0
+
+    def slot_usage(self, seqs: Seq[Sequence]) -> tuple[int, int]:
+        """(slots in the blocks `seqs` hold, slots of those holding computed tokens); shared blocks count once."""
+        filled: dict[int, int] = {}
+        for seq in seqs:
+            for i, block_id in enumerate(seq.block_table):
+                used = min(self.block_size, max(0, seq.num_computed_tokens - i * self.block_size))
+                filled[block_id] = max(filled.get(block_id, 0), used)
+        return len(filled) * self.block_size, sum(filled.values())

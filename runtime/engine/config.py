@@ -1,0 +1,163 @@
+"""The engine's one configuration: what the user asked for, checked, then completed from the model.
+
+`EngineConfig(...)` validates what it is given; `config.for_model(facts)` fills every field left
+as None from the model's facts and the memory plan, so the engine only ever reads concrete numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from kvpilot.runtime.memory.facts import ModelFacts
+from kvpilot.runtime.memory.quantization import DTYPE_ALIASES, WEIGHT_QUANT_MODES
+from kvpilot.runtime.memory.support import UnsupportedOption
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_BLOCK_SIZE = 16
+
+
+def _dtype_name(value: str) -> str:
+    name = DTYPE_ALIASES.get(value, value)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {value!r} is not one of auto, {', '.join(DTYPES)}")
+    return name
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF directory or GGUF file; None: the embedded SmolLM2-135M-Instruct
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    quantization: str | None = None  # weights: None (the compute dtype) | int8 | int4 | fp8
+    kv_cache_dtype: str = "auto"  # auto (the compute dtype) | the compute dtype's name | fp8
+    tensor_parallel_size: int = 1
+    nnodes: int = 1  # tensor parallelism across nodes: tensor_parallel_size / nnodes GPUs on each
+    node_rank: int = 0  # 0: the leader (engine and HTTP server); others only run their ranks
+    leader_address: str | None = None  # where ranks meet when nnodes > 1 (the leader's host)
+    leader_port: int = 29500
+    block_size: int = DEFAULT_BLOCK_SIZE
+    num_kv_blocks: int | None = None  # None: as many as the memory plan gives
+    max_model_len: int | None = None  # None: the model's max positions
+    max_num_seqs: int | None = None  # None: the memory plan's default for the device
+    max_num_batched_tokens: int | None = None  # None: the memory plan's default
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.90
+    seed: int = 0  # for requests that set no seed of their own
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = default_device()
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UnsupportedOption(f"device {self.device!r} asked for, but torch sees no CUDA GPU")
+        if self.dtype == "auto":
+            bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+            self.dtype = "fp32" if self.device == "cpu" else ("bf16" if bf16 else "fp16")
+        self.dtype = _dtype_name(self.dtype)
+        self.quantization = self._weight_quantization(self.quantization)
+        self.kv_cache_dtype = self._kv_cache_dtype(self.kv_cache_dtype)
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"nnodes ({self.nnodes}) must divide tensor_parallel_size ({self.tensor_parallel_size})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not one of 0..{self.nnodes - 1}")
+        if self.nnodes > 1 and not self.leader_address:
+            raise ValueError("nnodes > 1 needs leader_address (where the ranks meet)")
+        per_node = self.gpus_per_node
+        if per_node > 1 and self.device.startswith("cuda") and torch.cuda.device_count() < per_node:
+            raise UnsupportedOption(f"tensor parallel size {self.tensor_parallel_size} over {self.nnodes} node(s) "
+                                    f"needs {per_node} GPUs here (ranks run on cuda:0..{per_node - 1}); torch sees "
+                                    f"{torch.cuda.device_count()}")
+        for name in ("block_size", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if (self.max_num_seqs and self.max_num_batched_tokens
+                and self.max_num_batched_tokens < self.max_num_seqs):
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence decodes one token per step")
+
+    def _weight_quantization(self, value: str | None) -> str | None:
+        if value in (None, "auto", "none") or _dtype_name_or_none(value) == self.dtype:
+            return None
+        if value in WEIGHT_QUANT_MODES:
+            return value
+        if _dtype_name_or_none(value):
+            raise UnsupportedOption(f"quantization {value!r} differs from the compute dtype {self.dtype}: set "
+                                    f"dtype {value} instead (weights are kept in the compute dtype unless quantized)")
+        raise ValueError(f"quantization {value!r} is not one of none, {', '.join(WEIGHT_QUANT_MODES)}")
+
+    def _kv_cache_dtype(self, value: str) -> str:
+        if value == "auto" or _dtype_name_or_none(value) == self.dtype:
+            return self.dtype
+        if value == "fp8":
+            return value
+        if _dtype_name_or_none(value):
+            raise UnsupportedOption(f"KV cache dtype {value!r} differs from the compute dtype {self.dtype}: use "
+                                    "auto, or fp8 to halve the cache")
+        raise ValueError(f"KV cache dtype {value!r} is not one of auto, {self.dtype}, fp8")
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else DTYPES[self.kv_cache_dtype]
+
+    @property
+    def is_complete(self) -> bool:
+        return None not in (self.num_kv_blocks, self.max_model_len, self.max_num_seqs, self.max_num_batched_tokens)
+
+    def for_model(self, facts: ModelFacts) -> EngineConfig:
+        """A copy with every unset limit taken from the model and the memory plan for this device."""
+        if self.max_model_len and self.max_model_len > facts.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds {facts.name}'s "
+                             f"{facts.max_position_embeddings} positions")
+        max_model_len = self.max_model_len or facts.max_position_embeddings
+        num_kv_blocks, max_num_seqs, max_batched = self.num_kv_blocks, self.max_num_seqs, self.max_num_batched_tokens
+        if None in (num_kv_blocks, max_num_seqs, max_batched):
+            plan = memory_plan(facts, dataclasses.replace(self, max_model_len=max_model_len))
+            num_kv_blocks = num_kv_blocks or plan.num_kv_blocks
+            max_batched = max_batched or max(plan.max_batched_tokens, max_num_seqs or 0)
+            max_num_seqs = max_num_seqs or min(plan.max_num_seqs, max_batched)
+        return dataclasses.replace(self, max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched)
+
+
+def _dtype_name_or_none(value: str) -> str | None:
+    name = DTYPE_ALIASES.get(value, value)
+    return name if name in DTYPES else None
+
+
+def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
+    """The memory model's plan for this config on `device` (default: this machine's device)."""
+    from kvpilot.runtime.memory.devices import cpu_device, detect_gpu
+    from kvpilot.runtime.memory.planner import PlanRequest, plan, size
+
+    if device is None:
+        gpu = detect_gpu() if config.device.startswith("cuda") else None
+        device = gpu[0] if gpu else cpu_device()
+    request = PlanRequest(max_context=config.max_model_len, max_batched_tokens=config.max_num_batched_tokens,
+                          max_num_seqs=config.max_num_seqs, quantization=config.quantization or config.dtype,
+                          kv_dtype=config.kv_cache_dtype,
+                          block_size=config.block_size, gpu_memory_utilization=config.gpu_memory_utilization)
+    if config.tensor_parallel_size == 1:
+        return plan(facts, device, request)
+    tp = config.tensor_parallel_size  # given: size that one configuration, fitting or not (the KV blocks say)
+    return size(facts, device, request, request.quantization, request.kv_dtype, tp, gpus_per_node=tp)[0]

@@ -1,0 +1,206 @@
+"""The synchronous engine: requests in, one scheduled step at a time, outputs out. `LLM` (offline
+batches) and `AsyncLLMEngine` (the server's streams) are thin drivers of this one loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import torch
+
+from kvpilot.runtime.engine.block_manager import BlockManager
+from kvpilot.runtime.engine.config import EngineConfig
+from kvpilot.runtime.engine.detokenizer import IncrementalDetokenizer
+from kvpilot.runtime.engine.json_mode import token_texts
+from kvpilot.runtime.engine.kv_cache import expected_kv_bytes
+from kvpilot.runtime.engine.model_runner import ModelRunner
+from kvpilot.runtime.engine.outputs import EngineStats, RequestOutput
+from kvpilot.runtime.engine.sampler import Sampler, stop_token_ids
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.engine.scheduler import AdmissionError, Scheduler
+from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
+from kvpilot.runtime.engine.workers import start_workers
+from kvpilot.runtime.loading.loader import LoadedModel, load_model
+from kvpilot.runtime.models.parallel import SINGLE, Parallel
+from kvpilot.runtime.models.quantized import weight_quantization
+
+logger = logging.getLogger("kvpilot.runtime.engine.llm_engine")
+MiB = 1 << 20
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        started = time.perf_counter()
+        self.parallel, self.workers = SINGLE, None
+        if config.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise ValueError("a tensor-parallel engine loads its own shards: pass no loaded model")
+            self.parallel, self.workers = start_workers(config)
+            loaded = self._load_shard(config)
+        self.loaded = loaded or load_configured(config)
+        loaded_as = weight_quantization(self.loaded.model)
+        if loaded_as != config.quantization:
+            raise ValueError(f"the model was loaded with {loaded_as or 'no'} weight quantization, the config asks "
+                             f"for {config.quantization or 'none'}")
+        self.facts = self.loaded.facts
+        self.config = config = config.for_model(self.facts)
+        self.tokenizer = self.loaded.tokenizer
+        self.eos_token_ids = self.loaded.eos_token_ids
+        self.device = torch.device(config.device)
+        _check_device_memory(self.device, expected_kv_bytes(self.facts, config.num_kv_blocks, config.block_size,
+                                                            config.kv_torch_dtype, config.tensor_parallel_size))
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        sampler = Sampler(self.eos_token_ids, generator, self._token_texts)
+        self.runner = ModelRunner(self.loaded.model, self.facts, config, sampler, self.parallel)
+        self.requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("engine ready: model=%s device=%s dtype=%s weights=%s kv=%s kv_blocks=%d block_size=%d kv_mib=%.1f "
+                    "max_model_len=%d max_num_seqs=%d max_batched_tokens=%d prefix_caching=%s seconds=%.1f",
+                    self.facts.name, config.device, config.dtype, config.quantization or config.dtype,
+                    config.kv_cache_dtype, config.num_kv_blocks, config.block_size,
+                    self.runner.kv_cache.nbytes / MiB, config.max_model_len, config.max_num_seqs,
+                    config.max_num_batched_tokens, config.enable_prefix_caching, time.perf_counter() - started)
+
+    def _load_shard(self, config: EngineConfig) -> LoadedModel:
+        """Rank 0's shard; raises what a worker's load raised (every rank reports before any runs)."""
+        try:
+            loaded = load_configured(config, self.parallel)
+        except Exception:
+            self.parallel.all_ok(False, config.device)
+            self.workers.stop_group()
+            raise
+        if not self.parallel.all_ok(True, config.device):
+            self.workers.stop_group()
+            self.workers.raise_failure()
+        self.parallel.broadcast(dataclasses.asdict(config.for_model(loaded.facts)))  # the workers' limits
+        return loaded
+
+    def _token_texts(self) -> list[str]:
+        return token_texts(self.tokenizer, self.facts.vocab_size)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do for one process). The engine is unusable after."""
+        if self.workers is not None:
+            self.workers.stop(self.parallel)
+            self.workers = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation in the model's chat template, ready for `add_request`."""
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                       tokenize=True, return_dict=False))
+
+    def check_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise `AdmissionError` (a ValueError naming the numbers) for a request that can never be served."""
+        if not prompt_token_ids:
+            raise AdmissionError(f"request {request_id!r}: the prompt is empty")
+        vocab = self.facts.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise AdmissionError(f"request {request_id!r}: prompt token ids {bad[:5]} are outside the vocabulary "
+                             f"0..{vocab - 1}")
+        self.scheduler.check_admission(request_id, len(prompt_token_ids), params.max_tokens)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.check_request(request_id, prompt_token_ids, params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, prompt_token_ids, params, self.config.block_size, generator)
+        self.scheduler.add(seq)
+        self.requests[request_id] = (seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop))
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Finish a request now (its blocks are free on return); None if it is not running."""
+        entry = self.requests.pop(request_id, None)
+        if entry is None:
+            return None
+        seq, detok = entry
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, detok, [], [])
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; one output for each request that got a token."""
+        batch = self.scheduler.schedule()
+        if batch.preempted:
+            logger.info("preempted %d sequences for recompute: %s", len(batch.preempted),
+                        [s.request_id for s in batch.preempted])
+        if batch.is_empty:
+            return []
+        result = self.runner.run(batch)
+        self.scheduler.postprocess(batch)
+        outputs = []
+        for seq, token_id, logprob in zip(result.seqs, result.token_ids, result.logprobs, strict=True):
+            seq.append_token(token_id, logprob)
+            self.generation_tokens_total += 1
+            if seq.num_output_tokens == 1:
+                self.prompt_tokens_total += seq.num_prompt_tokens
+            seq_detok = self.requests[seq.request_id][1]
+            reason = self._finish_reason(seq, seq_detok, token_id)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self.requests[seq.request_id]
+            outputs.append(self._output(seq, seq_detok, [token_id], [logprob] if logprob else []))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, detok: IncrementalDetokenizer, token_id: int) -> str | None:
+        params = seq.params
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        if may_stop and token_id in stop_token_ids(params, self.eos_token_ids):
+            return "stop"  # the stop token's text is not part of the output
+        if detok.append(token_id, check_stop=may_stop):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, detok: IncrementalDetokenizer, new_token_ids: list[int],
+                logprobs: list[TokenLogprob]) -> RequestOutput:
+        queued = None if seq.first_scheduled_time is None else seq.first_scheduled_time - seq.arrival_time
+        return RequestOutput(
+            request_id=seq.request_id, num_prompt_tokens=seq.num_prompt_tokens, new_token_ids=new_token_ids,
+            new_text=detok.take_delta(finished=seq.is_finished), token_ids=seq.output_token_ids,
+            text=detok.output_text[: detok.num_emitted_chars],
+            logprobs=logprobs if seq.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason, num_cached_tokens=seq.num_cached_tokens, queue_seconds=queued)
+
+    def stats(self) -> EngineStats:
+        bm, sched = self.block_manager, self.scheduler
+        allocated, used = bm.slot_usage(sched.running)
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=len(sched.waiting), num_kv_blocks=bm.num_blocks,
+            num_free_kv_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage, num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            kv_slots_allocated=allocated, kv_slots_used=used)
+
+
+def _check_device_memory(device: torch.device, kv_bytes: int) -> None:
+    """On a GPU, the plan's KV pool must fit in what the driver says is free after the weights."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if kv_bytes > free:
+        raise RuntimeError(f"the KV cache needs {kv_bytes / MiB:.0f} MiB but {device} has {free / MiB:.0f} MiB "
+                           "free after loading the weights: lower num_kv_blocks, max_model_len or "
+                           "gpu_memory_utilization")
+
+
+def load_configured(config: EngineConfig, parallel: Parallel = SINGLE) -> LoadedModel:
+    """The model `config` names, loaded for this rank."""
+    return load_model(config.model, config.torch_dtype, config.device, config.max_model_len, config.quantization,
+                      parallel)

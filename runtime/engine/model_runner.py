@@ -1,0 +1,145 @@
+"""One engine step on the device: pack the scheduled tokens (decodes first, then prefill chunks)
+into one forward pass, take the logits of the sequences whose every token is then computed, and
+sample their next tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpilot.runtime.engine.config import EngineConfig
+from kvpilot.runtime.engine.kv_cache import KVCache, allocate_kv_cache
+from kvpilot.runtime.engine.sampler import Sampler
+from kvpilot.runtime.engine.scheduler import ScheduledBatch
+from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
+from kvpilot.runtime.memory.facts import ModelFacts
+from kvpilot.runtime.models.layers import AttentionMetadata
+from kvpilot.runtime.models.llama import LlamaForCausalLM
+from kvpilot.runtime.models.parallel import SINGLE, Parallel
+
+
+@dataclass
+class HostInputs:
+    """One step's packed inputs as host lists: what rank 0 broadcasts to tensor-parallel workers."""
+
+    tokens: list[int]
+    positions: list[int]
+    slots: list[int]
+    num_decodes: int
+    decode_block_tables: list[list[int]]
+    decode_context_lens: list[int]
+    prefill_block_tables: list[list[int]]
+    prefill_cu_seqlens: list[int]
+    prefill_context_lens: list[int]
+    prefill_max_query_len: int
+    sample_rows: list[int]  # rows of the packed batch whose logits are sampled
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor
+
+
+@dataclass
+class StepResult:
+    seqs: list[Sequence]  # the sequences that got a token, in the order of `token_ids`
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+def _block_tables(seqs: list[Sequence]) -> list[list[int]]:
+    width = max((len(s.block_table) for s in seqs), default=0)
+    return [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, facts: ModelFacts, config: EngineConfig, sampler: Sampler | None,
+                 parallel: Parallel = SINGLE) -> None:
+        """`sampler`: None on tensor-parallel workers, which never sample."""
+        self.model, self.facts, self.sampler, self.parallel = model, facts, sampler, parallel
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        self.kv_cache: KVCache = allocate_kv_cache(facts, config.num_kv_blocks, config.block_size,
+                                                   config.kv_torch_dtype, self.device, parallel.size)
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def pack(self, batch: ScheduledBatch) -> tuple[HostInputs, list[Sequence]]:
+        """The batch's tokens packed (decodes first, then prefill chunks), and the sequences to sample."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for seq in batch.decodes:
+            pos = seq.num_computed_tokens
+            tokens.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            if pos + 1 == seq.num_tokens:
+                sample_rows.append(len(tokens) - 1)
+                sample_seqs.append(seq)
+        cu_seqlens, prefill_lens = [0], []
+        for seq, n in batch.prefills:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            tokens += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += self._slots(seq, start, end)
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            prefill_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(len(tokens) - 1)
+                sample_seqs.append(seq)
+        host = HostInputs(
+            tokens, positions, slots, len(batch.decodes), _block_tables(batch.decodes),
+            [s.num_computed_tokens + 1 for s in batch.decodes], _block_tables([seq for seq, _ in batch.prefills]),
+            cu_seqlens, prefill_lens, max((n for _, n in batch.prefills), default=0), sample_rows)
+        return host, sample_seqs
+
+    def to_device(self, host: HostInputs) -> StepInputs:
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=tensor(host.slots, torch.int64),
+            num_decode_tokens=host.num_decodes,
+            decode_block_tables=tensor(host.decode_block_tables, torch.int32),
+            decode_context_lens=tensor(host.decode_context_lens, torch.int32),
+            prefill_block_tables=tensor(host.prefill_block_tables, torch.int32),
+            prefill_cu_seqlens_q=tensor(host.prefill_cu_seqlens, torch.int32),
+            prefill_context_lens=tensor(host.prefill_context_lens, torch.int32),
+            decode_max_context_len=max(host.decode_context_lens, default=0),
+            prefill_max_query_len=host.prefill_max_query_len,
+        )
+        return StepInputs(tensor(host.tokens, torch.int64), tensor(host.positions, torch.int64), meta,
+                          tensor(host.sample_rows, torch.int64))
+
+    @torch.inference_mode()
+    def execute(self, host: HostInputs) -> torch.Tensor | None:
+        """The forward pass and the sampled rows' logits (None when no row is sampled). Every rank of a
+        tensor-parallel group runs it with the same inputs."""
+        inputs = self.to_device(host)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.k_caches, self.kv_cache.v_caches,
+                            inputs.meta)
+        if not host.sample_rows:
+            return None
+        return self.model.compute_logits(hidden[inputs.sample_indices])
+
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        """Compute the batch's tokens into the KV cache and sample for the sequences that are ready
+        (call before the scheduler's `postprocess`, which counts the tokens as computed)."""
+        host, sample_seqs = self.pack(batch)
+        if self.parallel.size > 1:
+            self.parallel.broadcast(host)
+        logits = self.execute(host)
+        if logits is None:
+            return StepResult([], [], [])
+        with torch.inference_mode():
+            token_ids, logprobs = self.sampler(logits, sample_seqs)
+        return StepResult(sample_seqs, token_ids, logprobs)

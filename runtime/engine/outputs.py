@@ -1,0 +1,42 @@
+"""What the engine hands out: one `RequestOutput` per request per step (and a final one), and a
+snapshot of its state for metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvpilot.runtime.engine.sequence import TokenLogprob
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    num_prompt_tokens: int
+    new_token_ids: list[int]  # generated since the previous output of this request
+    new_text: str  # text released since the previous output (stop-string candidates are held back)
+    token_ids: list[int]  # every generated token so far
+    text: str  # every character released so far
+    logprobs: list[TokenLogprob] | None = None  # for `new_token_ids`, when the request asked for logprobs
+    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    queue_seconds: float | None = None  # arrival to first schedule
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    kv_cache_usage: float  # 0..1, blocks in use
+    num_preemptions: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    kv_slots_allocated: int = 0  # tokens the blocks held by running sequences could hold
+    kv_slots_used: int = 0  # tokens whose K/V those blocks hold

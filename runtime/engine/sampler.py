@@ -1,0 +1,169 @@
+"""From the last position's logits of every sampled sequence to one token each, in a few batched
+tensor ops: stop-token masking (min_tokens), penalties, greedy argmax, temperature, top-k / top-p /
+min-p, and sampling by the exponential race (argmax of p / q, q ~ Exp(1)), which lets a request with
+a seed draw its q from its own generator while the rest share the engine's. JSON-mode rows take the
+best-scoring token the JSON grammar accepts (json_mode.py) instead of the plain argmax."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+
+import torch
+
+from kvpilot.runtime.engine.json_mode import feed
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
+
+
+def stop_token_ids(params: SamplingParams, eos_token_ids: Seq[int]) -> list[int]:
+    return list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
+
+
+def apply_min_tokens(logits: torch.Tensor, seqs: Seq[Sequence], eos_token_ids: Seq[int]) -> None:
+    """Before min_tokens are out, the tokens that would stop a sequence cannot be drawn."""
+    for row, seq in enumerate(seqs):
+        if seq.num_output_tokens < seq.params.min_tokens:
+            banned = stop_token_ids(seq.params, eos_token_ids)
+            if banned:
+                logits[row, banned] = float("-inf")
+
+
+def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> None:
+    """Repetition penalty over prompt and output (divide positive logits, multiply negative ones, as
+    HF and vLLM do); presence and frequency penalties over the output, as OpenAI defines them."""
+    rows = [i for i, seq in enumerate(seqs) if seq.params.has_penalties]
+    if not rows:
+        return
+    vocab, device = logits.shape[1], logits.device
+    longest = max(seqs[i].num_tokens for i in rows)
+    padded = torch.full((len(rows), longest), vocab, dtype=torch.long)  # index `vocab` is a dump column
+    is_output = torch.zeros((len(rows), longest), dtype=torch.bool)
+    for r, i in enumerate(rows):
+        seq = seqs[i]
+        padded[r, : seq.num_tokens] = torch.tensor(seq.token_ids)
+        is_output[r, seq.num_prompt_tokens : seq.num_tokens] = True
+    padded, is_output = padded.to(device), is_output.to(device)
+    counts = torch.zeros((len(rows), vocab + 1), device=device).scatter_add_(1, padded, is_output.float())[:, :vocab]
+    seen = torch.zeros((len(rows), vocab + 1), dtype=torch.bool, device=device).scatter_(1, padded, True)[:, :vocab]
+    params = [seqs[i].params for i in rows]
+    rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
+    pres = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+    sub = logits[rows]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - freq * counts - pres * (counts > 0).float()
+    logits[rows] = sub
+
+
+def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k tokens (0: all), then the smallest set whose probability reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    k = torch.where(top_k > 0, top_k, logits.shape[-1]).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely one."""
+    probs = logits.softmax(dim=-1)
+    floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
+JSON_FIRST_CANDIDATES = 64  # JSON mode tries a row's best 64 tokens before sorting all of them
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: Seq[int], generator: torch.Generator,
+                 token_texts: Callable[[], list[str]] | None = None) -> None:
+        """`token_texts`: each token id's text, made on the first JSON-mode request (a pass over the
+        vocabulary); None: JSON mode is refused."""
+        self.eos_token_ids = list(eos_token_ids)
+        self.generator = generator
+        self._make_token_texts = token_texts
+        self._token_texts: list[str] | None = None
+
+    def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [len(seqs), vocab] -> one token per sequence, and its logprobs where asked."""
+        logits = logits.to(torch.float32, copy=True)  # masked and penalized in place below
+        raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+        apply_min_tokens(logits, seqs, self.eos_token_ids)
+        apply_penalties(logits, seqs)
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+        race = None
+        if sampled:
+            race = self._race(logits[sampled], [seqs[i] for i in sampled])
+            tokens[sampled] = race.argmax(dim=-1)
+        token_list = tokens.tolist()
+        for i, seq in enumerate(seqs):
+            if seq.json_state is not None:
+                passes = [(logits[i], float("-inf"))]  # by likelihood, ignoring truncation: the fallback
+                if i in sampled:  # a race score of 0 is a token top-k / top-p / min-p cut away
+                    passes.insert(0, (race[sampled.index(i)], 0.0))
+                token_list[i] = self._json_pick(passes, seq)
+        logprobs = [None if raw_logprobs is None or seq.params.logprobs is None
+                    else self._logprob(raw_logprobs[i], token_list[i], seq.params.logprobs)
+                    for i, seq in enumerate(seqs)]
+        return token_list, logprobs
+
+    def _race(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+        """p / q per token: its argmax is a sample of p (and, restricted to any subset, of p there)."""
+        device = logits.device
+        params = [s.params for s in seqs]
+        logits = logits / torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        if any(p.truncates for p in params):
+            logits = truncate(logits, torch.tensor([p.top_k for p in params], device=device),
+                              torch.tensor([p.top_p for p in params], device=device))
+        if any(p.min_p > 0 for p in params):
+            logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], device=device))
+        probs = logits.softmax(dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None:
+                race[row].exponential_(generator=seq.generator)
+        return probs / race
+
+    def _json_pick(self, passes: list[tuple[torch.Tensor, float]], seq: Sequence) -> int:
+        """The best-scoring token (scores above the floor, pass by pass) that keeps the output a JSON
+        object's prefix; stop tokens once the object is whole. Advances the sequence's JSON state."""
+        if self._token_texts is None:
+            if self._make_token_texts is None:
+                raise ValueError("JSON mode needs the tokenizer's token texts, and this sampler has none")
+            self._token_texts = self._make_token_texts()
+        stops = set(stop_token_ids(seq.params, self.eos_token_ids))
+        state = seq.json_state
+        if state.complete:  # the object is whole: stop now rather than pad it with whitespace
+            logits = passes[-1][0]
+            allowed = {t: float(logits[t]) for t in stops if t < logits.shape[0]}
+            allowed = {t: score for t, score in allowed.items() if score > float("-inf")}  # min_tokens bans them
+            if allowed:
+                return max(allowed, key=allowed.__getitem__)
+        for ranked, floor in passes:
+            ranked = ranked.float().cpu()  # one transfer, then plain Python
+            for k in (JSON_FIRST_CANDIDATES, ranked.shape[0]):  # the best few nearly always hold one
+                values, order = ranked.topk(min(k, ranked.shape[0]))
+                for score, token in zip(values.tolist(), order.tolist(), strict=True):
+                    if score <= floor:
+                        break
+                    if token in stops:
+                        continue
+                    text = self._token_texts[token] if token < len(self._token_texts) else ""
+                    after = feed(state, text) if text else None
+                    if after is not None:
+                        seq.json_state = after
+                        return token
+        raise ValueError(f"request {seq.request_id!r}: no token continues the JSON output")
+
+    @staticmethod
+    def _logprob(logprobs: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+        top = []
+        if top_n:
+            values, ids = logprobs.topk(top_n)
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(token_id, float(logprobs[token_id]), top)

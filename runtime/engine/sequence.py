@@ -1,0 +1,102 @@
+"""A request as the engine sees it: one `Sequence` that the scheduler, block manager and model runner
+all read. Its tokens are the prompt followed by the output so far; `num_computed_tokens` of them
+have their K/V in the cache (after a preemption by recompute it drops back to 0)."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from typing import NamedTuple
+
+import torch
+
+from kvpilot.runtime.engine.json_mode import START, JsonState
+from kvpilot.runtime.engine.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class TokenLogprob(NamedTuple):
+    """One generated token's log-probability and the top-n alternatives, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, block_size: int,
+                 generator: torch.Generator | None = None) -> None:
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r}: the prompt must hold at least one token")
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.params = params
+        self.block_size = block_size
+        self.generator = generator  # set only for requests with a seed: reproducible per request
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the first schedule
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks, computed once per block
+        self.num_registered_blocks = 0  # leading blocks whose hash the block manager has recorded
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        # JSON mode: where the output stands in the JSON grammar (the sampler advances it).
+        self.json_state: JsonState | None = START if params.json_object else None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, tokens={len(self)}, computed={self.num_computed_tokens}, "
+                f"blocks={self.block_table}, {self.status.value})")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def block_tokens(self, index: int) -> list[int]:
+        return self.token_ids[index * self.block_size : (index + 1) * self.block_size]
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None = None) -> None:
+        self.token_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: its blocks are gone, so every token (prompt and output) is computed again."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.num_registered_blocks = 0
+        self.status = SequenceStatus.WAITING

@@ -1,0 +1,62 @@
+"""A memory plan as a person reads it: the decision, why, a per-GPU memory bar, KV capacity."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from kvpilot.runtime.memory.devices import GiB
+from kvpilot.runtime.memory.planner import Plan
+
+_BAR_WIDTH = 48
+_PARTS = (("weights", "magenta"), ("kv_cache", "green"), ("activations", "yellow"), ("overhead", "red"))
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def memory_bar(plan: Plan) -> Text:
+    """One character per 1/48 of the device's memory; dots are headroom, spaces are reserved."""
+    mem = plan.memory
+    bar = Text()
+    for part, colour in _PARTS:
+        bar.append("█" * round(_BAR_WIDTH * getattr(mem, part) / mem.total), style=colour)
+    bar.append("·" * max(0, round(_BAR_WIDTH * mem.headroom / mem.total)))
+    bar.append(" " * max(0, _BAR_WIDTH - len(bar)))
+    return Text("[") + bar + Text("]")
+
+
+def render_plan(plan: Plan, console: Console) -> None:
+    where = "CPU (system RAM)" if plan.device_kind == "cpu" else f"{plan.gpus_per_replica} x {plan.device}"
+    decision = Table(title=f"kvpilot plan: {plan.model} on {where}", show_header=False, title_justify="left")
+    decision.add_column(style="bold")
+    decision.add_column()
+    decision.add_row("quantization", f"{plan.quantization} weights, {plan.kv_dtype} KV cache "
+                                     f"(compute {plan.compute_dtype})")
+    decision.add_row("parallelism", f"tensor parallel {plan.tensor_parallel}, {plan.nodes} node(s), "
+                                    f"{plan.gpus_per_replica} GPU(s) per replica")
+    decision.add_row("KV cache", f"{plan.num_kv_blocks} blocks x {plan.block_size} tokens = "
+                                 f"{plan.kv_capacity_tokens:,} tokens "
+                                 f"({plan.kv_bytes_per_token:,} bytes/token per GPU)")
+    decision.add_row("capacity", f"{plan.kv_capacity_sequences} sequences at {plan.max_model_len:,} tokens; "
+                                 f"max {plan.max_num_seqs} running, {plan.max_batched_tokens} tokens per step")
+    console.print(decision)
+
+    memory = Table(title="memory per GPU" if plan.device_kind == "cuda" else "memory (host)",
+                   title_justify="left")
+    memory.add_column("part")
+    memory.add_column("bytes", justify="right")
+    memory.add_column("share", justify="right")
+    mem = plan.memory
+    for part, colour in _PARTS:
+        value = getattr(mem, part)
+        memory.add_row(Text(part.replace("_", " "), style=colour), _gib(value), f"{value / mem.total:.1%}")
+    memory.add_row("headroom", _gib(mem.headroom), f"{mem.headroom / mem.total:.1%}")
+    memory.add_row("usable / total", f"{_gib(mem.usable)} / {_gib(mem.total)}", "")
+    console.print(memory)
+    console.print(memory_bar(plan))
+    console.print("why:")
+    for reason in plan.reasons:
+        console.print(f"  - {reason}", highlight=False)

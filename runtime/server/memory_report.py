@@ -1,0 +1,58 @@
+"""Predicted vs measured memory, per part, for /metrics and the operator's status.
+
+Measured figures are only what the process can really see: tensor bytes of the weights and the
+KV pool everywhere; on CUDA also the activation peak (allocator high-water mark less weights and
+KV) and the memory outside torch's allocator (CUDA context, NCCL) from pynvml. On the CPU those
+two are not reported rather than guessed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kvpilot.runtime.memory.planner import Plan
+from kvpilot.runtime.server.metrics import MemoryFigures
+
+
+def weight_bytes_held(module: torch.nn.Module) -> int:
+    """Bytes of the model's weights as loaded (quantized ones with their scales; tied weights once). The
+    state dict leaves out the rotary cos/sin tables, which are derived, not weights."""
+    tensors = {t.data_ptr(): t for t in module.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _process_gpu_bytes(device_index: int) -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVIDIA driver
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid():
+                return int(proc.usedGpuMemory or 0)
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def memory_figures(engine, plan: Plan) -> MemoryFigures:
+    """`engine` is the running LLMEngine; `plan` the memory model's plan for its config."""
+    config = engine.config
+    kv_planned = config.num_kv_blocks * config.block_size * plan.kv_bytes_per_token
+    planned = {"weights": plan.memory.weights, "kv_cache": kv_planned,
+               "activations": plan.memory.activations, "other": plan.memory.overhead}
+    weights = weight_bytes_held(engine.loaded.model)
+    kv = engine.runner.kv_cache.nbytes
+    measured = {"weights": weights, "kv_cache": kv}
+    device = engine.device
+    if device.type == "cuda":
+        measured["activations"] = max(0, torch.cuda.max_memory_allocated(device) - weights - kv)
+        process = _process_gpu_bytes(device.index or 0)
+        if process is not None:
+            measured["other"] = max(0, process - torch.cuda.memory_reserved(device))
+    return MemoryFigures(planned, measured)

@@ -1,0 +1,181 @@
+"""OpenAI API request bodies (plus vLLM's extra sampling fields) and the error shape.
+
+Unknown fields are ignored, as OpenAI's own server does for forward compatibility; wrong types
+and out-of-range values are 400 errors that name the field, and so are the known fields this server
+does not run (tools, logit_bias, a response_format JSON schema, ...: NOT_RUN, RESPONSE_FORMATS).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from kvpilot.runtime.engine.sampling import SamplingParams
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | None = None
+
+
+def error_json(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": ErrorBody(message=message, type=kind, param=param, code=status).model_dump()}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+# response_format: text and json_object run (json_mode.py); a JSON schema does not.
+RESPONSE_FORMATS = ("text", "json_object")
+# OpenAI fields that change what comes back and that this server does not run: a request using one is
+# refused with a 400 naming it, never answered as if the field were absent. Values meaning "off" pass.
+NOT_RUN = {
+    "tools": ("tool calling", (None, [])),
+    "tool_choice": ("tool calling", (None, "none")),
+    "functions": ("function calling", (None, [])),
+    "function_call": ("function calling", (None, "none")),
+    "logit_bias": ("logit_bias", (None, {})),
+    "best_of": ("best_of", (None, 1)),
+    "suffix": ("suffix (insertion)", (None, "")),
+}
+
+
+class _SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: int = Field(1, ge=1, le=16)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator(*NOT_RUN)
+    @classmethod
+    def _not_run(cls, value: Any, info: ValidationInfo) -> Any:
+        feature, off = NOT_RUN[info.field_name]
+        if value not in off:
+            raise ValueError(f"{feature} is not supported by this server; send the request without "
+                             f"{info.field_name}")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: Any) -> Any:
+        kind = value.get("type") if isinstance(value, dict) else value
+        if value is not None and kind not in RESPONSE_FORMATS:
+            raise ValueError(f"type {kind!r} is not supported by this server: use one of {', '.join(RESPONSE_FORMATS)}"
+                             " (json_schema is not run)")
+        return value
+
+    @property
+    def json_object(self) -> bool:
+        return isinstance(self.response_format, dict) and self.response_format.get("type") == "json_object"
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
+        """Engine parameters for choice number `seed_offset` of `n` (each choice its own seed)."""
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, seed=None if self.seed is None else self.seed + seed_offset,
+            stop=self.stop_list(), stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logprobs=logprobs, json_object=self.json_object,
+        )
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _single_prompt(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            if len(self.prompt) != 1:
+                raise ValueError("prompt: batches of prompts are not supported; send one prompt per request")
+            self.prompt = self.prompt[0]
+        if self.echo:
+            raise ValueError("echo: not supported")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text":
+                    raise ValueError(f"messages: content part of type {part.get('type')!r} is not supported")
+                parts.append(str(part.get("text", "")))
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]

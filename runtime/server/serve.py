@@ -1,0 +1,171 @@
+"""`kvpilot serve`: load a model, print its memory plan, serve the OpenAI API until SIGTERM.
+
+`kvpilot up` (kvpilot.cli.up) plans a manifest for this machine and serves it through `serve_engine`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+
+from kvpilot.runtime.memory.devices import parse_quantity
+from kvpilot.runtime.usage import UsageError
+
+DEFAULT_PORT = 8000
+DEFAULT_GRACE_SECONDS = 30.0  # Kubernetes' default terminationGracePeriodSeconds
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--api-key", default=os.environ.get("KVPILOT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KVPILOT_API_KEY)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get HTTP 429")
+    p.add_argument("--shutdown-grace", type=float, default=DEFAULT_GRACE_SECONDS,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI API",
+                       description="Serve a HF directory or GGUF file; with no --model, the embedded "
+                                   "SmolLM2-135M-Instruct.")
+    add_engine_flags(p)
+    add_server_flags(p)
+    p.set_defaults(run=run_serve)
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """What to load and how to size the engine: the options a plan sets (`Plan.engine_options`)."""
+    p.add_argument("--model", help="HF directory (config.json + safetensors) or .gguf file")
+    p.add_argument("--served-model-name", help="name the API answers to (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, fp32, bf16, fp16")
+    p.add_argument("--quantization", help="weights of the decoder projections: int8, int4 or fp8; "
+                   "default: the compute dtype")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the compute dtype) or fp8 (half the bytes)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="GPUs (ranks) the model is split over")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes the ranks span (tensor-parallel / nnodes GPUs each)")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this node's place; 0 serves HTTP, the others only run their ranks")
+    p.add_argument("--leader-address", help="host of node 0, where the ranks meet (nnodes > 1)")
+    p.add_argument("--leader-port", type=int, default=29500)
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--num-kv-blocks", type=int, help="KV blocks to allocate (the operator's plan passes it)")
+    kv.add_argument("--kv-memory", help="bytes of KV cache instead, e.g. 2Gi")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    p.add_argument("--no-prefix-caching", action="store_true")
+
+
+def engine_config(args: argparse.Namespace, command: str = "kvpilot serve"):
+    """The EngineConfig `kvpilot serve` flags ask for; UsageError naming the bad option."""
+    from kvpilot.runtime.engine.config import EngineConfig
+
+    try:
+        return EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                              tensor_parallel_size=args.tensor_parallel, nnodes=args.nnodes,
+                              node_rank=args.node_rank, leader_address=args.leader_address,
+                              leader_port=args.leader_port, block_size=args.block_size,
+                              num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              gpu_memory_utilization=args.gpu_memory_utilization,
+                              enable_prefix_caching=not args.no_prefix_caching)
+    except ValueError as err:  # EngineConfig names the bad option and what is allowed
+        raise UsageError(f"{command}: {err}") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from kvpilot.runtime.engine.llm_engine import load_configured
+
+    config = engine_config(args)
+    if config.node_rank > 0:  # a LeaderWorkerSet worker pod: its ranks only, no server
+        from kvpilot.runtime.engine.workers import run_worker_node
+
+        return run_worker_node(config)
+    if config.tensor_parallel_size > 1:  # the engine loads every rank's shard itself
+        if args.kv_memory:
+            raise UsageError("kvpilot serve: with --tensor-parallel > 1 give --num-kv-blocks (the plan's), "
+                             "not --kv-memory")
+        return serve_engine(config, None, args.served_model_name, args)
+    loaded = load_configured(config)
+    if args.kv_memory:
+        from kvpilot.runtime.engine.kv_cache import DTYPE_NAMES
+        from kvpilot.runtime.memory.quantization import kv_bytes_per_token
+
+        per_block = args.block_size * kv_bytes_per_token(loaded.facts, DTYPE_NAMES[config.kv_torch_dtype])
+        blocks = parse_quantity(args.kv_memory) // per_block
+        if blocks < 1:
+            raise UsageError(f"--kv-memory {args.kv_memory} holds no block of {per_block} bytes")
+        config.num_kv_blocks = blocks
+    name = args.served_model_name or _default_name(loaded.source)
+    return serve_engine(config, loaded, name, args)
+
+
+def _default_name(source: Path) -> str:
+    name = source.name.removesuffix(".gguf")
+    return name.split(".")[0] if source.suffix == ".gguf" else name
+
+
+def serve_engine(config, loaded, name: str | None, args: argparse.Namespace) -> int:
+    """Serve until SIGTERM; `loaded` None: the engine loads (its shards, under tensor parallelism);
+    `name` None: the model's own."""
+    from rich.console import Console
+
+    from kvpilot.runtime.engine.async_engine import AsyncLLMEngine
+    from kvpilot.runtime.engine.config import memory_plan
+    from kvpilot.runtime.engine.llm_engine import LLMEngine
+    from kvpilot.runtime.memory.plan_view import render_plan
+    from kvpilot.runtime.server.app import ServerConfig, build_app
+    from kvpilot.runtime.server.memory_report import memory_figures
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = AsyncLLMEngine(LLMEngine(config, loaded=loaded))
+    loaded = engine.engine.loaded
+    name = name or _default_name(loaded.source)
+    plan = memory_plan(loaded.facts, engine.engine.config)
+    render_plan(plan, Console(stderr=True))
+    app = build_app(engine, ServerConfig(name, args.api_key, args.max_waiting),
+                    lambda: memory_figures(engine.engine, plan))
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        url = f"http://{args.host}:{args.port}"
+        print(f"kvpilot: serving {name} at {url}/v1 (OpenAI API); metrics at {url}/metrics", flush=True)
+        yield
+        await engine.shutdown()
+
+    app.router.lifespan_context = lifespan
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=args.shutdown_grace), app)
+    asyncio.run(server.serve())
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but /ready turns 503 the moment SIGTERM arrives, so Kubernetes takes the pod
+    out of the Service while in-flight requests finish within the grace period."""
+
+    def __init__(self, config: uvicorn.Config, app) -> None:
+        super().__init__(config)
+        self.kvpilot_app = app
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.kvpilot_app.state.draining = True
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()  # drained on purpose: exit 0 instead of re-raising SIGTERM
