@@ -10,6 +10,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from kvpilot.runtime.memory.nvml import nvml
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -96,16 +98,8 @@ def cpu_device() -> Device:
 
 def detect_gpu() -> tuple[Device, int] | None:
     """The local GPU (through pynvml) and how many there are, or None when there is none."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    try:
-        count = pynvml.nvmlDeviceGetCount()
+    with nvml() as pynvml:
+        count = pynvml.nvmlDeviceGetCount() if pynvml else 0
         if count == 0:
             return None
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
@@ -116,8 +110,6 @@ def detect_gpu() -> tuple[Device, int] | None:
         fp8 = (major, minor) >= (8, 9)
         label = name.replace(" ", "-")
         return Device(name, memory, 0.0, fp8, bf16=major >= 8, product_label=label), count
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def local_device() -> tuple[Device, int]:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kvpilot.runtime.contract import HEALTH_PATH, METRICS_PATH, READY_PATH
 from kvpilot.runtime.engine.client import EngineClient
 from kvpilot.runtime.server.metrics import MemoryFigures, ServerMetrics, gpu_memory_info
 from kvpilot.runtime.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
@@ -77,11 +78,11 @@ def build_app(engine: EngineClient, config: ServerConfig, memory: Callable[[], M
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status == 429 else None
         return _error(exc.status, exc.message, exc.kind, exc.param, headers)
 
-    @app.get("/health")
+    @app.get(HEALTH_PATH)
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get(READY_PATH)
     async def ready() -> JSONResponse:
         if app.state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -89,7 +90,7 @@ def build_app(engine: EngineClient, config: ServerConfig, memory: Callable[[], M
             return JSONResponse({"status": "starting"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get(METRICS_PATH)
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

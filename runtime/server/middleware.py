@@ -7,9 +7,10 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kvpilot.runtime.contract import HEALTH_PATH, METRICS_PATH, READY_PATH
 from kvpilot.runtime.server.protocol import error_json
 
-OPEN_PATHS = ("/health", "/ready", "/metrics")  # probes and scrapes carry no key
+OPEN_PATHS = (HEALTH_PATH, READY_PATH, METRICS_PATH)  # probes and scrapes carry no key
 
 
 async def _send_error(send: Send, status: int, message: str, kind: str, headers: list | None = None) -> None:

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import uvicorn
 
+from kvpilot.runtime.contract import HTTP_PORT
 from kvpilot.runtime.memory.devices import parse_quantity
 from kvpilot.runtime.usage import UsageError
 
-DEFAULT_PORT = 8000
 DEFAULT_GRACE_SECONDS = 30.0  # Kubernetes' default terminationGracePeriodSeconds
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=int, default=HTTP_PORT)
     p.add_argument("--api-key", default=os.environ.get("KVPILOT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $KVPILOT_API_KEY)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get HTTP 429")
