@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from kube_emulator import Emulated, emulated_operator
 from llmd_cases import load_example
 from prometheus_client import generate_latest, start_http_server
 
@@ -15,7 +16,6 @@ from kvpilot.operator.autoscaler import Autoscaler, PodLoad, measured_memory, me
 from kvpilot.operator.pod import HTTP_PORT
 from kvpilot.operator.render import selector_labels
 from kvpilot.operator.spec import Autoscaling
-from kvpilot.operator.testing import Emulated, emulated_operator
 from kvpilot.runtime.metrics import MemoryFigures, ServerMetrics
 from kvpilot.runtime.outputs import EngineStats
 from kvpilot.runtime.parallel import free_port

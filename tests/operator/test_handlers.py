@@ -15,10 +15,10 @@ from typing import Any
 import kmock
 import pytest
 import pytest_asyncio
+from kube_emulator import Emulated, emulated_cluster, emulated_operator, running_operator
 from llmd_cases import TINY_CONFIG, load_example
 
 from kvpilot.operator.main import FINALIZER
-from kvpilot.operator.testing import Emulated, emulated_cluster, emulated_operator, running_operator
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
+from kube_emulator import Emulated, emulated_cluster
 
 from kvpilot.operator import kube as kube_module
 from kvpilot.operator.kube import CHILD_RESOURCES, ApiFault, Kube
 from kvpilot.operator.merge import LAST_APPLIED
-from kvpilot.operator.testing import Emulated, emulated_cluster
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 SERVICES = CHILD_RESOURCES["Service"]

@@ -2,7 +2,7 @@
 
 Like `kopf.testing`: the emulator serves HTTP in the caller's event loop, kopf runs in its own thread
 (it cancels tasks it did not start), and the helpers poll the emulator's objects with short timeouts.
-Needs the dev dependencies (kmock); nothing in the operator imports this module.
+A test double: it lives under tests/ and needs the dev dependencies (kmock); no product module imports it.
 
 The emulator stores what it is sent and fills in no metadata; `Emulator` adds what a real API server
 would (uid, generation, creationTimestamp), because owner references and the indexes need uids.
@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import kmock
 import kopf
+from eventually import POLL_SECONDS, eventually
 
 from kvpilot.operator.handlers import build_registry
 from kvpilot.operator.hub import Hub
@@ -32,7 +33,6 @@ from kvpilot.operator.reconcile import Operator
 from kvpilot.operator.spec import API_GROUP
 
 NAMESPACE = "ml"
-POLL_SECONDS = 0.02
 START_TIMEOUT_SECONDS = 20.0
 T = TypeVar("T")
 RESOURCES = {LLMDEPLOYMENTS.kind: LLMDEPLOYMENTS, SECRETS.kind: SECRETS, PODS.kind: PODS, **CHILD_RESOURCES}
@@ -198,15 +198,8 @@ class Emulated:
         return await self._call("DELETE", RESOURCES[kind].path(self.namespace, name))
 
     async def eventually(self, probe: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
-        """Poll `probe` until it returns something truthy; fail with its last answer after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not within {timeout}s: {what or probe} (last: {value!r})")
-            await asyncio.sleep(POLL_SECONDS)
+        """tests/eventually.py's `eventually`, kept here so a test reads `cluster.eventually(...)`."""
+        return await eventually(probe, timeout, what)
 
 
 @asynccontextmanager
