@@ -31,7 +31,7 @@ import yaml
 from eventually import eventually
 from kube_emulator import Emulated, emulated_operator
 
-from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS
+from kvpilot.operator.resources import CHILD_RESOURCES, LLMDEPLOYMENTS
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 TIMEOUT_SECONDS = 600.0

@@ -23,20 +23,20 @@ from typing import Any
 import kopf
 
 from kvpilot.operator.autoscaler import average_usage, measured_memory, metrics_url, scrape
-from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, ApiFault
+from kvpilot.operator.kube import ApiFault
 from kvpilot.operator.reconcile import (
-    WORKLOAD_KINDS,
     ChildKey,
     Event,
     NotPlanned,
-    Operator,
-    Outcome,
+    OperatorContext,
+    ReconcileOutcome,
     parse,
     reconcile,
     restore_child,
     sync_workload_status,
 )
 from kvpilot.operator.render import MANAGED_BY, desired_replicas, selector_labels
+from kvpilot.operator.resources import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, WORKLOAD_KINDS
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 # Backoff of a failed reconcile: 1, 2, 4 ... seconds, capped; kopf retries until it converges.
@@ -83,7 +83,7 @@ def _live(children: kopf.Index, namespace: str, name: str) -> dict[ChildKey, Map
 
 
 def _run(body: kopf.Body, namespace: str, name: str, children: kopf.Index, patch: kopf.Patch,
-         memo: kopf.Memo, retry: int, logger: kopf.Logger) -> Outcome:
+         memo: kopf.Memo, retry: int, logger: kopf.Logger) -> ReconcileOutcome:
     metrics = memo.operator.metrics
     try:
         with metrics.reconcile_seconds.time():
@@ -120,7 +120,7 @@ def on_resync(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, mem
 
 async def on_autoscale(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, memo: kopf.Memo,
                        logger: kopf.Logger, **_: Any) -> None:
-    op: Operator = memo.operator
+    op: OperatorContext = memo.operator
     try:
         spec = parse(body).spec
         pods = await asyncio.to_thread(op.kube.list, PODS, namespace, selector_labels(name))
@@ -166,7 +166,7 @@ def on_child_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf
     owner = next(iter(owners.get(owner_key, [])), None)
     if owner is None or owner["metadata"].get("deletionTimestamp"):
         return
-    op: Operator = memo.operator
+    op: OperatorContext = memo.operator
     try:
         events, child = restore_child(owner, body, type == "DELETED", op)
         if child is not None and body["kind"] in WORKLOAD_KINDS:

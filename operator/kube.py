@@ -17,13 +17,13 @@ import json
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import kubernetes
 import urllib3
 
 from kvpilot.operator.merge import LAST_APPLIED, contains, merge_patch, with_last_applied
+from kvpilot.operator.resources import SECRETS, Resource, resource_of
 
 # (connect, read) seconds: a write to a healthy API server takes milliseconds; one that takes
 # longer is retried by the caller rather than holding a handler thread.
@@ -34,7 +34,7 @@ CONNECTION_POOL_SIZE = 32
 DISCOVERY_TTL_SECONDS = 60.0
 MERGE_PATCH = "application/merge-patch+json"
 
-Outcome = Literal["created", "patched", "unchanged"]
+ApplyAction = Literal["created", "patched", "unchanged"]  # what `Kube.apply` did
 
 
 class ApiFault(Exception):
@@ -44,48 +44,6 @@ class ApiFault(Exception):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
-
-
-@dataclass(frozen=True)
-class Resource:
-    api_version: str
-    kind: str
-    plural: str
-
-    @property
-    def group(self) -> str:
-        return self.api_version.rpartition("/")[0]
-
-    @property
-    def version(self) -> str:
-        return self.api_version.rpartition("/")[2]
-
-    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
-        base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        path = f"{base}/namespaces/{namespace}/{self.plural}"
-        return "/".join(p for p in (path, name, subresource) if p)
-
-
-LLMDEPLOYMENTS = Resource("kvpilot.io/v1alpha1", "LLMDeployment", "llmdeployments")
-SECRETS = Resource("v1", "Secret", "secrets")
-PODS = Resource("v1", "Pod", "pods")  # read only: the serving pods' addresses, for their metrics
-# Every kind the operator may create for an LLMDeployment (it watches and prunes exactly these).
-CHILD_RESOURCES = {r.kind: r for r in (
-    Resource("apps/v1", "Deployment", "deployments"),
-    Resource("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets"),
-    Resource("v1", "Service", "services"),
-    Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
-    Resource("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
-    Resource("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
-    Resource("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors"),
-)}
-
-
-def resource_of(obj: Mapping[str, Any]) -> Resource:
-    resource = CHILD_RESOURCES.get(obj["kind"]) if obj["kind"] != LLMDEPLOYMENTS.kind else LLMDEPLOYMENTS
-    if resource is None or resource.api_version != obj["apiVersion"]:
-        raise ValueError(f"{obj['apiVersion']} {obj['kind']} is not a kind the operator manages")
-    return resource
 
 
 class Kube:
@@ -180,7 +138,8 @@ class Kube:
         value = ((secret or {}).get("data") or {}).get(key)
         return base64.b64decode(value).decode().strip() if value else None
 
-    def apply(self, desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> tuple[Outcome, Mapping[str, Any]]:
+    def apply(self, desired: Mapping[str, Any],
+              live: Mapping[str, Any] | None) -> tuple[ApplyAction, Mapping[str, Any]]:
         """Create `desired`, or patch `live` towards it; nothing when `live` already holds it.
         Returns what was done and the object as the cluster now holds it.
 

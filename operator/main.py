@@ -62,7 +62,7 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     """kopf's settings for this operator (the tests and the benchmark use the same ones)."""
     import kopf
 
-    from kvpilot.operator.kube import CHILD_RESOURCES
+    from kvpilot.operator.resources import CHILD_RESOURCES
 
     # Progress and the last-handled spec in annotations under our prefix; status stays ours alone
     # (the CRD's structural schema would prune kopf's status fields anyway).
@@ -83,14 +83,14 @@ def run(config: OperatorConfig, stop_flag: threading.Event | None = None) -> Non
     from kvpilot.operator.handlers import build_registry
     from kvpilot.operator.hub import Hub
     from kvpilot.operator.kube import Kube
-    from kvpilot.operator.reconcile import Operator
+    from kvpilot.operator.reconcile import OperatorContext
 
     # kopf's formatter prefixes each object's lines with [namespace/name] (or adds fields, in json).
     kopf.configure(verbose=config.verbose, log_format=kopf.LogFormat[config.log_format.upper()], log_prefix=True)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # a line per API call is noise at any level
     registry = build_registry(config.resync_seconds, config.autoscale_seconds)
     kopf.on.login(registry=registry)(kopf.login_via_client)
-    operator = Operator(kube=Kube.from_environment(), hub=Hub(), prometheus_url=config.prometheus_url,
+    operator = OperatorContext(kube=Kube.from_environment(), hub=Hub(), prometheus_url=config.prometheus_url,
                         runtime_image=config.runtime_image)
     priority = config.priority if config.priority is not None else random.randint(*PRIORITY_RANGE)
     metrics_server = None

@@ -27,9 +27,10 @@ from eventually import POLL_SECONDS, eventually
 
 from kvpilot.operator.handlers import build_registry
 from kvpilot.operator.hub import Hub
-from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, SECRETS, Kube, Resource
+from kvpilot.operator.kube import Kube
 from kvpilot.operator.main import AUTOSCALE_SECONDS, RESYNC_SECONDS, configure
-from kvpilot.operator.reconcile import Operator
+from kvpilot.operator.reconcile import OperatorContext
+from kvpilot.operator.resources import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, SECRETS, Resource
 from kvpilot.operator.spec import API_GROUP
 
 NAMESPACE = "ml"
@@ -152,7 +153,7 @@ class Emulated:
     emulator: Emulator
     kube: Kube
     namespace: str = NAMESPACE
-    operator: Operator | None = None  # set while `running_operator` runs one on this cluster
+    operator: OperatorContext | None = None  # set while `running_operator` runs one on this cluster
 
     def metric(self, name: str, **labels: str) -> float:
         """A sample of the running operator's metrics (0 when it has none yet)."""
@@ -243,7 +244,7 @@ async def running_operator(cluster: Emulated, *, hub_endpoint: str | None = None
     watched = kmock.resource(API_GROUP, LLMDEPLOYMENTS.version, LLMDEPLOYMENTS.plural)
     watches_before = len(list(cluster.emulator[kmock.action.WATCH, watched]))
     stop, ready = threading.Event(), threading.Event()
-    cluster.operator = Operator(kube=cluster.kube, hub=Hub(hub_endpoint))
+    cluster.operator = OperatorContext(kube=cluster.kube, hub=Hub(hub_endpoint))
     memo = kopf.Memo(operator=cluster.operator)
     thread = threading.Thread(target=kopf.run, daemon=True, name="kopf", kwargs=dict(
         registry=registry, settings=settings, memo=memo, namespaces=[cluster.namespace], standalone=True,

@@ -253,7 +253,7 @@ def test_cluster_wide_rbac_grants_what_the_operator_uses(rendered: Render) -> No
 
 def test_rbac_matches_the_kinds_the_operator_manages(rendered: Render) -> None:
     """Every child kind in operator/kube.py is granted, and nothing else is written."""
-    from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS
+    from kvpilot.operator.resources import CHILD_RESOURCES, LLMDEPLOYMENTS
 
     rules = _rules(only(rendered(_scenario("default")), "ClusterRole"))
     children = {(r.group, r.plural) for r in CHILD_RESOURCES.values()}

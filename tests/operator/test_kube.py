@@ -13,8 +13,9 @@ import pytest_asyncio
 from kube_emulator import Emulated, emulated_cluster
 
 from kvpilot.operator import kube as kube_module
-from kvpilot.operator.kube import CHILD_RESOURCES, ApiFault, Kube
+from kvpilot.operator.kube import ApiFault, Kube
 from kvpilot.operator.merge import LAST_APPLIED
+from kvpilot.operator.resources import CHILD_RESOURCES
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 SERVICES = CHILD_RESOURCES["Service"]
