@@ -45,6 +45,8 @@ BACKOFF_CAP_SECONDS = 300.0
 # Index ids: handlers receive the indexes as keyword arguments of these names.
 OWNERS_INDEX = "owners"
 CHILDREN_INDEX = "children"
+RESYNC_TIMER, AUTOSCALE_TIMER = "resync", "autoscale"
+TIMER_IDS = (RESYNC_TIMER, AUTOSCALE_TIMER)
 
 
 def backoff(retry: int) -> float:
@@ -113,9 +115,9 @@ def on_reconcile(body: kopf.Body, name: str, namespace: str, retry: int, patch: 
 
 def on_resync(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, memo: kopf.Memo,
               children: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
-    failure = _run(body, namespace, name, children, patch, memo, 0, logger).failure
-    if failure is not None:  # already in the status; the create/update handler owns the retries
-        logger.info(f"resync: not planned ({failure.reason})")
+    # A failure is already in the status and its Event went out once; the create/update handler owns
+    # the retries. Nothing is logged per tick.
+    _run(body, namespace, name, children, patch, memo, 0, logger)
 
 
 async def on_autoscale(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, memo: kopf.Memo,
@@ -132,7 +134,8 @@ async def on_autoscale(body: kopf.Body, name: str, namespace: str, patch: kopf.P
     loads = await scrape(url for url in map(metrics_url, pods) if url)
     usage = average_usage(loads)
     measured = None if usage is None else round(usage, 3)
-    status = body.get("status") or {}
+    status = body.get("status")
+    status = status if isinstance(status, Mapping) else {}
     if status.get("kvCacheUtilization") != measured:
         patch.status["kvCacheUtilization"] = measured
     memory = measured_memory(loads)
@@ -185,9 +188,9 @@ def build_registry(resync_seconds: float, autoscale_seconds: float) -> kopf.Oper
     kopf.on.update(*owners, id="update", field="spec", registry=registry)(on_reconcile)
     kopf.on.resume(*owners, id="resume", registry=registry)(on_reconcile)
     kopf.on.delete(*owners, id="delete", registry=registry)(on_delete)
-    kopf.timer(*owners, id="resync", interval=resync_seconds, initial_delay=resync_seconds,
+    kopf.timer(*owners, id=RESYNC_TIMER, interval=resync_seconds, initial_delay=resync_seconds,
                registry=registry)(on_resync)
-    kopf.timer(*owners, id="autoscale", interval=autoscale_seconds, registry=registry)(on_autoscale)
+    kopf.timer(*owners, id=AUTOSCALE_TIMER, interval=autoscale_seconds, registry=registry)(on_autoscale)
     for child in CHILD_RESOURCES.values():
         what = (child.group, child.version, child.plural)
         kopf.index(*what, id=CHILDREN_INDEX, labels=MANAGED, registry=registry)(index_child)

@@ -58,10 +58,23 @@ class OperatorConfig:
     verbose: bool = False
 
 
+class QuietTimers(logging.Filter):
+    """Drops kopf's "Timer 'autoscale' succeeded." line, logged after every tick of every object: a
+    heartbeat, not a decision. The handlers log what they decide (a scale, a restored drift)."""
+
+    def __init__(self, timer_ids: tuple[str, ...]) -> None:
+        super().__init__()
+        self.heartbeats = {f"Timer {timer_id!r} succeeded." for timer_id in timer_ids}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and record.getMessage() in self.heartbeats)
+
+
 def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     """kopf's settings for this operator (the tests and the benchmark use the same ones)."""
     import kopf
 
+    from kvpilot.operator.handlers import TIMER_IDS
     from kvpilot.operator.resources import CHILD_RESOURCES
 
     # Progress and the last-handled spec in annotations under our prefix; status stays ours alone
@@ -71,6 +84,11 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = FINALIZER
     settings.posting.reporting_component = MANAGED_BY
+    # The handlers post one Event per decision themselves; kopf would post every log line again.
+    settings.posting.loggers = False
+    objects_logger = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, QuietTimers) for f in objects_logger.filters):
+        objects_logger.addFilter(QuietTimers(TIMER_IDS))
     settings.execution.max_workers = HANDLER_THREADS
     for child in CHILD_RESOURCES.values():  # list and watch only our children, server-side
         settings.watching.label_selectors[child.group, child.plural] = f"app.kubernetes.io/managed-by={MANAGED_BY}"

@@ -87,8 +87,12 @@ class ReconcileOutcome:
 
 
 def parse(body: Mapping[str, Any]) -> LLMDeployment:
+    """The object as an LLMDeployment, or NotPlanned("InvalidSpec") naming what is wrong. Anything may
+    reach the operator (a cluster without the CRD's validation, an object of an older version): a
+    missing or malformed part is a message, never a traceback."""
     try:
-        return LLMDeployment.model_validate({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+        return LLMDeployment.model_validate({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")
+                                             if k in body})
     except ValidationError as err:
         raise NotPlanned("InvalidSpec", describe_errors(err)) from None
 
@@ -157,7 +161,8 @@ def _planned_event(previous: Mapping[str, Any], planned: Condition) -> list[Even
 def reconcile(body: Mapping[str, Any], live: Mapping[ChildKey, Mapping[str, Any]],
               op: OperatorContext) -> ReconcileOutcome:
     """Bring the children to what the spec asks for. `live`: the children the watch has seen."""
-    meta, previous = body["metadata"], body.get("status") or {}
+    meta, previous = body["metadata"], body.get("status")
+    previous = previous if isinstance(previous, Mapping) else {}
     selector, generation = label_selector(meta["name"]), meta.get("generation")
     workload = next((obj for (kind, _), obj in live.items() if kind in WORKLOAD_KINDS), None)
     try:

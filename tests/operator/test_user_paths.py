@@ -1,0 +1,93 @@
+"""The operator as users meet it (issue #17): malformed objects, quiet logs, spec changes made while
+the operator was down, messages that say what to change. The real kopf operator on the emulator."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import kmock
+import pytest
+from kube_emulator import Emulated, emulated_operator
+from llmd_cases import load_example
+
+pytestmark = pytest.mark.asyncio
+
+SMOLLM2 = load_example("smollm2")["spec"]
+
+
+def llmd(name: str, spec: Any = None, *, with_spec: bool = True) -> dict[str, Any]:
+    obj: dict[str, Any] = {"apiVersion": "kvpilot.io/v1alpha1", "kind": "LLMDeployment", "metadata": {"name": name}}
+    if with_spec:
+        obj["spec"] = copy.deepcopy(spec)
+    return obj
+
+
+def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    conditions = ((obj or {}).get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
+async def planned(cluster: Emulated, name: str, status: str = "True") -> dict[str, Any]:
+    return await cluster.eventually(
+        lambda: (obj := cluster.get("LLMDeployment", name)) and condition(obj, "Planned").get("status") == status
+        and obj, what=f"{name} Planned={status}")
+
+
+def tracebacks(records: list[logging.LogRecord]) -> list[str]:
+    return [r.getMessage() for r in records if r.exc_info]
+
+
+def writes(cluster: Emulated) -> int:
+    return sum(1 for r in cluster.emulator._requests if r.method.value.upper() in ("POST", "PATCH", "PUT", "DELETE"))
+
+
+def pod_lists(cluster: Emulated) -> int:
+    return len(list(cluster.emulator[kmock.action.LIST, kmock.resource("", "v1", "pods")]))
+
+
+@pytest.mark.parametrize(("name", "obj", "words"), [
+    ("no-spec", llmd("no-spec", with_spec=False), "spec: Field required"),
+    ("spec-string", llmd("spec-string", "oops"), "spec: Input should be a valid dictionary"),
+    ("model-number", llmd("model-number", {"model": 3, "gpu": {"type": "l4"}}), "spec.model"),
+])
+async def test_a_malformed_object_is_a_condition_and_an_event_never_a_traceback(name, obj, words, caplog):
+    caplog.set_level(logging.INFO)
+    # Short timers: the resync and autoscale handlers see the object too, several times.
+    async with emulated_operator(resync_seconds=0.05, autoscale_seconds=0.05) as cluster:
+        await cluster.create(llmd(f"{name}-ok", SMOLLM2))  # its autoscale ticks show the timers run
+        await cluster.create(obj)
+        found = await planned(cluster, name, "False")
+        verdict = condition(found, "Planned")
+        assert verdict["reason"] == "InvalidSpec" and words in verdict["message"], verdict
+        await cluster.eventually(lambda: any(e["reason"] == "InvalidSpec" and e["type"] == "Warning"
+                                             for e in cluster.events(name)), what="an InvalidSpec Event")
+        ticks = pod_lists(cluster)
+        await cluster.eventually(lambda: pod_lists(cluster) >= ticks + 3, what="three more autoscale ticks")
+    assert tracebacks(caplog.records) == []
+
+
+async def test_a_quiet_run_logs_no_line_per_tick(caplog):
+    """Five converged LLMDeployments, many resync and autoscale ticks: not one log line, not one Event."""
+    caplog.set_level(logging.DEBUG, logger="kopf.objects")
+    names = [f"quiet-{i}" for i in range(5)]
+    async with emulated_operator(resync_seconds=0.2, autoscale_seconds=0.05) as cluster:
+        for name in names:
+            await cluster.create(llmd(name, SMOLLM2))
+        for name in names:
+            await planned(cluster, name)
+
+        async def settled() -> bool:  # no write during five ticks of every object
+            before, ticks = writes(cluster), pod_lists(cluster)
+            await cluster.eventually(lambda: pod_lists(cluster) >= ticks + 5 * len(names), 30)
+            return writes(cluster) == before
+
+        await cluster.eventually(settled, 60, "the operator settles")
+        caplog.clear()
+        before, ticks = writes(cluster), pod_lists(cluster)
+        await cluster.eventually(lambda: pod_lists(cluster) >= ticks + 10 * len(names), 60, "ten ticks each")
+        quiet = [f"{r.name} {getattr(r, 'k8s_ref', {}).get('name')}: {r.getMessage()}"
+                 for r in caplog.records if r.levelno >= logging.INFO]
+        assert "\n".join(quiet) == ""
+        assert writes(cluster) == before  # no Event, no status write per tick either
