@@ -17,7 +17,7 @@ from llmd_cases import load_example
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvpilot.operator.main import OperatorConfig
-from kvpilot.runtime.cli import build_parser
+from kvpilot.runtime.cli import build_parser, main
 from kvpilot.runtime.parallel import free_port
 
 pytestmark = pytest.mark.asyncio
@@ -34,18 +34,32 @@ def kubeconfig(path: Path, server: str) -> Path:
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
-    (["operator"], OperatorConfig()),
+    (["operator"], OperatorConfig(peering=None)),  # by hand: standalone, it works on its own
     (["operator", "--standalone", "-n", "team-a", "--namespace", "team-b"],
      OperatorConfig(namespaces=["team-a", "team-b"], peering=None)),
-    (["operator", "--peering", "kvpilot-ha", "--priority", "7", "--liveness", ""],
-     OperatorConfig(peering="kvpilot-ha", priority=7, liveness=None)),
-    (["operator", "--metrics-port", "9090"], OperatorConfig(metrics_port=9090)),
+    (["operator", "--peering", "kvpilot-ha", "--priority", "7", "--liveness-port", "0"],
+     OperatorConfig(peering="kvpilot-ha", priority=7, liveness_port=None)),
+    (["operator", "--metrics-port", "9090"], OperatorConfig(metrics_port=9090, metrics_address="0.0.0.0")),
+    (["operator", "--metrics-address", "127.0.0.1", "--metrics-port", "9090", "--liveness-address", "::1",
+      "--liveness-port", "8181"],
+     OperatorConfig(metrics_address="127.0.0.1", metrics_port=9090, liveness_address="::1", liveness_port=8181)),
 ])
 def test_flags(argv, expected, monkeypatch):
     seen = []
     monkeypatch.setattr("kvpilot.operator.main.run", lambda config: seen.append(config))
     args = build_parser().parse_args(argv)
     assert args.run(args) == 0 and seen == [expected]
+
+
+def test_the_liveness_url_kopf_gets():
+    assert OperatorConfig().liveness_url == "http://0.0.0.0:8080/healthz"
+    assert OperatorConfig(liveness_address="::1", liveness_port=81).liveness_url == "http://[::1]:81/healthz"
+    assert OperatorConfig(liveness_port=None).liveness_url is None
+
+
+def test_standalone_and_peering_exclude_each_other(capsys):
+    assert main(["operator", "--standalone", "--peering", "x"]) == 2
+    assert "--peering: not allowed with argument --standalone" in capsys.readouterr().err
 
 
 def samples(exposition: str) -> dict[tuple[str, frozenset], float]:
@@ -56,13 +70,16 @@ def samples(exposition: str) -> dict[tuple[str, frozenset], float]:
 async def test_the_command_serves_liveness_metrics_and_reconciles(tmp_path: Path):
     async with emulated_cluster() as cluster:
         config = kubeconfig(tmp_path / "kubeconfig", str(cluster.emulator.url).rstrip("/"))
-        liveness = f"http://127.0.0.1:{free_port()}/healthz"
-        metrics_port = free_port()
+        liveness_port, metrics_port = free_port(), free_port()
+        liveness = f"http://127.0.0.1:{liveness_port}/healthz"
         log = tmp_path / "operator.log"  # a file, not a pipe: an undrained pipe would block the operator
         process = await asyncio.create_subprocess_exec(
             # every namespace: kopf's observer of named namespaces needs a namespace list kmock cannot serve
-            sys.executable, "-m", "kvpilot.runtime.cli", "operator", "--standalone", "--log-format", "json",
-            "--liveness", liveness, "--metrics-port", str(metrics_port), env={**os.environ, "KUBECONFIG": str(config)},
+            # no peering flag: what a user starting it by hand types
+            sys.executable, "-m", "kvpilot.runtime.cli", "operator", "--log-format", "json",
+            "--liveness-address", "127.0.0.1", "--liveness-port", str(liveness_port),
+            "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
+            env={**os.environ, "KUBECONFIG": str(config)},
             stdout=asyncio.subprocess.DEVNULL, stderr=log.open("w"))
         try:
             async with aiohttp.ClientSession() as session:
@@ -84,6 +101,7 @@ async def test_the_command_serves_liveness_metrics_and_reconciles(tmp_path: Path
             await cluster.eventually(lambda: (cluster.get("LLMDeployment", "smollm2") or {}).get("status", {})
                                      .get("plan"), 30, log.name)
             assert '"message": "[ml/smollm2] Planned: fp32 weights' in log.read_text()  # json, object-prefixed
+            assert "standalone: this operator acts alone" in log.read_text()
             async with aiohttp.ClientSession() as session, \
                     session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
                 assert response.status == 200
