@@ -22,7 +22,13 @@ from typing import Any
 
 import kopf
 
-from kvpilot.operator.autoscaler import average_usage, measured_memory, metrics_url, scrape
+from kvpilot.operator.autoscaler import (
+    average_usage,
+    measured_memory,
+    metrics_url,
+    scrape,
+    unmeasured_message,
+)
 from kvpilot.operator.kube import ApiFault
 from kvpilot.operator.reconcile import (
     ChildKey,
@@ -131,7 +137,10 @@ async def on_autoscale(body: kopf.Body, name: str, namespace: str, patch: kopf.P
     except ApiFault as err:
         logger.warning(f"pods not listed: {err}; the next tick tries again")
         return
-    loads = await scrape(url for url in map(metrics_url, pods) if url)
+    scraped = await scrape({pod["metadata"]["name"]: url for pod in pods if (url := metrics_url(pod))})
+    if op.autoscaler.newly_unmeasured((namespace, name), scraped.unmeasured):
+        _post(body, [Event("Warning", "NoKVCacheMetric", unmeasured_message(scraped.unmeasured))], logger)
+    loads = scraped.loads
     usage = average_usage(loads)
     measured = None if usage is None else round(usage, 3)
     status = body.get("status")
@@ -143,7 +152,7 @@ async def on_autoscale(body: kopf.Body, name: str, namespace: str, patch: kopf.P
         patch.status["measuredMemory"] = memory
     scaling = spec.autoscaling
     if not (scaling.enabled and scaling.mode == "operator" and loads):
-        op.autoscaler.forget((namespace, name))
+        op.autoscaler.reset_windows((namespace, name))
         return
     current = desired_replicas(spec)
     decision = op.autoscaler.decide((namespace, name), current, loads, scaling)
