@@ -91,3 +91,12 @@ async def test_a_quiet_run_logs_no_line_per_tick(caplog):
                  for r in caplog.records if r.levelno >= logging.INFO]
         assert "\n".join(quiet) == ""
         assert writes(cluster) == before  # no Event, no status write per tick either
+
+
+async def test_an_ambiguous_gpu_name_is_refused_with_the_choices():
+    async with emulated_operator() as cluster:
+        await cluster.create(llmd("vague", {"model": {"source": "llama-3.1-8b"}, "gpu": {"type": "a100"}}))
+        verdict = condition(await planned(cluster, "vague", "False"), "Planned")
+        assert verdict["reason"] == "UnknownGPU"
+        assert "GPU type 'a100' is ambiguous: a100-80gb or a100-40gb" in verdict["message"]
+        assert cluster.children("vague") == {}
