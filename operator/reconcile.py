@@ -207,7 +207,13 @@ def _owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:
 def restore_child(owner: Mapping[str, Any], child: Mapping[str, Any], deleted: bool,
                   op: OperatorContext) -> tuple[list[Event], Mapping[str, Any] | None]:
     """A child changed or went away: put it back if it drifted from the spec. Returns the Events and the
-    child as the cluster now holds it (None when it is not wanted: the owner's reconcile prunes it)."""
+    child as the cluster now holds it (None when it is not wanted: the owner's reconcile prunes it).
+
+    A spec the reconciler has not applied yet (its generation is not the status' observedGeneration:
+    edited while the operator was down, or a moment ago) is no drift: the owner's own reconcile
+    applies it, once."""
+    if pending_spec_change(owner):
+        return [], None
     try:
         deployment = parse(owner)
         desired = desired_children(owner, deployment, plan_for(deployment, op), op.render_options())
@@ -223,6 +229,13 @@ def restore_child(owner: Mapping[str, Any], child: Mapping[str, Any], deleted: b
     how = "deleted" if deleted else "changed"
     return [Event("Normal", "DriftRestored", f"{key[0]} {key[1]} was {how} outside the operator: {action} "
                                              "it from the spec")], obj
+
+
+def pending_spec_change(owner: Mapping[str, Any]) -> bool:
+    generation = (owner.get("metadata") or {}).get("generation")
+    status = owner.get("status")
+    observed = status.get("observedGeneration") if isinstance(status, Mapping) else None
+    return generation is not None and generation != observed
 
 
 def sync_workload_status(namespace: str, name: str, workload: Mapping[str, Any], op: OperatorContext) -> None:

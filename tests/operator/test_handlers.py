@@ -132,7 +132,8 @@ async def test_children_edited_or_deleted_by_hand_are_restored(cluster: Emulated
     assert restored["spec"]["template"] == desired["spec"]["template"]
     await cluster.eventually(lambda: "DriftRestored" in {e["reason"] for e in cluster.events("drift")})
     assert cluster.metric("kvpilot_operator_drift_restored_total", kind="Service") == restored_before + 1
-    assert cluster.metric("kvpilot_operator_drift_restored_total", kind="Deployment") >= 1
+    assert cluster.metric("kvpilot_operator_drift_restored_total", kind="Deployment") >= 1, [
+        (e["reason"], e["message"]) for e in cluster.events("drift")]
 
 
 @pytest.mark.parametrize(("name", "spec", "reason", "words"), [

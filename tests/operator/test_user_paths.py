@@ -9,7 +9,7 @@ from typing import Any
 
 import kmock
 import pytest
-from kube_emulator import Emulated, emulated_operator
+from kube_emulator import Emulated, emulated_cluster, emulated_operator, running_operator
 from llmd_cases import load_example
 
 pytestmark = pytest.mark.asyncio
@@ -100,3 +100,26 @@ async def test_an_ambiguous_gpu_name_is_refused_with_the_choices():
         assert verdict["reason"] == "UnknownGPU"
         assert "GPU type 'a100' is ambiguous: a100-80gb or a100-40gb" in verdict["message"]
         assert cluster.children("vague") == {}
+
+
+def workload_patches(cluster: Emulated, name: str) -> int:
+    deployments = kmock.resource("apps", "v1", "deployments")
+    return len([r for r in cluster.emulator[deployments, kmock.name(name)] if r.method.value.upper() == "PATCH"])
+
+
+async def test_a_spec_change_made_while_the_operator_was_down_is_a_change_not_a_drift():
+    async with emulated_cluster() as cluster:
+        async with running_operator(cluster):
+            await cluster.create(llmd("offline", SMOLLM2))
+            await planned(cluster, "offline")
+            await cluster.eventually(lambda: len(cluster.children("offline")) == 3)
+        await cluster.patch("LLMDeployment", "offline", {"spec": {"serving": {"maxContextLength": 1024}}})
+        before = workload_patches(cluster, "offline")
+        async with running_operator(cluster):
+            await cluster.eventually(lambda: (cluster.get("LLMDeployment", "offline")["status"]
+                                              .get("observedGeneration")) == 2, what="generation 2 observed")
+            deployment = cluster.get("Deployment", "offline")
+            assert "1024" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        reasons = [e["reason"] for e in cluster.events("offline")]
+        assert "DriftRestored" not in reasons, reasons
+        assert workload_patches(cluster, "offline") - before == 1  # one PATCH for one change
