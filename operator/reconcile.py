@@ -14,6 +14,7 @@ import kopf
 from pydantic import ValidationError
 
 from kvpilot.operator.autoscaler import Autoscaler
+from kvpilot.operator.fit_advice import advice
 from kvpilot.operator.hub import DEFAULT_ENDPOINT, Hub, HubError
 from kvpilot.operator.kube import ApiFault, Kube
 from kvpilot.operator.metrics import OperatorMetrics
@@ -100,6 +101,7 @@ def parse(body: Mapping[str, Any]) -> LLMDeployment:
 def plan_for(deployment: LLMDeployment, op: OperatorContext) -> Plan:
     """The plan, or NotPlanned with a message that says what to change."""
     spec, namespace = deployment.spec, deployment.metadata.namespace or "default"
+    facts = None
     try:
         try:
             return plan_deployment(spec)
@@ -111,7 +113,8 @@ def plan_for(deployment: LLMDeployment, op: OperatorContext) -> Plan:
             token = (op.kube.secret_value(namespace, spec.model.token_secret, "HF_TOKEN")
                      if spec.model.token_secret else None)
             found = op.hub.model(spec.model.source, spec.model.revision, token)
-        return plan_deployment(spec, facts=found.facts)
+        facts = found.facts
+        return plan_deployment(spec, facts=facts)
     except HubError as err:
         raise NotPlanned("ModelFactsUnavailable", str(err), err.retryable) from None
     except UnknownModel as err:
@@ -119,7 +122,7 @@ def plan_for(deployment: LLMDeployment, op: OperatorContext) -> Plan:
     except UnknownDevice as err:
         raise NotPlanned("UnknownGPU", str(err)) from None
     except NoFit as err:
-        raise NotPlanned("DoesNotFit", str(err)) from None
+        raise NotPlanned("DoesNotFit", f"{err}. {advice(spec, facts)}") from None
     except PlanError as err:
         raise NotPlanned("CannotPlan", str(err)) from None
 

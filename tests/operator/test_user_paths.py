@@ -123,3 +123,18 @@ async def test_a_spec_change_made_while_the_operator_was_down_is_a_change_not_a_
         reasons = [e["reason"] for e in cluster.events("offline")]
         assert "DriftRestored" not in reasons, reasons
         assert workload_patches(cluster, "offline") - before == 1  # one PATCH for one change
+
+
+async def test_does_not_fit_names_the_cap_and_the_changes_that_fit():
+    async with emulated_operator() as cluster:
+        await cluster.create(llmd("tight", {"model": {"source": "llama-3.1-8b"}, "quantization": "bf16",
+                                            "gpu": {"type": "l4", "maxPerReplica": 1},
+                                            "serving": {"maxContextLength": 131072, "concurrency": 4}}))
+        verdict = condition(await planned(cluster, "tight", "False"), "Planned")
+    message = verdict["message"]
+    assert verdict["reason"] == "DoesNotFit" and "llama-3.1-8b does not fit on l4" in message
+    assert "limits: gpu.type: l4; gpu.maxPerReplica: 1; quantization: bf16; " \
+           "serving.concurrency: 4 x serving.maxContextLength: 131072" in message
+    assert "gpu.maxPerReplica: 4 (bf16 weights + fp8 KV on 4 x l4" in message  # more GPUs
+    assert "gpu.type: h100-80gb (bf16 weights + fp8 KV on 1 x h100-80gb" in message  # a larger GPU
+    assert "serving.maxContextLength: 15360 (" in message  # a shorter context
