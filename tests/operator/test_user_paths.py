@@ -138,3 +138,14 @@ async def test_does_not_fit_names_the_cap_and_the_changes_that_fit():
     assert "gpu.maxPerReplica: 4 (bf16 weights + fp8 KV on 4 x l4" in message  # more GPUs
     assert "gpu.type: h100-80gb (bf16 weights + fp8 KV on 1 x h100-80gb" in message  # a larger GPU
     assert "serving.maxContextLength: 15360 (" in message  # a shorter context
+
+
+async def test_a_hub_outage_says_hub_unreachable_and_is_retried_until_it_answers(fake_hub, tiny_config):
+    fake_hub.serve("acme/flaky", "config.json", {"error": "down"}, status=503)
+    async with emulated_operator(hub_endpoint=fake_hub.url) as cluster:
+        await cluster.create(llmd("flaky", {"model": {"source": "hf://acme/flaky"}, "gpu": {"type": "l4"}}))
+        verdict = condition(await planned(cluster, "flaky", "False"), "Planned")
+        assert verdict["reason"] == "ModelFactsUnavailable" and "hub unreachable" in verdict["message"]
+        assert "unknown" not in verdict["message"].lower()
+        fake_hub.serve("acme/flaky", "config.json", tiny_config)  # the hub is back
+        await planned(cluster, "flaky")  # kopf's backoff retried it, with no spec change
