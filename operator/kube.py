@@ -69,12 +69,6 @@ class Kube:
         return cls.for_configuration(config)
 
     @classmethod
-    def for_url(cls, url: str) -> Kube:
-        """A plain-HTTP API endpoint with no auth (the API emulator in tests and benchmarks)."""
-        config = kubernetes.client.Configuration(host=url)
-        return cls.for_configuration(config)
-
-    @classmethod
     def for_configuration(cls, config: kubernetes.client.Configuration) -> Kube:
         config.connection_pool_maxsize = CONNECTION_POOL_SIZE
         return cls(kubernetes.client.ApiClient(config))

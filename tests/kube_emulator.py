@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import attrs
 import kmock
 import kopf
+import kubernetes
 import server_side_apply as ssa
 import yaml
 from eventually import POLL_SECONDS, eventually
@@ -192,6 +193,11 @@ class Refusal:
     times: int
 
 
+def kube_for_url(url: str) -> Kube:
+    """The operator's client for a plain-HTTP API endpoint with no auth (the emulator)."""
+    return Kube.for_configuration(kubernetes.client.Configuration(host=url))
+
+
 def _declare(emulator: kmock.KubernetesEmulator, resource: Resource, subresources: set[str]) -> None:
     emulator.resources[f"{resource.api_version}/{resource.plural}"] = kmock.ResourceInfo(
         kind=resource.kind, singular=resource.kind.lower(), namespaced=True, subresources=subresources,
@@ -271,7 +277,7 @@ async def emulated_cluster(*, service_monitors: bool = False, optional_apis: boo
         for kind, resource in CHILD_RESOURCES.items():
             if optional.get(kind, True) and resource.group not in ("", "apps", "policy", "autoscaling"):
                 _declare(emulator, resource, {"status"})
-        kube = Kube.for_url(str(emulator.url).rstrip("/"))
+        kube = kube_for_url(str(emulator.url).rstrip("/"))
         try:
             yield Emulated(emulator, kube, namespace)
         finally:

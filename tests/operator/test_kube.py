@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
-from kube_emulator import Emulated, emulated_cluster
+from kube_emulator import Emulated, emulated_cluster, kube_for_url
 
 from kvpilot.operator import kube as kube_module
-from kvpilot.operator.kube import ApiFault, Kube
+from kvpilot.operator.kube import ApiFault
 from kvpilot.operator.resources import CHILD_RESOURCES
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -71,7 +71,7 @@ def silent_server() -> Iterator[str]:
 
 def test_timeouts_are_retryable(silent_server: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(kube_module, "REQUEST_TIMEOUT", (1.0, 0.2))
-    kube = Kube.for_url(silent_server)
+    kube = kube_for_url(silent_server)
     with pytest.raises(ApiFault, match="Timeout") as err:
         kube.get(SERVICES, "ml", "x")
     assert err.value.retryable and err.value.status is None
@@ -82,7 +82,7 @@ def test_refused_connections_are_retryable():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    kube = Kube.for_url(f"http://127.0.0.1:{port}")
+    kube = kube_for_url(f"http://127.0.0.1:{port}")
     kube.api.configuration.retries = 0  # urllib3 would otherwise retry the connect itself first
     with pytest.raises(ApiFault) as err:
         kube.get(SERVICES, "ml", "x")
