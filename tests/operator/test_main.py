@@ -20,8 +20,6 @@ from kvpilot.operator.main import OperatorConfig
 from kvpilot.runtime.cli import build_parser, main
 from kvpilot.runtime.parallel import free_port
 
-pytestmark = pytest.mark.asyncio
-
 
 def kubeconfig(path: Path, server: str) -> Path:
     path.write_text(yaml.safe_dump({
@@ -67,6 +65,7 @@ def samples(exposition: str) -> dict[tuple[str, frozenset], float]:
             for family in text_string_to_metric_families(exposition) for s in family.samples}
 
 
+@pytest.mark.asyncio
 async def test_the_command_serves_liveness_metrics_and_reconciles(tmp_path: Path):
     async with emulated_cluster() as cluster:
         config = kubeconfig(tmp_path / "kubeconfig", str(cluster.emulator.url).rstrip("/"))
