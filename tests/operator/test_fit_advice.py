@@ -7,9 +7,8 @@ import re
 import pytest
 
 from kvpilot.operator.fit_advice import advice
-from kvpilot.operator.planning import plan_deployment, quantity_bytes
+from kvpilot.operator.planning import plan_deployment
 from kvpilot.operator.spec import parse_spec
-from kvpilot.runtime.devices import UnknownDevice
 from kvpilot.runtime.planner import NoFit
 
 
@@ -39,14 +38,3 @@ def test_each_suggested_change_fits(spec):
     assert suggested, message
     for field, value in suggested:
         plan_deployment(spec_with(spec, field, value))  # raises if the suggestion does not fit
-
-
-@pytest.mark.parametrize(("value", "expected"), [("48Gi", 48 << 30), ("80G", 80 * 10**9), (1073741824, 1 << 30),
-                                                 ("1.5Gi", 3 << 29)])
-def test_sizes_are_kubernetes_quantities(value, expected):
-    assert quantity_bytes(value, "gpu.memory") == expected
-
-
-def test_a_size_that_is_not_a_quantity_names_its_field():
-    with pytest.raises(UnknownDevice, match=r"gpu\.memory: 'lots' is not a size"):
-        quantity_bytes("lots", "gpu.memory")
