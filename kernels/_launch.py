@@ -26,6 +26,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def is_gpu(device: torch.device) -> bool:
+    """Whether launches on `device` compile for a GPU (CUDA), rather than run in the interpreter."""
+    return device.type == "cuda"
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device: (8, 0) A100, (8, 9) L4/L40S, (9, 0) H100/H200."""
+    return torch.cuda.get_device_capability(device)
+
+
 @functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -33,7 +43,7 @@ def _cuda_sms(index: int) -> int:
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; a small stand-in on the CPU (interpreter)."""
-    if device.type != "cuda":
+    if not is_gpu(device):
         return INTERPRETER_SMS
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -98,12 +108,12 @@ def check_kv_cache(what: str, query: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def check_fp8(what: str, device: torch.device) -> None:
     """float8_e4m3fn loads and casts compile only for compute capability 8.9+ (Ada, Hopper)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if is_gpu(device) and device_capability(device) < (8, 9):
         raise ValueError(f"{what}: {FP8} needs a GPU of compute capability >= 8.9, got "
-                         f"{torch.cuda.get_device_capability(device)}")
+                         f"{device_capability(device)}")
 
 
 def fp32_dot(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a kernel should upcast tl.dot operands to fp32 (IEEE): always for fp32 inputs (no TF32),
     and for bf16 in the interpreter, whose bf16 tl.dot returns garbage (GPUs use the native bf16 dot)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type != "cuda")
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and not is_gpu(device))

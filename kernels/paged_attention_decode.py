@@ -127,7 +127,7 @@ def _merge_kernel(
 
 def decode_config(head_dim: int, device: torch.device) -> dict[str, int]:
     """Tile and launch sizes: small tiles in the interpreter (tests cover tiles spanning blocks)."""
-    if device.type != "cuda":
+    if not _launch.is_gpu(device):
         return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     return {"BLOCK_N": 64 if head_dim <= 128 else 32, "num_warps": 4, "num_stages": 2}
 

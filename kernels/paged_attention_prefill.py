@@ -101,7 +101,7 @@ def _prefill_kernel(
 
 def prefill_config(head_dim: int, device: torch.device) -> dict[str, int]:
     """Rows per program (query tokens x group heads), key tile and launch sizes."""
-    if device.type != "cuda":
+    if not _launch.is_gpu(device):
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     if head_dim > 128:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
