@@ -113,6 +113,26 @@ def check_fp8(what: str, device: torch.device) -> None:
                          f"{device_capability(device)}")
 
 
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def attention_dot_dtype(query_dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device) -> tl.dtype:
+    """The operand dtype of attention's tl.dots (fp32 accumulation always): fp32 (IEEE) for fp32 queries
+    and wherever fp32_dot says so; fp16 for an fp8 cache (fp8 -> fp16 is one packed conversion for two
+    values, fp8 -> bf16 goes through fp32; probabilities in [0, 1] and the pre-scaled query fit fp16);
+    else the query's dtype."""
+    if query_dtype == torch.float32:
+        return tl.float32
+    if cache_dtype == FP8:
+        return tl.float16
+    return tl.float32 if fp32_dot(query_dtype, device) else TL_DTYPES[query_dtype]
+
+
+def dot_precision(dot_dtype: tl.dtype) -> str:
+    """tl.dot's input_precision: IEEE for fp32 operands (no TF32 rounding); ignored for 16-bit ones."""
+    return "ieee" if dot_dtype == tl.float32 else "tf32"
+
+
 def fp32_dot(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a kernel should upcast tl.dot operands to fp32 (IEEE): always for fp32 inputs (no TF32),
     and for bf16 in the interpreter, whose bf16 tl.dot returns garbage (GPUs use the native bf16 dot)."""

@@ -241,10 +241,12 @@ def target_gpu(arch: int) -> None:
     _launch.check_runnable = lambda *a: None
 
 
-def run_arch(arch: int, full: bool, launches: list[Launch]) -> int:
+def run_arch(arch: int, full: bool, only: str, launches: list[Launch]) -> int:
     target_gpu(arch)
     failures = 0
     for variant in attention_variants(arch, full) + matmul_variants(arch) + write_variants(arch):
+        if only not in variant.label:
+            continue
         launches.clear()
         variant.call()
         for kernel, args, kwargs in list(launches):
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="80,89,90", help="compute capabilities, e.g. 90 (Hopper) or 80,89,90")
     parser.add_argument("--full", action="store_true", help="every head_dim x GQA x dtype pair (slow)")
+    parser.add_argument("--only", default="", help="only the variants whose label contains this, e.g. 'decode'")
     options = parser.parse_args(argv)
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                             (write, ("_write_kv_kernel",)), (qmm, ("_qmm_kernel",))):
         for name in kernels:
             setattr(module, name, Recorder(getattr(module, name), launches))
-    failures = sum(run_arch(int(arch), options.full, launches) for arch in options.arch.split(","))
+    failures = sum(run_arch(int(arch), options.full, options.only, launches) for arch in options.arch.split(","))
     print(f"{failures} failure(s)" if failures else "all variants compile; no real-model variant spills", flush=True)
     return 1 if failures else 0
 
