@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from kvpilot.kernels.support import FP8_MIN_CAPABILITY
+
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
 MAX_HEAD_DIM = 256  # one [tile, head_dim] K/V tile and the accumulator must fit in registers
@@ -108,7 +110,7 @@ def check_kv_cache(what: str, query: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def check_fp8(what: str, device: torch.device) -> None:
     """float8_e4m3fn loads and casts compile only for compute capability 8.9+ (Ada, Hopper)."""
-    if is_gpu(device) and device_capability(device) < (8, 9):
+    if is_gpu(device) and device_capability(device) < FP8_MIN_CAPABILITY:
         raise ValueError(f"{what}: {FP8} needs a GPU of compute capability >= 8.9, got "
                          f"{device_capability(device)}")
 

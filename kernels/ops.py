@@ -27,9 +27,11 @@ import torch
 
 from kvpilot.kernels import quant_reference, reference
 from kvpilot.kernels.quant_reference import QuantizedWeight, dequantize, quantize_fp8, quantize_int4, quantize_int8
+from kvpilot.kernels.support import check_kv_dtype_supported, check_weight_quantization_supported
 
 __all__ = [
-    "QuantizedWeight", "backend", "dequantize", "paged_attention_decode", "paged_attention_prefill",
+    "QuantizedWeight", "backend", "check_kv_dtype_supported", "check_weight_quantization_supported", "dequantize",
+    "paged_attention_decode", "paged_attention_prefill",
     "quantize_fp8", "quantize_int4", "quantize_int8", "quantized_matmul", "write_kv_cache",
 ]
 
@@ -85,16 +87,18 @@ def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             context_lens: torch.Tensor, scale: float,
                             k_scale: float = 1.0, v_scale: float = 1.0, *,
-                            max_query_len: int | None = None) -> torch.Tensor:
+                            max_query_len: int | None = None, max_context_len: int | None = None) -> torch.Tensor:
     """Packed query chunks [total_q, H, D], causal over cached prefix + chunk (already written).
 
-    `max_query_len`, if given (>= every chunk length), spares the GPU path a device sync."""
+    `max_query_len` and `max_context_len`, if given (>= every chunk / context length), each spare the
+    GPU path a device sync (the context length is checked against the block table's capacity)."""
     kernel = _triton(query.device, "paged_attention_prefill")
     if kernel is None:
         return reference.paged_attention_prefill_ref(query, k_cache, v_cache, block_tables, cu_seqlens_q,
                                                      context_lens, scale, k_scale, v_scale)
     return kernel.paged_attention_prefill(query, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
-                                          scale, k_scale, v_scale, max_query_len=max_query_len)
+                                          scale, k_scale, v_scale, max_query_len=max_query_len,
+                                          max_context_len=max_context_len)
 
 
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
