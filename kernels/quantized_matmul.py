@@ -152,8 +152,10 @@ def choose_split_k(m: int, n: int, k: int, config: dict[str, int], sms: int) -> 
 
 
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None, *,
-                     split_k: int | None = None, block_k: int | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) through the Triton kernel; `split_k` / `block_k` override the heuristics."""
+                     split_k: int | None = None, block_k: int | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) through the Triton kernel; `split_k`, `block_k`, `block_n`, `num_warps` and
+    `num_stages` override the heuristics (tests, the benchmark's sweep)."""
     what = "quantized_matmul"
     device = _launch.check_same_device(what, x=x, qweight=weight.qweight, scale=weight.scale)
     _launch.check_runnable(_qmm_kernel, device, what)
@@ -175,13 +177,14 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
         return x.new_empty(out_shape)
 
     config = dict(matmul_config(m, device))
-    if block_k is not None:
-        config["BLOCK_K"] = block_k
+    overrides = {"BLOCK_K": block_k, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    config.update({key: value for key, value in overrides.items() if value is not None})
     bk = config["BLOCK_K"]
     if weight.mode == "int4" and (bk < 32 or weight.group_size % bk):
         raise ValueError(f"{what}: int4 K tile {bk} must be >= 32 and divide the group size {weight.group_size}")
-    if bk < 16 or bk & (bk - 1):
-        raise ValueError(f"{what}: K tile {bk} must be a power of two >= 16 (tl.dot)")
+    for name, size in (("K tile", bk), ("N tile", config["BLOCK_N"])):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{what}: {name} {size} must be a power of two >= 16 (tl.dot)")
     if split_k is None:
         split_k = choose_split_k(m, n, k, config, _launch.num_sms(device))
     if not 1 <= split_k <= MAX_SPLIT_K:
