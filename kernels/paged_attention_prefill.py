@@ -107,9 +107,11 @@ def prefill_config(head_dim: int, query_dtype: torch.dtype, cache_dtype: torch.d
     if not _launch.is_gpu(device):
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     if query_dtype == torch.float32:  # correct but slow on a GPU: tiles small enough not to spill
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     if head_dim > 128:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    if _launch.device_capability(device) < (9, 0):  # mma.sync keeps more in registers than Hopper's wgmma
+        return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 

@@ -129,12 +129,16 @@ def _row_col_strides(t: torch.Tensor) -> tuple[int, int]:
     return (t.stride(0), t.stride(1)) if t.dim() == 2 else (t.stride(0), 0)
 
 
-def matmul_config(m: int, device: torch.device) -> dict[str, int]:
+def matmul_config(m: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     """Tile sizes by the shape of M: skinny M reads each weight tile once with a 16-row x tile, and applies
-    int4 scales/zeros to each tile's dot result (cheap with 16 rows; at M = 1024 it spills)."""
+    int4 scales/zeros to each tile's dot result (cheap with 16 rows; at M = 1024 it spills). fp32
+    activations get small tiles (no spills; correct and slow on a GPU, a checking path)."""
     after_dot = int(m <= 16)
     if not _launch.is_gpu(device):
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1,
+                "SCALE_AFTER_DOT": after_dot}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 16 if m <= 16 else 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
                 "SCALE_AFTER_DOT": after_dot}
     if m <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4,
@@ -176,7 +180,7 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     if m == 0:
         return x.new_empty(out_shape)
 
-    config = dict(matmul_config(m, device))
+    config = dict(matmul_config(m, device, x.dtype))
     overrides = {"BLOCK_K": block_k, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
     config.update({key: value for key, value in overrides.items() if value is not None})
     bk = config["BLOCK_K"]
