@@ -113,7 +113,7 @@ def main_loop_instructions(cubin: bytes) -> int:
         if target and labels.get(target.group(1), i) < i:
             body = lines[labels[target.group(1)]:i + 1]
             longest = max(longest, sum(1 for b in body if re.match(r"\s*/\*[0-9a-f]+\*/", b)))
-    return longest
+    return longest if longest > 2 else 0  # the one-instruction self-branch after EXIT is no loop
 
 
 def ptxas_numbers(log: str) -> tuple[int, int]:
