@@ -116,6 +116,7 @@ class ModelRunner:
             prefill_context_lens=tensor(host.prefill_context_lens, torch.int32),
             decode_max_context_len=max(host.decode_context_lens, default=0),
             prefill_max_query_len=host.prefill_max_query_len,
+            prefill_max_context_len=max(host.prefill_context_lens, default=0),
         )
         return StepInputs(tensor(host.tokens, torch.int64), tensor(host.positions, torch.int64), meta,
                           tensor(host.sample_rows, torch.int64))

@@ -28,6 +28,7 @@ class AttentionMetadata:
     prefill_context_lens: torch.Tensor  # [num_prefills] int32
     decode_max_context_len: int = 0  # known on the host: the GPU kernels need no device sync for them
     prefill_max_query_len: int = 0
+    prefill_max_context_len: int = 0
 
 
 class RMSNorm(nn.Module):

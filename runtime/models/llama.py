@@ -67,7 +67,8 @@ class LlamaAttention(nn.Module):
                  meta: AttentionMetadata) -> torch.Tensor:
         return ops.paged_attention_prefill(q, k_cache, v_cache, meta.prefill_block_tables,
                                            meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale,
-                                           max_query_len=meta.prefill_max_query_len)
+                                           max_query_len=meta.prefill_max_query_len,
+                                           max_context_len=meta.prefill_max_context_len)
 
 
 class LlamaMLP(nn.Module):
