@@ -16,7 +16,8 @@ from kvpilot.operator.kube import CHILD_RESOURCES, ApiFault, Kube
 from kvpilot.operator.merge import LAST_APPLIED
 from kvpilot.operator.testing import Emulated, emulated_cluster
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# On the async tests only: the sync ones below would each draw a warning.
+on_module_loop = pytest.mark.asyncio(loop_scope="module")
 SERVICES = CHILD_RESOURCES["Service"]
 
 
@@ -31,6 +32,7 @@ def service(name: str, selector: dict[str, str]) -> dict:
             "spec": {"selector": selector, "ports": [{"name": "http", "port": 8000}]}}
 
 
+@on_module_loop
 async def test_create_then_unchanged_then_patched(cluster: Emulated):
     kube = cluster.kube
     outcome, live = await asyncio.to_thread(kube.apply, service("a", {"app": "x", "gpu": "h100"}), None)
@@ -45,6 +47,7 @@ async def test_create_then_unchanged_then_patched(cluster: Emulated):
     assert patched["metadata"]["annotations"]["team"] == "ml"  # theirs stays
 
 
+@on_module_loop
 async def test_a_stale_cache_costs_one_read_not_a_failure(cluster: Emulated):
     await asyncio.to_thread(cluster.kube.apply, service("b", {"app": "y"}), None)
     assert (await asyncio.to_thread(cluster.kube.apply, service("b", {"app": "y"}), None))[0] == "unchanged"
@@ -52,6 +55,7 @@ async def test_a_stale_cache_costs_one_read_not_a_failure(cluster: Emulated):
     assert cluster.get("Service", "b")["spec"]["selector"] == {"app": "z"}
 
 
+@on_module_loop
 async def test_missing_objects_and_discovery(cluster: Emulated):
     kube = cluster.kube
     assert await asyncio.to_thread(kube.get, SERVICES, "ml", "nope") is None
@@ -62,6 +66,7 @@ async def test_missing_objects_and_discovery(cluster: Emulated):
 
 @pytest.mark.parametrize(("status", "retryable"), [(500, True), (503, True), (429, True), (409, True),
                                                    (422, False), (403, False)])
+@on_module_loop
 async def test_http_errors_say_whether_a_retry_can_help(cluster: Emulated, status, retryable):
     name = f"faulty-{status}"  # a reaction's slice counts every matching request, so one path per case
     cluster.emulator["get", f"/api/v1/namespaces/ml/services/{name}"][:1] << status << {

@@ -19,8 +19,6 @@ from kvpilot.operator.testing import emulated_cluster
 from kvpilot.runtime.cli import build_parser
 from kvpilot.runtime.parallel import free_port
 
-pytestmark = pytest.mark.asyncio
-
 
 def kubeconfig(path: Path, server: str) -> Path:
     path.write_text(yaml.safe_dump({
@@ -52,6 +50,7 @@ def samples(exposition: str) -> dict[tuple[str, frozenset], float]:
             for family in text_string_to_metric_families(exposition) for s in family.samples}
 
 
+@pytest.mark.asyncio
 async def test_the_command_serves_liveness_metrics_and_reconciles(tmp_path: Path):
     async with emulated_cluster() as cluster:
         config = kubeconfig(tmp_path / "kubeconfig", str(cluster.emulator.url).rstrip("/"))
