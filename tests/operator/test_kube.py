@@ -17,7 +17,7 @@ from kvpilot.operator import kube as kube_module
 from kvpilot.operator.kube import ApiFault
 from kvpilot.operator.resources import CHILD_RESOURCES
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+on_module_loop = pytest.mark.asyncio(loop_scope="module")  # async tests only: sync ones get no asyncio mark
 SERVICES = CHILD_RESOURCES["Service"]
 
 
@@ -27,6 +27,7 @@ async def cluster() -> AsyncIterator[Emulated]:
         yield emulated
 
 
+@on_module_loop
 async def test_missing_objects_and_discovery(cluster: Emulated):
     kube = cluster.kube
     assert await asyncio.to_thread(kube.get, SERVICES, "ml", "nope") is None
@@ -37,6 +38,7 @@ async def test_missing_objects_and_discovery(cluster: Emulated):
 
 @pytest.mark.parametrize(("status", "retryable"), [(500, True), (503, True), (429, True), (409, True),
                                                    (422, False), (403, False)])
+@on_module_loop
 async def test_http_errors_say_whether_a_retry_can_help(cluster: Emulated, status, retryable):
     name = f"faulty-{status}"  # a reaction's slice counts every matching request, so one path per case
     cluster.emulator["get", f"/api/v1/namespaces/ml/services/{name}"][:1] << status << {
