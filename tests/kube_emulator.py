@@ -1,4 +1,4 @@
-"""The real operator against kmock's Kubernetes emulator, for the tests and `bench/operator.py`.
+"""The real operator against kmock's Kubernetes emulator, for the tests and `bench/operator_scale.py`.
 
 Like `kopf.testing`: the emulator serves HTTP in the caller's event loop, kopf runs in its own thread
 (it cancels tasks it did not start), and the helpers poll the emulator's objects with short timeouts.

@@ -7,7 +7,7 @@ examples/ (CPU, single-GPU, 8-GPU, KEDA-scaled).
 Peer in the same run: the same with 20 objects, so the per-object cost shows whether the operator
 scales linearly (ratio ~1) or degrades with the number of objects. Prints one JSON line.
 
-    python bench/operator.py [--objects 200] [--peer-objects 20]
+    python bench/operator_scale.py [--objects 200] [--peer-objects 20]
 """
 
 from __future__ import annotations
