@@ -47,8 +47,9 @@ class StepInputs:
 @dataclass
 class StepResult:
     seqs: list[Sequence]  # the sequences that got a token, in the order of `token_ids`
-    token_ids: list[int]
+    token_ids: list[int | None]
     logprobs: list[TokenLogprob | None]
+    errors: list[str | None]  # a request whose own sampling failed (its token is None)
 
 
 def _block_tables(seqs: list[Sequence]) -> list[list[int]]:
@@ -139,7 +140,7 @@ class ModelRunner:
             self.parallel.broadcast(host)
         logits = self.execute(host)
         if logits is None:
-            return StepResult([], [], [])
+            return StepResult([], [], [], [])
         with torch.inference_mode():
-            token_ids, logprobs = self.sampler(logits, sample_seqs)
-        return StepResult(sample_seqs, token_ids, logprobs)
+            token_ids, logprobs, errors = self.sampler.sample(logits, sample_seqs)
+        return StepResult(sample_seqs, token_ids, logprobs, errors)
