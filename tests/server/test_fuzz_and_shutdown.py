@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from kvpilot.runtime.models.parallel import free_port
+from kvpilot.runtime.server.app import ServerConfig
+from kvpilot.runtime.server.serve import DrainingServer
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ_MAX_TOKENS = 4  # keeps each fuzzed generation short on a CPU; every other field is fuzzed freely
@@ -44,6 +47,26 @@ def test_fuzzed_requests_never_get_5xx(case):
     assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text}"
     if response.status_code >= 400 and case.path.startswith("/v1"):
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_streams_running_when_the_grace_ends_end_with_abort_and_done(serve):
+    """SIGTERM with a stream that cannot finish within the grace: it ends with finish_reason "abort"
+    and [DONE], not cut mid-way."""
+    server = serve(ServerConfig("smollm2"), server_class=DrainingServer, timeout_graceful_shutdown=1)
+    body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    lines = []
+    with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/completions",
+                                                                             json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line[6:])
+            if len(lines) == 2:
+                server.server.handle_exit(signal.SIGTERM, None)
+    assert lines[-1] == "[DONE]"
+    last = json.loads(lines[-2])
+    assert last["choices"][0]["finish_reason"] == "abort"
+    assert 2 <= len(lines) - 1 < 400
 
 
 def test_up_serves_the_manifest_and_drains_on_sigterm(tmp_path):
