@@ -195,7 +195,7 @@ class LLMEngine:
             text=detok.output_text[: detok.num_emitted_chars],
             logprobs=logprobs if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason, num_cached_tokens=seq.num_cached_tokens, queue_seconds=queued,
-            error=error)
+            error=error, prompt_logprobs=seq.prompt_logprobs if new_token_ids and seq.num_output_tokens == 1 else None)
 
     def stats(self) -> EngineStats:
         bm, sched = self.block_manager, self.scheduler

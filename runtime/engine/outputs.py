@@ -21,6 +21,7 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     queue_seconds: float | None = None  # arrival to first schedule
     error: str | None = None  # why this request alone failed (finish_reason "error")
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first token, when asked for
 
     @property
     def finished(self) -> bool:

@@ -121,7 +121,7 @@ class Sampler:
                     passes.insert(0, (race[sampled.index(i)], 0.0))
                 token_list[i] = self._json_pick(passes, seq)
         logprobs = [None if raw_logprobs is None or seq.params.logprobs is None
-                    else self._logprob(raw_logprobs[i], token_list[i], seq.params.logprobs)
+                    else self.logprob(raw_logprobs[i], token_list[i], seq.params.logprobs)
                     for i, seq in enumerate(seqs)]
         return token_list, logprobs
 
@@ -203,9 +203,10 @@ class Sampler:
         raise ValueError(f"request {seq.request_id!r}: no token continues the JSON output")
 
     @staticmethod
-    def _logprob(logprobs: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+    def logprob(logprobs: torch.Tensor, token_id: int, top_n: int, with_rank: bool = False) -> TokenLogprob:
         top = []
         if top_n:
             values, ids = logprobs.topk(top_n)
             top = list(zip(ids.tolist(), values.tolist(), strict=True))
-        return TokenLogprob(token_id, float(logprobs[token_id]), top)
+        rank = int((logprobs > logprobs[token_id]).sum()) + 1 if with_rank else None
+        return TokenLogprob(token_id, float(logprobs[token_id]), top, rank)

@@ -28,6 +28,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; n: the sampled token's logprob and the top n
     json_object: bool = False  # the output is one JSON object (runtime/json_mode.py)
     include_stop_str_in_output: bool = False  # vLLM's extra: keep the stop string (or stop token) in the text
+    prompt_logprobs: int | None = None  # vLLM's extra: each prompt token's logprob and the top n (no prefix cache)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -55,6 +56,9 @@ class SamplingParams:
             raise ValueError(f"sampling parameter logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"sampling parameter seed must be in [0, 2**64 - 1], got {self.seed!r}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"sampling parameter prompt_logprobs must be in [0, {MAX_LOGPROBS}], "
+                             f"got {self.prompt_logprobs!r}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"sampling parameter stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
 

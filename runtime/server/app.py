@@ -129,13 +129,14 @@ def build_app(engine: EngineClient, config: ServerConfig, memory: Callable[[], M
         except ValueError as err:  # a value valid alone but not with the room left (min_tokens, ...)
             raise ApiError(400, str(err)) from None
 
-    def respond(body: CompletionRequest | ChatCompletionRequest, request: Request, request_id: str,
-                jobs: list[Job], chat: bool):
+    def stream(body: CompletionRequest | ChatCompletionRequest, request_id: str, jobs: list[Job],
+               chat: bool) -> StreamingResponse | None:
+        """The response as a stream when asked for one; admitted first, so a refusal is a 400."""
         gen.admit(request_id, jobs)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(gen.stream(request_id, jobs, include_usage, chat), media_type="text/event-stream")
-        return None
+        if not body.stream:
+            return None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(gen.stream(request_id, jobs, include_usage, chat), media_type="text/event-stream")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -145,10 +146,11 @@ def build_app(engine: EngineClient, config: ServerConfig, memory: Callable[[], M
             prompt_ids = gen.encode_prompt(prompt)
             max_tokens = gen.check_length(len(prompt_ids), body.max_tokens)
             echo = (prompt if isinstance(prompt, str) else gen.tokenizer.decode(prompt_ids)) if body.echo else ""
-            jobs += [Job(p * body.n + i, prompt_ids, sampling_params(body, max_tokens, body.logprobs, i), echo)
-                     for i in range(body.n)]
+            jobs += [Job(p * body.n + i, prompt_ids, sampling_params(body, max_tokens, body.logprobs, i), echo,
+                         echo_logprobs=body.echo and body.logprobs is not None,
+                         prompt_logprobs=body.prompt_logprobs is not None) for i in range(body.n)]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streaming = respond(body, request, request_id, jobs, chat=False)
+        streaming = stream(body, request_id, jobs, chat=False)
         if streaming is not None:
             return streaming
         choices = await gen.collect(request, request_id, jobs)
@@ -159,9 +161,10 @@ def build_app(engine: EngineClient, config: ServerConfig, memory: Callable[[], M
         admit(body.model)
         prompt_ids = gen.encode_chat(body.messages)
         max_tokens = gen.check_length(len(prompt_ids), body.requested_max_tokens())
-        jobs = [Job(i, prompt_ids, sampling_params(body, max_tokens, body.num_logprobs(), i)) for i in range(body.n)]
+        jobs = [Job(i, prompt_ids, sampling_params(body, max_tokens, body.num_logprobs(), i),
+                    prompt_logprobs=body.prompt_logprobs is not None) for i in range(body.n)]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streaming = respond(body, request, request_id, jobs, chat=True)
+        streaming = stream(body, request_id, jobs, chat=True)
         if streaming is not None:
             return streaming
         choices = await gen.collect(request, request_id, jobs)

@@ -96,3 +96,19 @@ def completion_logprobs(token_ids: list[int], entries: list[TokenLogprob | None]
         top_logprobs.append(top)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(token_ids: list[int], entries: list[TokenLogprob | None], names: TokenBytes) -> list:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} holding the token itself and the top n."""
+    out: list[dict | None] = []
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": names.name(t)}
+                  for r, (t, lp) in enumerate(entry.top)}
+        ranked.setdefault(str(token_id), {"logprob": entry.logprob, "rank": entry.rank,
+                                          "decoded_token": names.name(token_id)})
+        out.append(ranked)
+    return out

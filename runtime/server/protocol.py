@@ -64,6 +64,7 @@ class _SamplingRequest(BaseModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -105,7 +106,12 @@ class _SamplingRequest(BaseModel):
         admission.check_seed(self.seed, self.n)
         admission.check_min_tokens(self.min_tokens, self.max_tokens)
         admission.check_stream_options(self.stream, self.stream_options)
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs: not available when streaming")
         return self
+
+    def engine_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
 
     @property
     def json_object(self) -> bool:
@@ -126,6 +132,7 @@ class _SamplingRequest(BaseModel):
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             logprobs=logprobs, json_object=self.json_object,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            prompt_logprobs=self.engine_prompt_logprobs(),
         )
 
 
@@ -135,11 +142,15 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
 
     @model_validator(mode="after")
-    def _echo_logprobs(self) -> CompletionRequest:
+    def _batch(self) -> CompletionRequest:
         admission.check_batch(len(self.prompts()), self.n)
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo: with logprobs (the prompt's logprobs) is not supported; send echo or logprobs")
         return self
+
+    def engine_prompt_logprobs(self) -> int | None:
+        """echo with logprobs reports the prompt's logprobs too."""
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of the batch: one text or token-id list each (a single prompt is a batch of one)."""

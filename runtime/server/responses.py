@@ -1,12 +1,13 @@
-"""OpenAI response bodies as pydantic models (the shapes of vLLM's OpenAI server, whose finish
-reasons include "abort" and "error", which `openai.types` does not allow)."""
+"""OpenAI whole-response bodies as pydantic models, in the shapes of vLLM's OpenAI server (whose
+finish reasons include "abort" and "error", which `openai.types` does not allow). Stream chunks stay
+plain dicts: see serving.OpenAIServing.stream."""
 
 from __future__ import annotations
 
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field
 
 
 class Usage(BaseModel):
@@ -55,33 +56,4 @@ class ChatChoice(BaseModel):
 class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict:
-        return {k: v for k, v in handler(self).items() if v is not None}  # {} for a chunk with no text
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    logprobs: dict | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(_Response):
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
-
-
-class CompletionChunk(_Response):
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-
-
-class ErrorEvent(BaseModel):
-    error: dict
+    prompt_logprobs: list[dict[str, dict] | None] | None = None  # vLLM's extra, when asked

@@ -15,18 +15,14 @@ from fastapi import Request
 from kvpilot.runtime.engine.client import EngineClient
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.engine.sequence import TokenLogprob
-from kvpilot.runtime.server.logprobs import TokenBytes, chat_logprobs, completion_logprobs
+from kvpilot.runtime.server.logprobs import TokenBytes, chat_logprobs, completion_logprobs, vllm_prompt_logprobs
 from kvpilot.runtime.server.metrics import ServerMetrics
 from kvpilot.runtime.server.protocol import ChatMessage, error_json
 from kvpilot.runtime.server.responses import (
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionResponse,
-    ChatDelta,
     ChatMessageOut,
     CompletionChoice,
-    CompletionChunk,
     CompletionResponse,
     Usage,
 )
@@ -46,6 +42,8 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     echo: str = ""  # the prompt's text, put before the completion (completions' echo)
+    echo_logprobs: bool = False  # echo with logprobs: the prompt tokens' logprobs come first
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs field in the response
 
 
 @dataclass
@@ -55,10 +53,11 @@ class Choice:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-def _sse(data: str) -> str:
-    return f"data: {data}\n\n"
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 class OpenAIServing:
@@ -178,38 +177,40 @@ class OpenAIServing:
         return [choices[job.index] for job in jobs]
 
     async def stream(self, request_id: str, jobs: list[Job], include_usage: bool, chat: bool) -> AsyncIterator[str]:
+        """Server-sent events. Chunks are plain dicts through json.dumps, not the response models: per
+        token, the models cost about twice as much (bench/sse_chunks.py)."""
         queue, ids, tasks = self._start(request_id, jobs)
         completion_tokens = 0
-        chunk_type = ChatCompletionChunk if chat else CompletionChunk
-        head = {"id": request_id, "model": self.model_name, "created": int(time.time())}
+        head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name}
         try:
-            for job in jobs:
-                if chat:
-                    yield _sse(ChatCompletionChunk(**head, choices=[ChatChunkChoice(
-                        index=job.index, delta=ChatDelta(role="assistant", content=""))]).model_dump_json())
-                elif job.echo:
-                    yield _sse(CompletionChunk(**head, choices=[CompletionChoice(
-                        index=job.index, text=job.echo)]).model_dump_json())
+            if chat:
+                for job in jobs:
+                    yield _sse(head | {"choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]})
+            to_echo = {job.index: job for job in jobs if job.echo}  # sent with the first output: its logprobs
             async for index, out in self._outputs(queue, len(jobs)):
+                if index in to_echo:
+                    job = to_echo.pop(index)
+                    yield _sse(head | {"choices": [{"index": index, "text": job.echo, "finish_reason": None,
+                                                    "logprobs": self._echo_logprobs(job, out.prompt_logprobs)}]})
                 completion_tokens += len(out.new_token_ids)
                 if not out.new_text and not out.finish_reason and not out.new_token_ids:
                     continue
+                choice = {"index": index, "finish_reason": out.finish_reason}
                 if chat:
-                    choice = ChatChunkChoice(
-                        index=index, delta=ChatDelta(content=out.new_text or None), finish_reason=out.finish_reason,
-                        logprobs=chat_logprobs(out.logprobs, self.names) if out.logprobs else None)
+                    choice |= {"delta": {"content": out.new_text} if out.new_text else {},
+                               "logprobs": chat_logprobs(out.logprobs, self.names) if out.logprobs else None}
                 else:
-                    choice = CompletionChoice(
-                        index=index, text=out.new_text, finish_reason=out.finish_reason,
-                        logprobs=self._completion_logprobs(out.new_token_ids, out.logprobs) if out.logprobs else None)
-                yield _sse(chunk_type(**head, choices=[choice]).model_dump_json())
+                    choice |= {"text": out.new_text, "logprobs": self._completion_logprobs(
+                        out.new_token_ids, out.logprobs) if out.logprobs else None}
+                yield _sse(head | {"choices": [choice]})
             if include_usage:
-                prompt_tokens = _prompt_tokens(jobs)
-                yield _sse(chunk_type(**head, choices=[], usage=Usage.of(prompt_tokens, completion_tokens))
-                           .model_dump_json())
+                usage = Usage.of(_prompt_tokens(jobs), completion_tokens).model_dump()
+                yield _sse(head | {"choices": [], "usage": usage})
             yield _sse("[DONE]")
         except ApiError as err:
-            yield _sse(_json(error_json(err.status, err.message, err.kind, err.param)))
+            yield _sse(error_json(err.status, err.message, err.kind, err.param))
             yield _sse("[DONE]")
         finally:
             self._abort(ids, tasks)  # a client gone mid-stream lands here: its blocks free at once
@@ -217,29 +218,45 @@ class OpenAIServing:
     def _completion_logprobs(self, token_ids: list[int], entries: list[TokenLogprob], start: int = 0) -> dict:
         return completion_logprobs(token_ids, entries, self.names, start)
 
+    def _echo_logprobs(self, job: Job, prompt_logprobs: list | None) -> dict | None:
+        if not job.echo_logprobs or prompt_logprobs is None:
+            return None
+        return completion_logprobs(job.prompt_ids, prompt_logprobs, self.names)
+
+    def _choice_logprobs(self, job: Job, choice: Choice) -> dict | None:
+        """Completions' logprobs: the prompt's first when echoed, then the completion's."""
+        if job.echo_logprobs and choice.prompt_logprobs is not None:
+            return completion_logprobs(job.prompt_ids + choice.token_ids, choice.prompt_logprobs + choice.logprobs,
+                                       self.names)
+        if choice.logprobs:
+            return self._completion_logprobs(choice.token_ids, choice.logprobs, len(job.echo))
+        return None
+
+    def _prompt_logprobs(self, job: Job, choice: Choice) -> list | None:
+        if not job.prompt_logprobs or choice.prompt_logprobs is None:
+            return None
+        return vllm_prompt_logprobs(job.prompt_ids, choice.prompt_logprobs, self.names)
+
     # --- whole responses ------------------------------------------------------------------------
     def completion_response(self, request_id: str, jobs: list[Job], choices: list[Choice]) -> CompletionResponse:
         return CompletionResponse(
             id=request_id, model=self.model_name, usage=Usage.of(_prompt_tokens(jobs), _completion_tokens(choices)),
             choices=[CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
-                                      logprobs=self._completion_logprobs(c.token_ids, c.logprobs, len(job.echo))
-                                      if c.logprobs else None) for job, c in zip(jobs, choices, strict=True)])
+                                      logprobs=self._choice_logprobs(job, c),
+                                      prompt_logprobs=self._prompt_logprobs(job, c))
+                     for job, c in zip(jobs, choices, strict=True)])
 
     def chat_response(self, request_id: str, jobs: list[Job], choices: list[Choice]) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=request_id, model=self.model_name, usage=Usage.of(_prompt_tokens(jobs), _completion_tokens(choices)),
             choices=[ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
                                 logprobs=chat_logprobs(c.logprobs, self.names) if c.logprobs else None)
-                     for c in choices])
+                     for c in choices], prompt_logprobs=self._prompt_logprobs(jobs[0], choices[0]))
 
 
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _json(data: dict) -> str:
-    return json.dumps(data)
 
 
 def _as_api_error(err: Exception) -> ApiError:
@@ -255,6 +272,8 @@ def _accumulate(choice: Choice, out) -> None:
     choice.text += out.new_text
     if out.logprobs:
         choice.logprobs += list(out.logprobs)
+    if out.prompt_logprobs is not None:
+        choice.prompt_logprobs = out.prompt_logprobs
     if out.finish_reason:
         choice.finish_reason = out.finish_reason
 

@@ -75,12 +75,12 @@ def test_up_serves_the_manifest_and_drains_on_sigterm(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real dispatch, not the tests'
     log = open(tmp_path / "up.log", "w+")  # noqa: SIM115 - the child process writes to it until the end
-    proc = subprocess.Popen([sys.executable, "-m", "kvpilot.runtime", "up", "examples/smollm2.yaml",
+    proc = subprocess.Popen([sys.executable, "-m", "kvpilot.cli.main", "up", "examples/smollm2.yaml",
                              "--port", str(port), "--shutdown-grace", "60"], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 420  # the model loads in ~2 minutes on a busy 2-core machine
         while True:
             try:
                 if httpx.get(f"{url}/ready", timeout=2).status_code == 200:

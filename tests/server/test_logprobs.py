@@ -49,3 +49,32 @@ def test_live_chat_logprobs_bytes_spell_the_answer(live):
     content = reply.choices[0].logprobs.content
     assert b"".join(bytes(item.bytes) for item in content).decode() == reply.choices[0].message.content
     assert all(len({t.token for t in item.top_logprobs}) == 5 for item in content)
+
+
+def test_echo_and_prompt_logprobs_score_the_prompt_as_generation_scores_its_tokens(live, http):
+    """A prompt token's logprob equals the logprob the same token got when it was generated after the
+    same prefix; the first prompt token has none."""
+    client = live.client()
+    prefix = http.post("/tokenize", json={"prompt": "The capital of France is"}).json()["tokens"]
+    generated = client.completions.create(model=MODEL, prompt=prefix, max_tokens=1, temperature=0, logprobs=2)
+    token_logprob = generated.choices[0].logprobs.token_logprobs[0]
+    token_id = http.post("/tokenize", json={"prompt": generated.choices[0].text,
+                                            "add_special_tokens": False}).json()["tokens"][0]
+    prompt = [*prefix, token_id]
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, logprobs=2, echo=True,
+                                       extra_body={"prompt_logprobs": 3})
+    choice = echoed.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(prompt) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[len(prefix)] == pytest.approx(token_logprob, abs=1e-3)
+    assert choice.text.startswith(http.post("/detokenize", json={"tokens": prompt}).json()["prompt"])
+    vllm = choice.model_extra["prompt_logprobs"]
+    assert len(vllm) == len(prompt) and vllm[0] is None
+    assert vllm[len(prefix)][str(token_id)]["logprob"] == pytest.approx(token_logprob, abs=1e-3)
+    assert vllm[len(prefix)][str(token_id)]["rank"] == 1  # the greedy choice
+    assert all(len(entry) >= 3 for entry in vllm[1:])
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, logprobs=2,
+                                         echo=True, stream=True)
+    first = next(iter(streamed)).choices[0]
+    assert first.logprobs.token_logprobs[len(prefix)] == pytest.approx(token_logprob, abs=1e-3)
+    assert "".join([first.text] + [c.choices[0].text for c in streamed if c.choices]) == choice.text
