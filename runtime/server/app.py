@@ -118,6 +118,8 @@ def build_app(engine: EngineClient, config: ServerConfig, memory: Callable[[], M
                                 f"`{config.served_model_name}`.", "not_found_error", "model")
         if app.state.draining:
             raise ApiError(503, "the server is shutting down", "server_error")
+        if not engine.is_ready():
+            raise ApiError(503, "the engine has failed; this server is waiting to be restarted", "server_error")
         if engine.stats().num_waiting >= config.max_waiting:
             raise ApiError(429, f"the queue is full ({config.max_waiting} requests waiting); retry later",
                            "rate_limit_error")
