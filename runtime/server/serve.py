@@ -152,13 +152,30 @@ def serve_engine(config, loaded, name: str | None, args: argparse.Namespace) -> 
     return 0
 
 
+ABORT_MARGIN_SECONDS = 1.0  # before the grace ends, what is still running is aborted: time to send the ends
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, but /ready turns 503 the moment SIGTERM arrives, so Kubernetes takes the pod
-    out of the Service while in-flight requests finish within the grace period."""
+    out of the Service while in-flight requests finish within the grace period. Requests still running
+    shortly before the grace ends are aborted (`app.state.abort_all`): each stream ends with
+    finish_reason "abort" and [DONE] instead of being cut mid-way."""
 
     def __init__(self, config: uvicorn.Config, app) -> None:
         super().__init__(config)
         self.kvpilot_app = app
+
+    async def shutdown(self, sockets=None) -> None:
+        grace = self.config.timeout_graceful_shutdown
+        timer = None
+        if grace is not None:
+            delay = max(0.0, grace - min(ABORT_MARGIN_SECONDS, grace / 2))
+            timer = asyncio.get_running_loop().call_later(delay, self.kvpilot_app.state.abort_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def handle_exit(self, sig: int, frame) -> None:
         self.kvpilot_app.state.draining = True
