@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from kvpilot.runtime.engine.sampling import MAX_SEED, SamplingParams
-from kvpilot.runtime.server.app import admission
+from kvpilot.runtime.server import admission
 
 
 class ErrorBody(BaseModel):
