@@ -21,6 +21,7 @@ from kvpilot.runtime.engine.sampler import Sampler, stop_token_ids
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.engine.scheduler import AdmissionError, Scheduler
 from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
+from kvpilot.runtime.engine.threads import set_cpu_threads
 from kvpilot.runtime.engine.workers import start_workers
 from kvpilot.runtime.loading.loader import LoadedModel, load_model
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
@@ -49,6 +50,8 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = self.loaded.eos_token_ids
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            set_cpu_threads()
         _check_device_memory(self.device, expected_kv_bytes(self.facts, config.num_kv_blocks, config.block_size,
                                                             config.kv_torch_dtype, config.tensor_parallel_size))
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
