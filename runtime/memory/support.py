@@ -153,6 +153,9 @@ def _rope_with_defaults(rope: dict[str, Any], config: Mapping[str, Any]) -> dict
         rope.setdefault("partial_rotary_factor", float(config["partial_rotary_factor"]))
     if rope["rope_type"] in ("longrope", "yarn", "dynamic") and "original_max_position_embeddings" in config:
         rope.setdefault("original_max_position_embeddings", int(config["original_max_position_embeddings"]))
+    if rope["rope_type"] == "longrope" and rope.get("factor") is None and rope.get("original_max_position_embeddings"):
+        # as transformers: the model's context over the original one (it sets longrope's attention factor)
+        rope["factor"] = int(config.get("max_position_embeddings", 0)) / int(rope["original_max_position_embeddings"])
     return rope
 
 

@@ -102,7 +102,7 @@ def rope_parameters(dim: int, theta: float, scaling: dict[str, Any] | None, freq
         return _yarn(dim, theta, scaling, device)
     if kind == "longrope":
         original = int(scaling["original_max_position_embeddings"])
-        factor = scaling.get("factor") or (max_positions / original if max_positions else 1.0)
+        factor = float(scaling.get("factor") or 1.0)  # memory/support.py fills it in as transformers does
         attention = scaling.get("attention_factor")
         if attention is None:
             attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
