@@ -41,9 +41,10 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     qk_scale_log2, v_scale, tokens_per_split, num_splits,
     stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_bts, stride_os, stride_oh,
+    stride_bts, stride_os, stride_oh, window, softcap_log2,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -53,6 +54,8 @@ def _decode_kernel(
     end = tl.minimum(start + tokens_per_split, context_len)
     if split == num_splits - 1:  # the last split takes whatever is left, so a low max_context_len loses nothing
         end = context_len
+    if window > 0:  # sliding window: keys before context_len - window are never read
+        start = tl.maximum(start, context_len - window)
 
     rows = tl.arange(0, BLOCK_H)
     heads = kv_head * GROUP + rows
@@ -81,7 +84,10 @@ def _decode_kernel(
                     + dims[None, :], mask=kv_mask, other=0.0)
         s = (tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") if FP32_DOT
              else tl.dot(q, tl.trans(k.to(q.dtype))))
-        s = tl.where(token_mask[None, :], s * qk_scale_log2, float("-inf"))
+        s = s * qk_scale_log2
+        if SOFTCAP:  # cap * tanh(score / cap), in base-2 units: tanh(y) = 2 sigmoid(2y) - 1
+            s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * s / softcap_log2) - 1.0)
+        s = tl.where(token_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -149,9 +155,11 @@ def choose_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, block_
 def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            k_scale: float = 1.0, v_scale: float = 1.0, *, max_context_len: int | None = None,
-                           num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, block_n: int | None = None, window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """Decode attention through the Triton kernel. `max_context_len` (>= every context_len) spares a
-    device sync; `num_splits` and `block_n` override the heuristics (tests, benchmarks)."""
+    device sync; `num_splits` and `block_n` override the heuristics (tests, benchmarks); `window`
+    and `softcap`: sliding-window attention and score capping, as in reference.py."""
     what = "paged_attention_decode"
     device = _launch.check_same_device(what, query=query, k_cache=k_cache, v_cache=v_cache,
                                        block_tables=block_tables, context_lens=context_lens)
@@ -196,9 +204,10 @@ def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         query, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
         scale * k_scale * math.log2(math.e), v_scale, tokens_per_split, splits,
         query.stride(0), query.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), window or 0, (softcap or 1.0) * math.log2(math.e),
         GROUP=group, BLOCK_H=max(16, _launch.next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=splits > 1, FP32_DOT=_launch.fp32_dot(query.dtype, device),
+        SOFTCAP=bool(softcap),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if splits > 1:
