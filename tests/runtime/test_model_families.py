@@ -102,3 +102,26 @@ def test_family_matches_hf(kind, family_tokenizer, tmp_path):
     llm = LLM(str(tmp_path), device="cpu", **ENGINE)
     assert_hf_greedy(reference, prompts, llm.generate(prompts, greedy))
     assert llm.stats().num_preemptions > 0
+
+
+def test_tensor_parallel_split_of_biases_and_head_norms(family_tokenizer, tmp_path, monkeypatch):
+    """Two ranks over gloo: q/k/v biases split with their heads, o_proj and down_proj biases added once
+    (by rank 0, before the all-reduce), Qwen3's per-head q/k norms held whole by every rank."""
+    import transformers as t
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # workers inherit the environment
+    torch.manual_seed(0)
+    config = t.Qwen3Config(**SMALL, head_dim=32, attention_bias=True)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    family_tokenizer.save_pretrained(tmp_path)
+    prompts = [family_tokenizer.encode(text) for text in TEXTS]
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+    limits = {"device": "cpu", "num_kv_blocks": 16, "max_model_len": 64, "max_num_batched_tokens": 16}
+    expected = LLM(str(tmp_path), **limits).generate(prompts, greedy)
+    with LLM(str(tmp_path), tensor_parallel_size=2, **limits) as llm:
+        outputs = llm.generate(prompts, greedy)
+    for want, got in zip(expected, outputs, strict=True):
+        assert got.token_ids == want.token_ids
+        for a, b in zip(want.logprobs, got.logprobs, strict=True):
+            assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
