@@ -44,6 +44,8 @@ ARCHITECTURES: dict[str, frozenset[str]] = {
                                    "sliding_window_pattern", "_sliding_window_pattern",
                                    "use_bidirectional_attention"},
 }
+WINDOWED_ARCHITECTURES = ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                          "SmolLM3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # Fields that never change the forward pass of inference: ids, dropout, training and export settings,
 # generation defaults (the request's sampling parameters decide those here).
 BOOKKEEPING = frozenset({
@@ -191,19 +193,34 @@ def layer_windows(config: Mapping[str, Any]) -> tuple[int | None, ...]:
     windowed layer's KV by its window."""
     layers = int(config.get("num_hidden_layers", 0))
     window = config.get("sliding_window")
-    if not window or config.get("use_sliding_window") is False:
+    arch = (config.get("architectures") or [""])[0]
+    # transformers' Llama, Granite and OLMo 2 have no sliding attention: a window in their config is inert
+    if not window or config.get("use_sliding_window") is False or arch not in WINDOWED_ARCHITECTURES:
         return (None,) * layers
     types = config.get("layer_types")
-    if types is None:
+    if types is None:  # derived as transformers derives them for configs written before layer_types
         pattern = config.get("sliding_window_pattern") or config.get("_sliding_window_pattern")
-        if pattern:  # Gemma 3 (v4 configs): every pattern-th layer is global
+        if pattern:  # Gemma 3: every pattern-th layer is global
             types = ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention" for i in range(layers)]
-        elif str(config.get("model_type", "")).startswith("gemma2") or \
-                (config.get("architectures") or [""])[0].startswith("Gemma2"):
+        elif arch == "Gemma2ForCausalLM":
             types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
-        else:  # Mistral: every layer slides
+        elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):  # the layers from max_window_layers on
+            first = int(config.get("max_window_layers", 28))
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+        elif arch == "SmolLM3ForCausalLM":  # the layers without rope
+            types = ["full_attention" if rope else "sliding_attention" for rope in smollm3_rope_layers(config)]
+        else:  # Mistral, Phi-3: every layer slides
             types = ["sliding_attention"] * layers
     return tuple(int(window) if t == "sliding_attention" else None for t in types)
+
+
+def smollm3_rope_layers(config: Mapping[str, Any]) -> list[bool]:
+    """SmolLM3's layers with rope: `no_rope_layers` (1 = rope), else every `no_rope_layer_interval`-th
+    layer (4 by default, as transformers) has none."""
+    if config.get("no_rope_layers") is not None:
+        return [bool(x) for x in config["no_rope_layers"]]
+    interval = int(config.get("no_rope_layer_interval") or 4)
+    return [(i + 1) % interval != 0 for i in range(int(config.get("num_hidden_layers", 0)))]
 
 
 def _show(value: Any) -> str:

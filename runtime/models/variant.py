@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpilot.runtime.memory.support import layer_windows, rope_settings
+from kvpilot.runtime.memory.support import layer_windows, rope_settings, smollm3_rope_layers
 
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
@@ -81,8 +81,8 @@ def variant_from_config(config: dict[str, Any]) -> Variant:
                        attention_scale=float(config.get("attention_multiplier", head_dim ** -0.5)),
                        residual_multiplier=float(config.get("residual_multiplier", 1.0)),
                        logits_divisor=float(config.get("logits_scaling", 1.0)))
-    elif arch == "SmolLM3ForCausalLM" and config.get("no_rope_layers") is not None:
-        options["rope_layers"] = tuple(bool(x) for x in config["no_rope_layers"])
+    elif arch == "SmolLM3ForCausalLM":
+        options["rope_layers"] = tuple(smollm3_rope_layers(config))
     elif arch in GEMMA:
         options.update(gemma_norm=True, norm_layout="sandwich", embedding_scale=math.sqrt(hidden),
                        embedding_scale_in_dtype=True,

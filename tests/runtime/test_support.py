@@ -75,10 +75,19 @@ def test_layer_windows():
     assert layer_windows(qwen2_off) == (None, None)
     gemma2_v4 = {**LLAMA, "architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 4, "sliding_window": 16}
     assert layer_windows(gemma2_v4) == (16, None, 16, None)
-    gemma3_v4 = {**LLAMA, "num_hidden_layers": 7, "sliding_window": 8, "sliding_window_pattern": 6}
+    gemma3_v4 = {**LLAMA, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 7, "sliding_window": 8,
+                 "sliding_window_pattern": 6}
     assert layer_windows(gemma3_v4) == (8, 8, 8, 8, 8, None, 8)
-    v5 = {**LLAMA, "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}
+    v5 = {**LLAMA, "architectures": ["Qwen3ForCausalLM"], "sliding_window": 8,
+          "layer_types": ["full_attention", "sliding_attention"]}
     assert layer_windows(v5) == (None, 8)
+    qwen2_v4 = {**LLAMA, "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 4, "sliding_window": 8,
+                "use_sliding_window": True, "max_window_layers": 3}
+    assert layer_windows(qwen2_v4) == (None, None, None, 8)
+    smollm3 = {**LLAMA, "architectures": ["SmolLM3ForCausalLM"], "num_hidden_layers": 4, "sliding_window": 8,
+               "use_sliding_window": True}
+    assert layer_windows(smollm3) == (None, None, None, 8)  # the layer without rope (every 4th by default)
+    assert layer_windows({**LLAMA, "sliding_window": 8}) == (None, None)  # Llama has no sliding attention
 
 
 def test_serve_refuses_an_unsupported_checkpoint_in_one_line_and_exit_2(tmp_path):
