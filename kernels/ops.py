@@ -71,34 +71,48 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
 def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            k_scale: float = 1.0, v_scale: float = 1.0, *,
-                           max_context_len: int | None = None) -> torch.Tensor:
+                           max_context_len: int | None = None, window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """query [num_seqs, H, D] (one token per sequence) -> [num_seqs, H, D] over each sequence's cache.
 
-    `max_context_len`, if given (>= every context length), spares the GPU path a device sync."""
+    `max_context_len`, if given (>= every context length), spares the GPU path a device sync.
+    `window`: sliding-window attention over the last `window` tokens; `softcap`: Gemma 2's score
+    capping (see reference.py)."""
     kernel = _triton(query.device, "paged_attention_decode")
     if kernel is None:
         return reference.paged_attention_decode_ref(query, k_cache, v_cache, block_tables, context_lens,
-                                                    scale, k_scale, v_scale)
+                                                    scale, k_scale, v_scale, window, softcap)
+    extra = _attention_options(window, softcap)
     return kernel.paged_attention_decode(query, k_cache, v_cache, block_tables, context_lens, scale,
-                                         k_scale, v_scale, max_context_len=max_context_len)
+                                         k_scale, v_scale, max_context_len=max_context_len, **extra)
 
 
 def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             context_lens: torch.Tensor, scale: float,
                             k_scale: float = 1.0, v_scale: float = 1.0, *,
-                            max_query_len: int | None = None, max_context_len: int | None = None) -> torch.Tensor:
+                            max_query_len: int | None = None, max_context_len: int | None = None,
+                            window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Packed query chunks [total_q, H, D], causal over cached prefix + chunk (already written).
 
     `max_query_len` and `max_context_len`, if given (>= every chunk / context length), each spare the
-    GPU path a device sync (the context length is checked against the block table's capacity)."""
+    GPU path a device sync (the context length is checked against the block table's capacity).
+    `window` and `softcap`: as for paged_attention_decode."""
     kernel = _triton(query.device, "paged_attention_prefill")
     if kernel is None:
         return reference.paged_attention_prefill_ref(query, k_cache, v_cache, block_tables, cu_seqlens_q,
-                                                     context_lens, scale, k_scale, v_scale)
+                                                     context_lens, scale, k_scale, v_scale, window, softcap)
+    extra = _attention_options(window, softcap)
     return kernel.paged_attention_prefill(query, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
                                           scale, k_scale, v_scale, max_query_len=max_query_len,
-                                          max_context_len=max_context_len)
+                                          max_context_len=max_context_len, **extra)
+
+
+def _attention_options(window: int | None, softcap: float | None) -> dict[str, float | int]:
+    """Only the options a call sets, so plain attention calls the Triton launchers exactly as before."""
+    if window is not None and window < 1:
+        raise ValueError(f"attention window must be >= 1 token, got {window}")
+    return {**({"window": window} if window is not None else {}), **({"softcap": softcap} if softcap else {})}
 
 
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,10 +45,10 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     qk_scale_log2, v_scale, tokens_per_split, num_splits, num_heads,
     stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_bts, stride_os, stride_oh,
+    stride_bts, stride_os, stride_oh, window, softcap_log2,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_TILES: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1) // HEAD_TILES
@@ -59,6 +59,8 @@ def _decode_kernel(
     end = tl.minimum(start + tokens_per_split, context_len)
     if split == num_splits - 1:  # the last split takes whatever is left, so a low max_context_len loses nothing
         end = context_len
+    if window > 0:  # sliding window: keys before context_len - window are never read
+        start = tl.maximum(start, context_len - window)
 
     rows = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)
     heads = kv_head * GROUP + rows
@@ -86,6 +88,8 @@ def _decode_kernel(
         k = tl.load(k_head + blocks[:, None] * stride_kb + slots[:, None] * stride_kt, mask=kv_mask, other=0.0)
         v = tl.load(v_head + blocks[:, None] * stride_vb + slots[:, None] * stride_vt, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION)
+        if SOFTCAP:  # cap * tanh(score / cap), in base-2 units: tanh(y) = 2 sigmoid(2y) - 1
+            s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * s / softcap_log2) - 1.0)
         s = tl.where(token_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -165,10 +169,12 @@ def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            k_scale: float = 1.0, v_scale: float = 1.0, *, max_context_len: int | None = None,
                            num_splits: int | None = None, block_n: int | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Decode attention through the Triton kernel. `max_context_len` (>= every context_len) spares a
     device sync; `num_splits`, `block_n`, `num_warps` and `num_stages` override the heuristics (tests,
-    the benchmark's sweep)."""
+    the benchmark's sweep); `window` and `softcap`: sliding-window attention and score capping, as in
+    reference.py."""
     what = "paged_attention_decode"
     device = _launch.check_same_device(what, query=query, k_cache=k_cache, v_cache=v_cache,
                                        block_tables=block_tables, context_lens=context_lens)
@@ -216,10 +222,10 @@ def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         query, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
         scale * k_scale * math.log2(math.e), v_scale, tokens_per_split, splits, num_heads,
         query.stride(0), query.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), window or 0, (softcap or 1.0) * math.log2(math.e),
         GROUP=group, BLOCK_H=block_h, HEAD_TILES=head_tiles, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=splits > 1,
-        DOT=dot, PRECISION=_launch.dot_precision(dot),
+        DOT=dot, PRECISION=_launch.dot_precision(dot), SOFTCAP=bool(softcap),
         num_warps=num_warps or config["num_warps"], num_stages=num_stages or config["num_stages"],
     )
     if splits > 1:

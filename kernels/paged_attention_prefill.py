@@ -40,10 +40,10 @@ def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr, out_ptr,
     qk_scale_log2, v_scale,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_bts, stride_ot, stride_oh,
+    stride_bts, stride_ot, stride_oh, window, softcap_log2,
     GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -76,7 +76,10 @@ def _prefill_kernel(
     k_head = k_cache_ptr + kv_head * stride_kh + dims[None, :]
     v_head = v_cache_ptr + kv_head * stride_vh + dims[None, :]
     end = tl.minimum(context_len, prefix + (q_tile + 1) * BLOCK_Q)  # the tile's last position + 1
-    for tile in range(0, end, BLOCK_N):
+    start = 0
+    if window > 0:  # sliding window: keys older than the tile's first query's window are never read
+        start = tl.maximum(prefix + q_tile * BLOCK_Q - window + 1, 0)
+    for tile in range(start, end, BLOCK_N):
         tokens = tile + offs_n
         token_mask = tokens < end
         blocks = tl.load(table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
@@ -85,7 +88,11 @@ def _prefill_kernel(
         k = tl.load(k_head + blocks[:, None] * stride_kb + slots[:, None] * stride_kt, mask=kv_mask, other=0.0)
         v = tl.load(v_head + blocks[:, None] * stride_vb + slots[:, None] * stride_vt, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION)
+        if SOFTCAP:  # cap * tanh(score / cap), in base-2 units: tanh(y) = 2 sigmoid(2y) - 1
+            s = softcap_log2 * (2.0 * tl.sigmoid(2.0 * s / softcap_log2) - 1.0)
         visible = token_mask[None, :] & (tokens[None, :] <= positions[:, None])
+        if window > 0:
+            visible = visible & (tokens[None, :] > positions[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet stays at 0
@@ -120,10 +127,12 @@ def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
                             context_lens: torch.Tensor, scale: float,
                             k_scale: float = 1.0, v_scale: float = 1.0, *,
                             max_query_len: int | None = None, max_context_len: int | None = None,
-                            block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                            block_m: int | None = None, block_n: int | None = None,
+                            window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Prefill attention through the Triton kernel. `max_query_len` (>= every chunk length) and
     `max_context_len` (>= every context length, checked against the block table's capacity) each spare
-    a device sync; `block_m` / `block_n` override the tile sizes (tests, benchmarks)."""
+    a device sync; `block_m` / `block_n` override the tile sizes (tests, benchmarks); `window` and
+    `softcap`: sliding-window attention and score capping, as in reference.py."""
     what = "paged_attention_prefill"
     device = _launch.check_same_device(what, query=query, k_cache=k_cache, v_cache=v_cache,
                                        block_tables=block_tables, cu_seqlens_q=cu_seqlens_q,
@@ -170,9 +179,10 @@ def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         query, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
         scale * k_scale * math.log2(math.e), v_scale,
         query.stride(0), query.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), window or 0, (softcap or 1.0) * math.log2(math.e),
         GROUP=group, BLOCK_ROWS=block_rows, HEAD_DIM=head_dim, BLOCK_D=max(16, _launch.next_pow2(head_dim)),
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=block_n, DOT=dot, PRECISION=_launch.dot_precision(dot),
+        SOFTCAP=bool(softcap),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
