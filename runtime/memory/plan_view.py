@@ -10,7 +10,9 @@ from kvpilot.runtime.memory.devices import GiB
 from kvpilot.runtime.memory.planner import Plan
 
 _BAR_WIDTH = 48
-_PARTS = (("weights", "magenta"), ("kv_cache", "green"), ("activations", "yellow"), ("overhead", "red"))
+_PARTS = (("weights", "magenta"), ("kv_cache", "green"), ("activations", "yellow"), ("overhead", "red"),
+          ("margin", "blue"))
+_LABELS = {"overhead": "non-torch (NCCL)", "margin": "safety margin"}
 
 
 def _gib(n: int) -> str:
@@ -52,9 +54,12 @@ def render_plan(plan: Plan, console: Console) -> None:
     mem = plan.memory
     for part, colour in _PARTS:
         value = getattr(mem, part)
-        memory.add_row(Text(part.replace("_", " "), style=colour), _gib(value), f"{value / mem.total:.1%}")
+        label = _LABELS.get(part, part.replace("_", " "))
+        memory.add_row(Text(label, style=colour), _gib(value), f"{value / mem.total:.1%}")
     memory.add_row("headroom", _gib(mem.headroom), f"{mem.headroom / mem.total:.1%}")
     memory.add_row("usable / total", f"{_gib(mem.usable)} / {_gib(mem.total)}", "")
+    if plan.device_kind == "cuda":
+        memory.add_row("CUDA context", f"outside usable ({_gib(mem.total - mem.usable)})", "")
     console.print(memory)
     console.print(memory_bar(plan))
     console.print("why:")
