@@ -35,7 +35,8 @@ def render_plan(plan: Plan, console: Console) -> None:
     decision = Table(title=f"kvpilot plan: {plan.model} on {where}", show_header=False, title_justify="left")
     decision.add_column(style="bold")
     decision.add_column()
-    decision.add_row("quantization", f"{plan.quantization} weights, {plan.kv_dtype} KV cache "
+    source = f" (pre-quantized {plan.checkpoint} checkpoint)" if plan.checkpoint else ""
+    decision.add_row("quantization", f"{plan.quantization} weights{source}, {plan.kv_dtype} KV cache "
                                      f"(compute {plan.compute_dtype})")
     decision.add_row("parallelism", f"tensor parallel {plan.tensor_parallel}, {plan.nodes} node(s), "
                                     f"{plan.gpus_per_replica} GPU(s) per replica")

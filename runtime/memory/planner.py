@@ -26,6 +26,7 @@ from kvpilot.runtime.memory.budget import (
     non_torch_bytes,
     safety_margin_bytes,
 )
+from kvpilot.runtime.memory.checkpoint import checkpoint_weight_bytes_by_part
 from kvpilot.runtime.memory.devices import Device, GiB
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.memory.quantization import (
@@ -129,6 +130,7 @@ class Plan:
     memory: MemoryBreakdown
     weights_by_part: dict[str, int]
     reasons: list[str] = field(default_factory=list)
+    checkpoint: str | None = None  # a pre-quantized checkpoint's format (e.g. "gptq int4"); None: float
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -162,7 +164,7 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
     max_model_len = req.max_context or facts.max_position_embeddings
     limits = engine_limits(device, req.max_batched_tokens, req.max_num_seqs)
     usable = int(device.memory_bytes * req.gpu_memory_utilization)
-    parts = weight_bytes_by_part(facts, quant, compute, tp)
+    parts = _weights_by_part(facts, quant, compute, tp)
     weights = sum(parts.values())
     activations = activation_bytes(facts, tp, limits, DTYPE_BYTES[compute], req.sampler_bytes_per_logit)
     overhead = non_torch_bytes(device, tp)
@@ -185,8 +187,16 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
         memory=MemoryBreakdown(device.memory_bytes, usable, weights, blocks * block_bytes,
                                activations, overhead, margin),
         weights_by_part=parts,
+        checkpoint=facts.checkpoint.label if facts.checkpoint else None,
     )
     return plan, shortfall
+
+
+def _weights_by_part(facts: ModelFacts, quant: str, compute: str, tp: int) -> dict[str, int]:
+    """A pre-quantized checkpoint's own bytes; else the runtime's layout of `quant`."""
+    if facts.checkpoint is not None and quant == facts.checkpoint.runtime_mode:
+        return checkpoint_weight_bytes_by_part(facts, facts.checkpoint, compute, tp)
+    return weight_bytes_by_part(facts, quant, compute, tp)
 
 
 # Weight-only int8 / int4 run on the CPU too (dequantized per matmul by the torch reference): slower than
@@ -194,8 +204,14 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
 CPU_WEIGHT_QUANT = ("int8", "int4")
 
 
-def _precision_ladder(device: Device, req: PlanRequest) -> list[tuple[str, str]]:
+def _precision_ladder(device: Device, req: PlanRequest, facts: ModelFacts) -> list[tuple[str, str]]:
     compute = device.compute_dtype
+    if facts.checkpoint is not None:  # the weights are what the checkpoint stores: only the KV dtype is free
+        mode = facts.checkpoint.runtime_mode
+        if req.quantization not in ("auto", mode):
+            raise PlanError(f"{facts.name} is a pre-quantized {facts.checkpoint.label} checkpoint: quantization "
+                            f"must be auto or {mode}, not {req.quantization}")
+        req = PlanRequest(**{**req.__dict__, "quantization": mode})
     if device.kind == "cpu":
         quants = [compute, "bf16"]
     else:
@@ -242,7 +258,7 @@ def _pinned_degree(facts: ModelFacts, device: Device, req: PlanRequest) -> list[
 
 
 def _search(facts: ModelFacts, device: Device, req: PlanRequest, tps: list[int]):
-    ladder = _precision_ladder(device, req)
+    ladder = _precision_ladder(device, req, facts)
     if req.optimize == "quality":
         order = [(q, kv, tp) for q, kv in ladder for tp in tps]
     else:

@@ -37,7 +37,25 @@ class ReferencePoint:
     max_num_seqs: int = 1024
     max_context: int = 8192
     block_size: int = 16
-    checkpoint: str | None = None  # a config.json (dict) of a pre-quantized checkpoint, by name
+    checkpoint: str | None = None  # a pre-quantized checkpoint's quantization_config (CHECKPOINTS key)
+
+
+def _ct(kind: str, strategy: str = "channel", bits: int = 8, **weights) -> dict:
+    """quantization_config as llm-compressor writes it for its FP8_DYNAMIC / W8A8 / W4A16 schemes."""
+    fmt = {"float": "float-quantized", "int": "int-quantized" if bits == 8 else "pack-quantized"}[kind]
+    return {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                "num_bits": bits, "type": kind, "strategy": strategy, "symmetric": True, "dynamic": False,
+                **weights}}}}
+
+
+# The configs of the checkpoints the rows below measured, in their writers' format.
+CHECKPOINTS: dict[str, dict] = {
+    "fp8-dynamic": _ct("float"),
+    "w8a8": _ct("int"),
+    # RedHatAI's w4a16 Llama-3.1-8B is a GPTQ checkpoint (vLLM loaded it as gptq_marlin).
+    "gptq-w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": True},
+}
 
 
 REFERENCE_POINTS: list[ReferencePoint] = [
@@ -68,14 +86,19 @@ REFERENCE_POINTS: list[ReferencePoint] = [
                    _LLMD + "google-gemma-2-9b-it--h100-80gb--tp1pp1dp1--8192.log"),
     # Llama-3.3-70B has Llama-3.1-70B's shapes; fp8-dynamic: fp8 linears, per-channel scales.
     ReferencePoint("llama-3.1-70b", "h100-80gb", 2, "fp8", "bf16", 244_304,
-                   _LLMD + "fp8dyn-llama-3-3-70b--h100-80gb--tp2pp1dp1--8192.log"),
+                   _LLMD + "fp8dyn-llama-3-3-70b--h100-80gb--tp2pp1dp1--8192.log", checkpoint="fp8-dynamic"),
     ReferencePoint("llama-3.1-70b", "h100-80gb", 4, "fp8", "bf16", 708_992,
-                   _LLMD + "fp8dyn-llama-3-3-70b--h100-80gb--tp4pp1dp1--8192.log"),
-    # w8a8: int8 linears, per-channel scales.
+                   _LLMD + "fp8dyn-llama-3-3-70b--h100-80gb--tp4pp1dp1--8192.log", checkpoint="fp8-dynamic"),
+    # The other tight fit: a 70B int8 checkpoint on two H100 (it does not fit one).
     ReferencePoint("llama-3.1-70b", "h100-80gb", 2, "int8", "bf16", 244_304,
-                   _LLMD + "redhatai-llama-3-3-70b-i--h100-80gb--tp2pp1dp1--8192.log"),
+                   _LLMD + "redhatai-llama-3-3-70b-i--h100-80gb--tp2pp1dp1--8192.log", checkpoint="w8a8"),
     ReferencePoint("qwen2.5-7b", "h100-80gb", 1, "int8", "bf16", 1_210_272,
-                   _LLMD + "w8a8-redhatai-qwen2-5-7b--h100-80gb--tp1pp1dp1--8192.log"),
+                   _LLMD + "w8a8-redhatai-qwen2-5-7b--h100-80gb--tp1pp1dp1--8192.log", checkpoint="w8a8"),
     ReferencePoint("qwen2.5-7b", "h100-80gb", 1, "fp8", "bf16", 1_210_304,
-                   _LLMD + "fp8dyn-redhatai-qwen2-5---h100-80gb--tp1pp1dp1--8192.log"),
+                   _LLMD + "fp8dyn-redhatai-qwen2-5---h100-80gb--tp1pp1dp1--8192.log", checkpoint="fp8-dynamic"),
+    ReferencePoint("llama-3.1-8b", "h100-80gb", 1, "int4", "fp16", 554_704,
+                   _LLMD + "w4a16-redhatai-lla--h100-80gb--tp1pp1dp1--8192-dtf16.log", checkpoint="gptq-w4a16"),
+    # The same fp8 layout quantized at load time (--quantization fp8), no checkpoint config.
+    ReferencePoint("llama-3.1-70b", "h100-80gb", 2, "fp8", "bf16", 244_304,
+                   _LLMD + "fp8dyn-llama-3-3-70b--h100-80gb--tp2pp1dp1--8192.log"),
 ]

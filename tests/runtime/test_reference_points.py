@@ -7,9 +7,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from reference_points import REFERENCE_POINTS, VLLM_SAMPLER_BYTES_PER_LOGIT, ReferencePoint
+from reference_points import CHECKPOINTS, REFERENCE_POINTS, VLLM_SAMPLER_BYTES_PER_LOGIT, ReferencePoint
 
-from kvpilot.runtime.memory.devices import gpu_from_catalog
+from kvpilot.runtime.memory.checkpoint import read_quantization
+from kvpilot.runtime.memory.devices import Device, gpu_from_catalog
 from kvpilot.runtime.memory.facts import from_catalog
 from kvpilot.runtime.memory.planner import Plan, PlanRequest, plan
 
@@ -18,11 +19,17 @@ MOST_OVER, MOST_UNDER = 0.03, 0.15
 
 def planned(row: ReferencePoint) -> Plan:
     device = gpu_from_catalog(row.gpu)
+    facts = from_catalog(row.model)
+    if row.checkpoint:
+        quantization = read_quantization({"quantization_config": CHECKPOINTS[row.checkpoint]})
+        facts = dataclasses.replace(facts, checkpoint=quantization)
+    if row.kv_dtype == "fp16":  # vLLM ran --dtype float16: the compute dtype of a GPU without bf16
+        device = Device(device.name, device.memory_bytes, device.bandwidth_gbps, device.fp8, bf16=False)
     request = PlanRequest(max_context=row.max_context, max_batched_tokens=row.max_batched_tokens,
                           max_num_seqs=row.max_num_seqs, quantization=row.quantization, kv_dtype=row.kv_dtype,
                           gpu_memory_utilization=row.gpu_memory_utilization, block_size=row.block_size,
                           tensor_parallel=row.tp, sampler_bytes_per_logit=VLLM_SAMPLER_BYTES_PER_LOGIT)
-    return plan(from_catalog(row.model), device, request)
+    return plan(facts, device, request)
 
 
 def test_the_table_is_wide_enough():
@@ -32,7 +39,7 @@ def test_the_table_is_wide_enough():
 
 
 def _row_id(row: ReferencePoint) -> str:
-    return f"{row.model}-{row.gpu}-tp{row.tp}-{row.quantization}-kv{row.kv_dtype}"
+    return f"{row.model}-{row.gpu}-tp{row.tp}-{row.checkpoint or row.quantization}-kv{row.kv_dtype}"
 
 
 @pytest.mark.parametrize("row", REFERENCE_POINTS, ids=_row_id)
