@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvpilot.runtime.memory.quantization import DTYPE_ALIASES, DTYPE_BYTES, QUANT_MODES, linear_bytes, shard
-from kvpilot.runtime.memory.support import UnsupportedOption
+from kvpilot.runtime.memory.support import UnsupportedOption, check_checkpoint_quantization
 
 if TYPE_CHECKING:
     from kvpilot.runtime.memory.facts import ModelFacts
@@ -59,6 +59,7 @@ class CheckpointQuantization:
     runtime_mode: str  # the runtime layout it loads into: int4 | int8 | fp8 (quantization.QUANT_MODES)
     unquantized: tuple[str, ...] = ()  # module names, name parts or "re:" patterns kept in compute dtype
     lm_head_quantized: bool = False
+    act_order: bool = False  # GPTQ desc_act: groups follow g_idx, not the column order
 
     @property
     def label(self) -> str:
@@ -121,7 +122,8 @@ def _gptq(qc: dict[str, Any]) -> CheckpointQuantization:
     group = int(qc.get("group_size", 128))
     scheme = StoredScheme(bits, "int", None if group == -1 else group, 2, bits / 8, row_index_bytes=4)
     skip = tuple(qc.get("modules_to_not_convert") or ())
-    return CheckpointQuantization("gptq", scheme, _runtime_mode(bits, "int"), skip, bool(qc.get("lm_head")))
+    return CheckpointQuantization("gptq", scheme, _runtime_mode(bits, "int"), skip, bool(qc.get("lm_head")),
+                                  act_order=bool(qc.get("desc_act")))
 
 
 def _awq(qc: dict[str, Any]) -> CheckpointQuantization:
@@ -141,7 +143,15 @@ def _fp8(qc: dict[str, Any], method: str) -> CheckpointQuantization:
 
 
 def read_quantization(config: dict[str, Any]) -> CheckpointQuantization | None:
-    """The checkpoint's quantization from a HF config.json dict; None for a plain float checkpoint."""
+    """The checkpoint's quantization from a HF config.json dict; None for a plain float checkpoint.
+    Refuses (UnsupportedOption) what the runtime cannot load: support.check_checkpoint_quantization."""
+    found = _read(config)
+    if found is not None:
+        check_checkpoint_quantization(found)
+    return found
+
+
+def _read(config: dict[str, Any]) -> CheckpointQuantization | None:
     qc = config.get("quantization_config") or config.get("compression_config")
     if not qc:
         return None

@@ -53,8 +53,9 @@ def _ct(kind: str, strategy: str = "channel", bits: int = 8, **weights) -> dict:
 CHECKPOINTS: dict[str, dict] = {
     "fp8-dynamic": _ct("float"),
     "w8a8": _ct("int"),
-    # RedHatAI's w4a16 Llama-3.1-8B is a GPTQ checkpoint (vLLM loaded it as gptq_marlin).
-    "gptq-w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": True},
+    # RedHatAI's w4a16 Llama-3.1-8B is a GPTQ checkpoint (vLLM loaded it as gptq_marlin); its desc_act
+    # is not known here and changes no byte (g_idx is stored either way).
+    "gptq-w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False},
 }
 
 

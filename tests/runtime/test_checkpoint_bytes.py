@@ -12,7 +12,6 @@ from safetensors import safe_open
 
 from kvpilot.cli.main import main
 from kvpilot.runtime.memory.checkpoint import (
-    UnsupportedCheckpoint,
     checkpoint_weight_bytes_by_part,
     read_quantization,
     stored_linear_bytes,
@@ -21,6 +20,7 @@ from kvpilot.runtime.memory.devices import gpu_from_catalog
 from kvpilot.runtime.memory.facts import from_catalog, load_hf_config
 from kvpilot.runtime.memory.planner import PlanError, PlanRequest, plan
 from kvpilot.runtime.memory.quantization import weight_bytes
+from kvpilot.runtime.memory.support import UnsupportedOption
 
 BUILDERS = {"gptq": gptq, "awq": awq, "compressed-w4a16": compressed_w4a16, "compressed-fp8": compressed_fp8}
 
@@ -61,7 +61,7 @@ def test_ignored_modules_stay_in_the_compute_dtype(tmp_path):
     ({"quant_method": "gptq", "bits": 8, "group_size": -1}, "gptq int8", "int8"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}, "awq int4", "int4"),
     ({"quant_method": "fbgemm_fp8", "modules_to_not_convert": ["lm_head"]}, "fbgemm_fp8 float8", "fp8"),
-    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8 float8", "fp8"),
+    ({"quant_method": "fp8"}, "fp8 float8", "fp8"),
 ])
 def test_formats_map_to_the_runtime_layouts(config, label, mode):
     found = read_quantization({"quantization_config": config})
@@ -72,9 +72,13 @@ def test_formats_map_to_the_runtime_layouts(config, label, mode):
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes' is not one this runtime runs"),
     ({"quant_method": "gptq", "bits": 3}, "int weights of 3 bits"),
     ({"quant_method": "compressed-tensors", "config_groups": {}}, "no config_groups"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}, "act-order"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "block-wise fp8 scales"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "int8 weights load with one scale per output channel"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 33}, "int4 groups of 33 columns"),
 ])
 def test_unreadable_configs_are_refused_in_one_line(config, message):
-    with pytest.raises(UnsupportedCheckpoint, match=message):
+    with pytest.raises(UnsupportedOption, match=message):  # UnsupportedCheckpoint is one
         read_quantization({"quantization_config": config})
 
 
@@ -97,3 +101,17 @@ def test_kvpilot_plan_reads_a_local_pre_quantized_config(tmp_path, capsys):
     assert main(["plan", "--model", str(folder), "--gpu", "l4", "--max-context", "512", "--output", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["quantization"], data["checkpoint"]) == ("int4", "gptq int4")
+
+
+def test_kvpilot_plan_refuses_an_act_order_checkpoint_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    folder, _ = gptq(tmp_path / "act-order")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["desc_act"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "-m", "kvpilot.cli.main", "plan", "--model", str(folder), "--gpu", "l4"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "act-order" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
