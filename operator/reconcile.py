@@ -25,6 +25,7 @@ from kvpilot.operator.status import Condition, plan_status, read_workload, statu
 from kvpilot.runtime.memory.devices import UnknownDevice
 from kvpilot.runtime.memory.facts import UnknownModel
 from kvpilot.runtime.memory.planner import NoFit, Plan, PlanError
+from kvpilot.runtime.memory.support import UnsupportedOption
 
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1"
 WORKLOAD_KINDS = ("Deployment", "LeaderWorkerSet")
@@ -112,6 +113,8 @@ def plan_for(deployment: LLMDeployment, op: Operator) -> Plan:
         raise NotPlanned("DoesNotFit", str(err)) from None
     except PlanError as err:
         raise NotPlanned("CannotPlan", str(err)) from None
+    except UnsupportedOption as err:  # e.g. a pre-quantized checkpoint the pods' loader would refuse
+        raise NotPlanned("Unsupported", str(err)) from None
 
 
 def describe(plan: Plan) -> str:

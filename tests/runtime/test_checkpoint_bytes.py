@@ -115,3 +115,18 @@ def test_kvpilot_plan_refuses_an_act_order_checkpoint_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "act-order" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_operator_sets_unsupported_for_a_checkpoint_the_pods_would_refuse(tmp_path):
+    from kvpilot.operator.reconcile import NotPlanned, plan_for
+    from kvpilot.operator.spec import parse_manifest
+
+    folder, _ = gptq(tmp_path / "act-order")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["desc_act"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    manifest = {"apiVersion": "kvpilot.io/v1alpha1", "kind": "LLMDeployment", "metadata": {"name": "tiny"},
+                "spec": {"model": {"source": f"file://{folder}"}, "gpu": {"type": "l4"}}}
+    with pytest.raises(NotPlanned, match="act-order") as err:
+        plan_for(parse_manifest(manifest), op=None)  # a local config.json: neither the hub nor Kubernetes is asked
+    assert err.value.reason == "Unsupported"
