@@ -52,11 +52,12 @@ def pair(request, tmp_path_factory, tokenizer):
     folder, meaning = build(root / "quantized")
     tokenizer.save_pretrained(folder)
     reference = dequantized_copy(folder, meaning, root / "dequantized")
-    return mode, load_model(str(folder), torch.float32, "cpu"), load_model(str(reference), torch.float32, "cpu")
+    loaded = load_model(str(folder), torch.float32, "cpu")
+    return mode, loaded, load_model(str(reference), torch.float32, "cpu"), folder, reference
 
 
 def test_projections_hold_the_checkpoint_layout_and_its_bytes(pair):
-    mode, loaded, _ = pair
+    mode, loaded = pair[:2]
     model = loaded.model
     projections = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(projections) == 4 * loaded.facts.num_layers and weight_quantization(model) == mode
@@ -65,7 +66,7 @@ def test_projections_hold_the_checkpoint_layout_and_its_bytes(pair):
 
 
 def test_same_tokens_as_the_dequantized_checkpoint(pair):
-    mode, loaded, reference = pair
+    mode, loaded, reference = pair[:3]
     ours = [o.token_ids for o in LLM(loaded=loaded, quantization=mode, **LIMITS).generate(PROMPTS, GREEDY)]
     theirs = [o.token_ids for o in LLM(loaded=reference, **LIMITS).generate(PROMPTS, GREEDY)]
     assert ours == theirs
@@ -74,11 +75,28 @@ def test_same_tokens_as_the_dequantized_checkpoint(pair):
 def test_projection_weights_equal_what_the_checkpoint_encodes(pair):
     from kvpilot.kernels.quant_reference import dequantize
 
-    _, loaded, reference = pair
+    loaded, reference = pair[1:3]
     ref = dict(reference.model.named_parameters())
     for name, module in loaded.model.named_modules():
         if isinstance(module, QuantizedLinear):
             assert torch.equal(dequantize(module.weight), ref[f"{name}.weight"].float()), name
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_tensor_parallel_rank_holds_its_share_of_the_checkpoint(pair, rank):
+    """Rank `rank` of 2 cuts the stored layout as it cuts the dequantized float weights."""
+    from kvpilot.kernels.quant_reference import dequantize
+    from kvpilot.runtime.models.parallel import Parallel
+
+    folder, reference = pair[3:]
+    share = load_model(str(folder), torch.float32, "cpu", parallel=Parallel(rank, 2)).model
+    ref = dict(load_model(str(reference), torch.float32, "cpu", parallel=Parallel(rank, 2)).model.named_parameters())
+    checked = 0
+    for name, module in share.named_modules():
+        if isinstance(module, QuantizedLinear):
+            assert torch.equal(dequantize(module.weight), ref[f"{name}.weight"].float()), name
+            checked += 1
+    assert checked == 8
 
 
 def test_a_different_quantization_than_the_checkpoints_is_refused(tmp_path, tokenizer):
