@@ -29,6 +29,10 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimize", choices=["quality", "cost"])
     p.add_argument("--gpus-per-node", type=int)
     p.add_argument("--max-gpus", type=int, help="most GPUs per replica")
+    p.add_argument("--tensor-parallel", type=int, help="pin the tensor-parallel degree (GPUs per replica)")
+    p.add_argument("--gpu-memory-utilization", type=float, help="fraction of each GPU's memory to use (default 0.90)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="token budget of one engine step")
+    p.add_argument("--max-num-seqs", type=int, help="most sequences running at once")
     p.add_argument("--output", choices=["table", "json"], default="table")
     p.set_defaults(run=_run_plan)
 
@@ -54,13 +58,17 @@ def _run_plan(args: argparse.Namespace) -> int:
     else:
         spec_dict = _spec_from_flags(args)
     overrides = {"maxContextLength": args.max_context, "concurrency": args.concurrency,
-                 "optimize": args.optimize}
+                 "optimize": args.optimize, "maxBatchedTokens": args.max_num_batched_tokens,
+                 "maxNumSeqs": args.max_num_seqs}
     spec_dict.setdefault("serving", {}).update({k: v for k, v in overrides.items() if v is not None})
     if args.quantization:
         spec_dict["quantization"] = args.quantization
     if args.kv_dtype:
         spec_dict.setdefault("kvCache", {})["dtype"] = args.kv_dtype
-    for flag, key in ((args.gpus_per_node, "perNode"), (args.max_gpus, "maxPerReplica")):
+    if args.gpu_memory_utilization is not None:
+        spec_dict["gpuMemoryUtilization"] = args.gpu_memory_utilization
+    for flag, key in ((args.gpus_per_node, "perNode"), (args.max_gpus, "maxPerReplica"),
+                      (args.tensor_parallel, "tensorParallel")):
         if flag is not None:
             spec_dict["gpu"][key] = flag
     spec = parse_spec(spec_dict)

@@ -70,6 +70,7 @@ def plan_request(spec: LLMDeploymentSpec, gpus_per_node: int | None = None) -> P
         optimize=spec.serving.optimize,
         gpus_per_node=gpus_per_node or spec.gpu.per_node,
         max_gpus_per_replica=spec.gpu.max_per_replica,
+        tensor_parallel=spec.gpu.tensor_parallel,
     )
 
 

@@ -34,6 +34,7 @@ from kvpilot.operator.status import Condition, plan_status, read_workload, statu
 from kvpilot.runtime.memory.devices import UnknownDevice
 from kvpilot.runtime.memory.facts import UnknownModel
 from kvpilot.runtime.memory.planner import NoFit, Plan, PlanError
+from kvpilot.runtime.memory.support import UnsupportedOption
 
 STATUS_WRITE_ATTEMPTS = 3  # optimistic-concurrency retries of one status write
 # What to do when the cluster lacks the API a child needs, and how the user gets there.
@@ -125,6 +126,8 @@ def plan_for(deployment: LLMDeployment, op: OperatorContext) -> Plan:
         raise NotPlanned("DoesNotFit", f"{err}. {advice(spec, facts)}") from None
     except PlanError as err:
         raise NotPlanned("CannotPlan", str(err)) from None
+    except UnsupportedOption as err:  # e.g. a pre-quantized checkpoint the pods' loader would refuse
+        raise NotPlanned("Unsupported", str(err)) from None
 
 
 def describe(plan: Plan) -> str:

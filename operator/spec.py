@@ -89,6 +89,8 @@ class GPU(_Model):
     per_node: int = Field(8, ge=1, le=64, description="GPUs on one node.")
     max_per_replica: int | None = Field(None, ge=1, description=(
         "Most GPUs one replica may use; unset: one node, or up to 4 nodes when one cannot hold the model."))
+    tensor_parallel: int | None = Field(None, ge=1, le=256, description=(
+        "Pin the tensor-parallel degree (GPUs per replica); unset: the planner picks the fewest that fit."))
 
     @model_validator(mode="after")
     def _type_or_memory(self) -> GPU:

@@ -168,7 +168,9 @@ def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
         gpu = detect_gpu() if config.device.startswith("cuda") else None
         device = gpu[0] if gpu else cpu_device()
     request = PlanRequest(max_context=config.max_model_len, max_batched_tokens=config.max_num_batched_tokens,
-                          max_num_seqs=config.max_num_seqs, quantization=config.quantization or config.dtype,
+                          max_num_seqs=config.max_num_seqs,
+                          quantization=config.quantization or (facts.checkpoint.runtime_mode if facts.checkpoint
+                                                               else config.dtype),
                           kv_dtype=config.kv_cache_dtype,
                           block_size=config.block_size, gpu_memory_utilization=config.gpu_memory_utilization)
     if config.tensor_parallel_size == 1:

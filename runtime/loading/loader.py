@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from kvpilot.runtime.loading.embedded import embedded_model_path
 from kvpilot.runtime.loading.gguf_file import GGUFModel
+from kvpilot.runtime.loading.prequantized import Prequantized, checkpoint_quantization
 from kvpilot.runtime.memory.facts import ModelFacts, UnknownModel, from_hf_config
 from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config
 from kvpilot.runtime.models.llama import LlamaForCausalLM
@@ -101,7 +102,8 @@ def _hf_eos_token_ids(directory: Path, tokenizer: Any) -> list[int]:
 def build_model(facts: ModelFacts, weights: Iterator[tuple[str, torch.Tensor]], num_weights: int,
                 dtype: torch.dtype, device: torch.device, max_positions: int,
                 rope_freq_factors: torch.Tensor | None = None, quantization: str | None = None,
-                parallel: Parallel = SINGLE, variant: Variant | None = None) -> LlamaForCausalLM:
+                parallel: Parallel = SINGLE, variant: Variant | None = None,
+                prequantized: Prequantized | None = None) -> LlamaForCausalLM:
     """Construct without initializing (meta device), then fill every parameter from `weights`;
     with `quantization` (int8 / int4 / fp8) the decoder projections are quantized as they load."""
     with torch.device("meta"):
@@ -110,8 +112,10 @@ def build_model(facts: ModelFacts, weights: Iterator[tuple[str, torch.Tensor]], 
     materialize(model, device, quantized_weight_names(model) if quantization else set())
     model.model.build_rotary_tables(device)
     bar = tqdm(weights, total=num_weights, desc=f"loading {facts.name}", unit="tensor", disable=None, leave=False)
+    if prequantized is not None:
+        prequantized.bind(model)
     model.load_weights(((name, tensor.to(device)) for name, tensor in bar),
-                       quantizer(quantization, dtype) if quantization else None)
+                       prequantized or (quantizer(quantization, dtype) if quantization else None))
     return model.eval()
 
 
@@ -157,7 +161,12 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
         with safe_open(file, framework="pt") as f:
             num_weights += len(list(f.keys()))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    net = build_model(facts, _safetensors_weights(files, dtype), num_weights, dtype, device,
-                      max_positions or facts.max_position_embeddings, quantization=quantization, parallel=parallel,
-                      variant=variant_from_config(config))
+    weights, prequantized = _safetensors_weights(files, dtype), None
+    if facts.checkpoint is not None:  # pre-quantized: loaded into the runtime's layout as stored
+        quantization = checkpoint_quantization(facts, quantization)
+        prequantized = Prequantized(facts.checkpoint, dtype, facts)
+        weights = prequantized.weights(files, dtype)
+    net = build_model(facts, weights, num_weights, dtype, device, max_positions or facts.max_position_embeddings,
+                      quantization=quantization, parallel=parallel, variant=variant_from_config(config),
+                      prequantized=prequantized)
     return LoadedModel(net, tokenizer, facts, _hf_eos_token_ids(path, tokenizer), path)

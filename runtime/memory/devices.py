@@ -1,7 +1,9 @@
 """Accelerator facts: the GPU catalog, custom sizes, pynvml detection and the CPU as a device.
 
-Memory figures are the totals `nvidia-smi` reports (MiB), not the marketing GB, because the
-runtime compares its plan with what the driver says is there.
+Memory figures are what CUDA can allocate: the total `torch.cuda.mem_get_info()` reports (the
+same figure torch prints as "GPU 0 has a total capacity of ..." and vLLM as `total_gpu_memory`).
+`nvidia-smi` shows 0.35-0.85 GiB more per GPU (the driver's own reservation): no allocator can use
+that, so a plan sized on it over-promises KV cache by as much.
 """
 
 from __future__ import annotations
@@ -37,23 +39,47 @@ class Device:
         return "bf16" if self.bf16 else "fp16"
 
 
+def _gib(value: float) -> int:
+    return int(value * GiB)
+
+
+# Totals as CUDA reports them (GiB), each with where it was published.
 GPU_CATALOG: dict[str, Device] = {
     d.name: d
     for d in (
-        Device("h200-141gb", 143771 * MiB, 4800, True, product_label="NVIDIA-H200"),
-        Device("h100-80gb", 81559 * MiB, 3350, True, product_label="NVIDIA-H100-80GB-HBM3"),
-        Device("h100-pcie-80gb", 81559 * MiB, 2000, True, product_label="NVIDIA-H100-PCIe"),
-        Device("a100-80gb", 81920 * MiB, 2039, False, product_label="NVIDIA-A100-SXM4-80GB"),
-        Device("a100-40gb", 40960 * MiB, 1555, False, product_label="NVIDIA-A100-SXM4-40GB"),
-        Device("l40s", 46068 * MiB, 864, True, product_label="NVIDIA-L40S"),
-        Device("l4", 23034 * MiB, 300, True, product_label="NVIDIA-L4"),
-        Device("a10g", 23028 * MiB, 600, False, product_label="NVIDIA-A10G"),
-        Device("t4", 15360 * MiB, 320, False, bf16=False, product_label="Tesla-T4"),
-        Device("rtx-4090", 24564 * MiB, 1008, True, product_label="NVIDIA-GeForce-RTX-4090"),
+        # No published mem_get_info figure found: nvidia-smi's 143771 MiB (140.40 GiB) less 0.70 GiB,
+        # more than the H100's measured driver reservation (0.46 GiB), so it errs low.
+        Device("h200-141gb", _gib(139.70), 4800, True, product_label="NVIDIA-H200"),
+        # 79.19 GiB: llm-d-planner accuracy report, vLLM v0.19 on H100-80GB ("physical 79.19 GiB"),
+        # https://github.com/llm-d-incubation/llm-d-planner/blob/main/accuracy/accuracy_report.md
+        Device("h100-80gb", _gib(79.19), 3350, True, product_label="NVIDIA-H100-80GB-HBM3"),
+        # Same 81559 MiB part as the SXM board (nvidia-smi), so the same CUDA total.
+        Device("h100-pcie-80gb", _gib(79.19), 2000, True, product_label="NVIDIA-H100-PCIe"),
+        # 79.15 GiB: kvpilot issue 13 (torch.cuda.mem_get_info on A100-SXM4-80GB).
+        Device("a100-80gb", _gib(79.15), 2039, False, product_label="NVIDIA-A100-SXM4-80GB"),
+        # 39.50 GiB: torch OOM message on one A100 40GB, https://github.com/TianheWu/CoSeR/issues/10
+        Device("a100-40gb", _gib(39.50), 1555, False, product_label="NVIDIA-A100-SXM4-40GB"),
+        # 44.42 GiB: torch OOM message on 8 x L40S, https://github.com/stepfun-ai/Step-Video-T2V/issues/8
+        Device("l40s", _gib(44.42), 864, True, product_label="NVIDIA-L40S"),
+        # 21.99 GiB: kvpilot issue 13 (torch.cuda.mem_get_info on L4).
+        Device("l4", _gib(21.99), 300, True, product_label="NVIDIA-L4"),
+        # 22.18 GiB: torch OOM message on an A10 (the A10G's 24 GB GDDR6 sibling, same 23028 MiB in
+        # nvidia-smi), https://github.com/OpenBMB/MiniCPM-V/issues/640
+        Device("a10g", _gib(22.18), 600, False, product_label="NVIDIA-A10G"),
+        # 14.56 GiB: torch OOM messages on Tesla T4 (14.56-14.58 reported),
+        # https://github.com/Zheng-Chong/CatVTON/issues/133, https://github.com/AlphaGPU/leetgpu-challenges/issues/52
+        Device("t4", _gib(14.56), 320, False, bf16=False, product_label="Tesla-T4"),
+        # 23.64 GiB: kvpilot issue 13; torch OOM message, https://github.com/ali-vilab/VGen/issues/104
+        Device("rtx-4090", _gib(23.64), 1008, True, product_label="NVIDIA-GeForce-RTX-4090"),
+        # 23.68 GiB: torch OOM message on an RTX 3090, https://github.com/3DTopia/OpenLRM/issues/42
+        Device("rtx-3090", _gib(23.68), 936, False, product_label="NVIDIA-GeForce-RTX-3090"),
     )
 }
+# A GPU outside the catalog, found by pynvml: its nvidia-smi total less this share, the largest
+# reservation among the catalog's GPUs (L4: 22.49 -> 21.99 GiB, 2.2%), so the guess errs low.
+NVML_UNALLOCATABLE_SHARE = 0.023
 _ALIASES = {"h200": "h200-141gb", "h100": "h100-80gb", "h100-sxm": "h100-80gb",
-            "h100-pcie": "h100-pcie-80gb", "4090": "rtx-4090"}
+            "h100-pcie": "h100-pcie-80gb", "4090": "rtx-4090", "3090": "rtx-3090"}
 # Short names shared by catalog GPUs of different memory: guessing one would plan for the wrong size
 # (and pin the pods to the wrong nodes), so they are refused with the choices.
 _AMBIGUOUS = {"a100": ("a100-80gb", "a100-40gb")}
@@ -115,7 +141,11 @@ def detect_gpu() -> tuple[Device, int] | None:
         major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
         fp8 = (major, minor) >= (8, 9)
         label = name.replace(" ", "-")
-        return Device(name, memory, 0.0, fp8, bf16=major >= 8, product_label=label), count
+        known = next((d for d in GPU_CATALOG.values() if d.product_label == label), None)
+        if known is not None:  # the catalog's CUDA total, not nvidia-smi's
+            return known, count
+        cuda_total = int(memory * (1 - NVML_UNALLOCATABLE_SHARE))
+        return Device(name, cuda_total, 0.0, fp8, bf16=major >= 8, product_label=label), count
 
 
 def local_device() -> tuple[Device, int]:

@@ -13,7 +13,10 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvpilot.runtime.memory.checkpoint import CheckpointQuantization
 
 
 class UnknownModel(ValueError):
@@ -48,6 +51,8 @@ class ModelFacts:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = field(default=None, compare=False)
     rms_norm_eps: float = 1e-5
+    # A pre-quantized checkpoint's quantization_config (checkpoint.read_quantization); None: float weights
+    checkpoint: CheckpointQuantization | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
@@ -97,7 +102,10 @@ class ModelFacts:
 
 
 def from_hf_config(config: dict[str, Any], name: str = "model") -> ModelFacts:
-    """Model facts from a HF `config.json` dict (Llama, Mistral, Qwen2, Gemma 2 and alikes)."""
+    """Model facts from a HF `config.json` dict (Llama, Mistral, Qwen2, Gemma 2 and alikes), with
+    its `quantization_config` when the checkpoint is pre-quantized."""
+    from kvpilot.runtime.memory.checkpoint import read_quantization  # imports this module's Linear
+
     try:
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
@@ -118,6 +126,7 @@ def from_hf_config(config: dict[str, Any], name: str = "model") -> ModelFacts:
             rope_theta=float(config.get("rope_theta", 10000.0)),
             rope_scaling=config.get("rope_scaling"),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            checkpoint=read_quantization(config),
         )
     except KeyError as err:
         raise UnknownModel(f"config of {name} lacks the field {err.args[0]!r}") from None

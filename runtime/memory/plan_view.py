@@ -10,7 +10,9 @@ from kvpilot.runtime.memory.devices import GiB
 from kvpilot.runtime.memory.planner import Plan
 
 _BAR_WIDTH = 48
-_PARTS = (("weights", "magenta"), ("kv_cache", "green"), ("activations", "yellow"), ("overhead", "red"))
+_PARTS = (("weights", "magenta"), ("kv_cache", "green"), ("activations", "yellow"), ("overhead", "red"),
+          ("margin", "blue"))
+_LABELS = {"overhead": "non-torch (NCCL)", "margin": "safety margin"}
 
 
 def _gib(n: int) -> str:
@@ -33,7 +35,8 @@ def render_plan(plan: Plan, console: Console) -> None:
     decision = Table(title=f"kvpilot plan: {plan.model} on {where}", show_header=False, title_justify="left")
     decision.add_column(style="bold")
     decision.add_column()
-    decision.add_row("quantization", f"{plan.quantization} weights, {plan.kv_dtype} KV cache "
+    source = f" (pre-quantized {plan.checkpoint} checkpoint)" if plan.checkpoint else ""
+    decision.add_row("quantization", f"{plan.quantization} weights{source}, {plan.kv_dtype} KV cache "
                                      f"(compute {plan.compute_dtype})")
     decision.add_row("parallelism", f"tensor parallel {plan.tensor_parallel}, {plan.nodes} node(s), "
                                     f"{plan.gpus_per_replica} GPU(s) per replica")
@@ -52,9 +55,12 @@ def render_plan(plan: Plan, console: Console) -> None:
     mem = plan.memory
     for part, colour in _PARTS:
         value = getattr(mem, part)
-        memory.add_row(Text(part.replace("_", " "), style=colour), _gib(value), f"{value / mem.total:.1%}")
+        label = _LABELS.get(part, part.replace("_", " "))
+        memory.add_row(Text(label, style=colour), _gib(value), f"{value / mem.total:.1%}")
     memory.add_row("headroom", _gib(mem.headroom), f"{mem.headroom / mem.total:.1%}")
     memory.add_row("usable / total", f"{_gib(mem.usable)} / {_gib(mem.total)}", "")
+    if plan.device_kind == "cuda":
+        memory.add_row("CUDA context", f"outside usable ({_gib(mem.total - mem.usable)})", "")
     console.print(memory)
     console.print(memory_bar(plan))
     console.print("why:")

@@ -19,7 +19,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from kvpilot.runtime.memory.devices import Device, GiB, MiB
+from kvpilot.runtime.memory.budget import (
+    KVPILOT_SAMPLER_BYTES_PER_LOGIT,
+    activation_bytes,
+    engine_limits,
+    non_torch_bytes,
+    safety_margin_bytes,
+)
+from kvpilot.runtime.memory.checkpoint import checkpoint_weight_bytes_by_part
+from kvpilot.runtime.memory.devices import Device, GiB
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.memory.quantization import (
     DTYPE_BYTES,
@@ -29,20 +37,9 @@ from kvpilot.runtime.memory.quantization import (
     weight_bytes_by_part,
 )
 
-# Non-torch memory of a CUDA runtime process: the CUDA context, cuBLAS workspaces and the loaded
-# Triton kernels. vLLM's profiler reports 0.5-1 GiB of such memory on H100; we take the top end.
-CUDA_CONTEXT_BYTES = 1 * GiB
-# NCCL's communicator buffers and channels, allocated once tensor parallelism > 1.
-NCCL_BUFFER_BYTES = 512 * MiB
-# Python, torch and the tokenizer of a CPU runtime process, resident before any weight loads.
-CPU_PROCESS_BYTES = 768 * MiB
 # A CPU run spends no more than this on KV beyond what the request needs: allocating (and
 # zeroing) most of the host's RAM would starve it; vLLM's CPU backend defaults to 4 GiB too.
 CPU_KV_CACHE_BYTES = 4 * GiB
-# fp32 logits of the last token of every sequence, plus the probabilities sampling derives.
-LOGIT_COPIES = 2
-DEFAULT_MAX_BATCHED_TOKENS = 2048  # vLLM's chunked-prefill token budget for online serving
-DEFAULT_MAX_NUM_SEQS = {"cuda": 256, "cpu": 32}
 MAX_NODES_PER_REPLICA = 4
 OPTIMIZE_CHOICES = ("quality", "cost")
 
@@ -72,6 +69,9 @@ class PlanRequest:
     optimize: str = "quality"
     gpus_per_node: int = 8
     max_gpus_per_replica: int | None = None
+    tensor_parallel: int | None = None  # pinned: plan this degree only (None: search)
+    # The sampler's peak bytes per logit; another engine's figure plans for that engine
+    sampler_bytes_per_logit: int = KVPILOT_SAMPLER_BYTES_PER_LOGIT
 
     def __post_init__(self) -> None:
         if self.quantization != "auto" and self.quantization not in QUANT_MODES:
@@ -85,7 +85,8 @@ class PlanRequest:
         for name in ("concurrency", "block_size", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_context", "max_batched_tokens", "max_num_seqs", "max_gpus_per_replica"):
+        for name in ("max_context", "max_batched_tokens", "max_num_seqs", "max_gpus_per_replica",
+                     "tensor_parallel"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise PlanError(f"{name} must be >= 1, got {value}")
@@ -100,11 +101,13 @@ class MemoryBreakdown:
     weights: int
     kv_cache: int
     activations: int
-    overhead: int
+    overhead: int  # non-torch memory inside the usable part (NCCL's buffers)
+    margin: int = 0  # left free on purpose (budget.safety_margin_bytes)
 
     @property
     def headroom(self) -> int:
-        return self.usable - self.weights - self.kv_cache - self.activations - self.overhead
+        """Usable bytes no part claims: under one KV block, since the KV cache takes the rest."""
+        return self.usable - self.weights - self.kv_cache - self.activations - self.overhead - self.margin
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class Plan:
     memory: MemoryBreakdown
     weights_by_part: dict[str, int]
     reasons: list[str] = field(default_factory=list)
+    checkpoint: str | None = None  # a pre-quantized checkpoint's format (e.g. "gptq int4"); None: float
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -153,37 +157,22 @@ class Plan:
         return data
 
 
-def activation_bytes(facts: ModelFacts, tp: int, tokens: int, seqs: int, compute_bytes: int) -> int:
-    """Peak activations of one forward pass of `tokens` tokens: residual and normed hidden states,
-    this GPU's share of q/k/v, attention output, gate/up/product of the MLP, plus the logits."""
-    d = facts.head_dim
-    per_token = (2 * facts.hidden_size + (2 * facts.num_heads + 2 * facts.num_kv_heads) * d // tp
-                 + 3 * facts.intermediate_size // tp)
-    return tokens * per_token * compute_bytes + seqs * facts.vocab_size * 4 * LOGIT_COPIES
-
-
-def runtime_overhead(device: Device, tp: int) -> int:
-    if device.kind == "cpu":
-        return CPU_PROCESS_BYTES
-    return CUDA_CONTEXT_BYTES + (NCCL_BUFFER_BYTES if tp > 1 else 0)
-
-
 def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dtype: str, tp: int,
          gpus_per_node: int) -> tuple[Plan, int]:
     """One configuration sized to the byte: (plan, shortfall bytes per GPU; 0 when it fits)."""
     compute = device.compute_dtype
     max_model_len = req.max_context or facts.max_position_embeddings
-    max_batched = req.max_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS
-    max_seqs = req.max_num_seqs or DEFAULT_MAX_NUM_SEQS[device.kind]
+    limits = engine_limits(device, req.max_batched_tokens, req.max_num_seqs)
     usable = int(device.memory_bytes * req.gpu_memory_utilization)
-    parts = weight_bytes_by_part(facts, quant, compute, tp)
+    parts = _weights_by_part(facts, quant, compute, tp)
     weights = sum(parts.values())
-    activations = activation_bytes(facts, tp, max_batched, max_seqs, DTYPE_BYTES[compute])
-    overhead = runtime_overhead(device, tp)
+    activations = activation_bytes(facts, tp, limits, DTYPE_BYTES[compute], req.sampler_bytes_per_logit)
+    overhead = non_torch_bytes(device, tp)
+    margin = safety_margin_bytes(device, usable)
     per_token = kv_bytes_per_token(facts, kv_dtype, tp)
     block_bytes = per_token * req.block_size
     blocks_needed = math.ceil(max_model_len / req.block_size) * req.concurrency
-    budget = usable - weights - activations - overhead
+    budget = usable - weights - activations - overhead - margin
     blocks = max(0, budget // block_bytes)
     if device.kind == "cpu":
         blocks = min(blocks, max(blocks_needed, CPU_KV_CACHE_BYTES // block_bytes))
@@ -193,13 +182,21 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
         kv_dtype=kv_dtype, compute_dtype=compute, tensor_parallel=tp,
         nodes=math.ceil(tp / gpus_per_node), gpus_per_replica=tp if device.kind == "cuda" else 0,
         block_size=req.block_size, num_kv_blocks=blocks, kv_bytes_per_token=per_token,
-        max_model_len=max_model_len, max_num_seqs=max(1, min(max_seqs, blocks)),
-        max_batched_tokens=max_batched,
+        max_model_len=max_model_len, max_num_seqs=max(1, min(limits.max_num_seqs, blocks)),
+        max_batched_tokens=limits.max_batched_tokens,
         memory=MemoryBreakdown(device.memory_bytes, usable, weights, blocks * block_bytes,
-                               activations, overhead),
+                               activations, overhead, margin),
         weights_by_part=parts,
+        checkpoint=facts.checkpoint.label if facts.checkpoint else None,
     )
     return plan, shortfall
+
+
+def _weights_by_part(facts: ModelFacts, quant: str, compute: str, tp: int) -> dict[str, int]:
+    """A pre-quantized checkpoint's own bytes; else the runtime's layout of `quant`."""
+    if facts.checkpoint is not None and quant == facts.checkpoint.runtime_mode:
+        return checkpoint_weight_bytes_by_part(facts, facts.checkpoint, compute, tp)
+    return weight_bytes_by_part(facts, quant, compute, tp)
 
 
 # Weight-only int8 / int4 run on the CPU too (dequantized per matmul by the torch reference): slower than
@@ -207,8 +204,14 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
 CPU_WEIGHT_QUANT = ("int8", "int4")
 
 
-def _precision_ladder(device: Device, req: PlanRequest) -> list[tuple[str, str]]:
+def _precision_ladder(device: Device, req: PlanRequest, facts: ModelFacts) -> list[tuple[str, str]]:
     compute = device.compute_dtype
+    if facts.checkpoint is not None:  # the weights are what the checkpoint stores: only the KV dtype is free
+        mode = facts.checkpoint.runtime_mode
+        if req.quantization not in ("auto", mode):
+            raise PlanError(f"{facts.name} is a pre-quantized {facts.checkpoint.label} checkpoint: quantization "
+                            f"must be auto or {mode}, not {req.quantization}")
+        req = PlanRequest(**{**req.__dict__, "quantization": mode})
     if device.kind == "cpu":
         quants = [compute, "bf16"]
     else:
@@ -240,8 +243,22 @@ def _tp_degrees(facts: ModelFacts, device: Device, limit: int) -> list[int]:
     return [tp for tp in degrees if tp_compatible(facts, tp)]
 
 
+def _pinned_degree(facts: ModelFacts, device: Device, req: PlanRequest) -> list[int]:
+    """The one degree the request pins, refused in one line when it cannot run."""
+    tp = req.tensor_parallel
+    if device.kind == "cpu" and tp != 1:
+        raise PlanError(f"tensor parallel {tp} needs GPUs; the CPU runs tensor parallel 1")
+    if not tp_compatible(facts, tp):
+        raise PlanError(f"tensor parallel {tp} does not split {facts.name}'s {facts.num_heads} heads / "
+                        f"{facts.num_kv_heads} KV heads evenly: use one of "
+                        f"{', '.join(map(str, _tp_degrees(facts, device, 64)))}")
+    if req.max_gpus_per_replica and tp > req.max_gpus_per_replica:
+        raise PlanError(f"tensor parallel {tp} exceeds the most GPUs per replica ({req.max_gpus_per_replica})")
+    return [tp]
+
+
 def _search(facts: ModelFacts, device: Device, req: PlanRequest, tps: list[int]):
-    ladder = _precision_ladder(device, req)
+    ladder = _precision_ladder(device, req, facts)
     if req.optimize == "quality":
         order = [(q, kv, tp) for q, kv in ladder for tp in tps]
     else:
@@ -266,10 +283,11 @@ def plan(facts: ModelFacts, device: Device, req: PlanRequest) -> Plan:
         raise PlanError(f"max context {req.max_context} exceeds {facts.name}'s "
                         f"{facts.max_position_embeddings} positions")
     first_limit = req.max_gpus_per_replica or req.gpus_per_node
-    first = _tp_degrees(facts, device, first_limit)
+    first = _pinned_degree(facts, device, req) if req.tensor_parallel else _tp_degrees(facts, device, first_limit)
     chosen, attempts = _search(facts, device, req, first)
     widened = False
-    if chosen is None and req.max_gpus_per_replica is None and device.kind == "cuda":
+    if (chosen is None and req.max_gpus_per_replica is None and device.kind == "cuda"
+            and not req.tensor_parallel):
         limit = req.gpus_per_node * MAX_NODES_PER_REPLICA
         wider = [tp for tp in _tp_degrees(facts, device, limit) if tp not in first]
         chosen, more = _search(facts, device, req, wider)
@@ -290,6 +308,10 @@ def _with_reasons(chosen: Plan, attempts: list, req: PlanRequest, widened: bool)
     reasons = [f"weights: {chosen.memory.weights / GiB:.2f} GiB per GPU in {chosen.quantization}; "
                f"usable memory {chosen.memory.usable / GiB:.2f} GiB "
                f"({req.gpu_memory_utilization:.0%} of {chosen.memory.total / GiB:.2f} GiB)"]
+    mem = chosen.memory
+    reasons.append(f"kept out of the KV cache: activations {mem.activations / GiB:.2f} GiB (a step of "
+                   f"{chosen.max_batched_tokens} tokens), non-torch {mem.overhead / GiB:.2f} GiB at TP "
+                   f"{chosen.tensor_parallel}, safety margin {mem.margin / GiB:.2f} GiB")
     for attempt, shortfall in attempts:
         if attempt is chosen:
             break

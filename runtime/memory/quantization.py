@@ -66,7 +66,7 @@ def kv_bytes_per_token(facts: ModelFacts, kv_dtype: str, tp: int = 1) -> int:
     return 2 * facts.num_layers * kv_heads_per_gpu(facts, tp) * facts.head_dim * DTYPE_BYTES[kv_dtype]
 
 
-def _shard(lin: Linear, facts: ModelFacts, tp: int) -> tuple[int, int]:
+def shard(lin: Linear, facts: ModelFacts, tp: int) -> tuple[int, int]:
     """(out, in) of one GPU's share of a linear layer under tensor parallelism."""
     if lin.split == "column":
         return lin.out_features // tp, lin.in_features
@@ -92,7 +92,7 @@ def weight_bytes_by_part(facts: ModelFacts, quant: str, compute_dtype: str, tp: 
     compute = DTYPE_BYTES[compute_dtype if mode.scale_bytes else quant]
     parts = {"attention": 0, "mlp": 0}
     for lin in facts.layer_linears:
-        out_f, in_f = _shard(lin, facts, tp)
+        out_f, in_f = shard(lin, facts, tp)
         n = linear_bytes(out_f, in_f, mode, compute) + (out_f * compute if lin.bias else 0)
         parts["mlp" if lin.name.endswith(("gate_proj", "up_proj", "down_proj")) else "attention"] += n
     parts = {k: v * facts.num_layers for k, v in parts.items()}

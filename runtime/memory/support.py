@@ -83,10 +83,10 @@ ROPE_TYPES: dict[str, frozenset[str]] = {
 ROPE_COMMON_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
-# --- quantization formats (the MEMORY-MODEL engineer's section) ------------------------------------
-# Checkpoint quantization formats the loader reads (`quantization_config.quant_method`); none yet:
-# weights are quantized at load time from a full-precision checkpoint (`--quantization`).
-QUANTIZATION_FORMATS: tuple[str, ...] = ()
+# --- quantization formats ----------------------------------------------------------------------------
+# Checkpoint quantization formats the loader reads (`quantization_config.quant_method`; the layouts each
+# may use are checked by check_checkpoint_quantization below, through checkpoint.read_quantization).
+QUANTIZATION_FORMATS = ("compressed-tensors", "gptq", "awq", "fp8", "fbgemm_fp8")
 
 
 def check_hf_config(config: Mapping[str, Any], max_model_len: int | None = None) -> None:
@@ -100,7 +100,7 @@ def check_hf_config(config: Mapping[str, Any], max_model_len: int | None = None)
                                 f"{', '.join(ARCHITECTURES)}")
     honoured = COMMON_FIELDS | ARCHITECTURES[arch] | BOOKKEEPING
     for name, value in config.items():
-        if name == "quantization_config":
+        if name in ("quantization_config", "compression_config"):
             _check_quantization(value)
         elif name not in honoured:
             raise UnsupportedOption(f"config field {name}={_show(value)} ({arch}) is not honoured by this runtime: "
@@ -226,3 +226,34 @@ def smollm3_rope_layers(config: Mapping[str, Any]) -> list[bool]:
 def _show(value: Any) -> str:
     text = repr(value) if not isinstance(value, (dict, list)) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- Pre-quantized checkpoints (the memory model's part; owned with runtime/memory/checkpoint.py) --------
+# The runtime's quantized layouts (kernels/quant_reference.py) are: int8 with one scale per output
+# channel and no zero point; int4 with one scale and zero point per contiguous group of an even
+# number of input columns; fp8 (e4m3) with one fp32 scale per output channel. A checkpoint loads
+# into them exactly or not at all: these are the ones that do.
+CHECKPOINT_FORMATS = QUANTIZATION_FORMATS
+
+
+def check_checkpoint_quantization(checkpoint) -> None:
+    """Refuse, in one line, a pre-quantized checkpoint whose layout the runtime cannot hold exactly
+    (`checkpoint` is a kvpilot.runtime.memory.checkpoint.CheckpointQuantization)."""
+    scheme, what = checkpoint.scheme, checkpoint.label
+    if checkpoint.method not in CHECKPOINT_FORMATS:
+        raise UnsupportedOption(f"{what}: {checkpoint.method} checkpoints are not supported "
+                                f"(supported: {', '.join(CHECKPOINT_FORMATS)})")
+    if checkpoint.act_order:
+        raise UnsupportedOption(f"{what}: act-order (desc_act) checkpoints permute their groups, which the "
+                                "runtime's int4 layout cannot hold: use a checkpoint quantized with desc_act false")
+    if scheme.block is not None:
+        raise UnsupportedOption(f"{what}: block-wise fp8 scales {list(scheme.block)} are not supported "
+                                "(per-tensor and per-channel fp8 are)")
+    grouped = bool(scheme.group_size)
+    stored_zeros = bool(scheme.zero_bytes) and checkpoint.method == "compressed-tensors"  # GPTQ stores them always
+    if scheme.kind == "int" and scheme.bits == 8 and (grouped or stored_zeros):
+        raise UnsupportedOption(f"{what}: int8 weights load with one scale per output channel and no zero "
+                                "point; this checkpoint has groups or zero points")
+    if scheme.kind == "int" and scheme.bits == 4 and scheme.group_size and scheme.group_size % 2:
+        raise UnsupportedOption(f"{what}: int4 groups of {scheme.group_size} columns are not supported "
+                                "(an even group size is)")

@@ -74,7 +74,13 @@ def replace_with_quantized(model: nn.Module, weight_name: str, weight: torch.Ten
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name)
     linear = getattr(parent, child)
-    setattr(parent, child, QuantizedLinear(quantize(weight), linear.bias))
+    if hasattr(quantize, "for_weight"):  # a pre-quantized checkpoint: runtime/loading/prequantized.py
+        quantized = quantize.for_weight(weight_name, weight)
+        if quantized is None:  # the checkpoint keeps this projection unquantized
+            return
+    else:
+        quantized = quantize(weight)
+    setattr(parent, child, QuantizedLinear(quantized, linear.bias))
 
 
 def weight_quantization(model: nn.Module) -> str | None:

@@ -83,3 +83,40 @@ def test_malformed_yaml(tmp_path):
     result = run("plan", str(bad))
     assert result.returncode == 2 and "malformed YAML" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_engine_flags_reach_the_plan(capsys):
+    assert main(["plan", "--model", "llama-3.1-8b", "--gpu", "h100-80gb", "--max-context", "8192",
+                 "--gpu-memory-utilization", "0.8", "--max-num-batched-tokens", "4096", "--max-num-seqs", "64",
+                 "--tensor-parallel", "2", "--output", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tensor_parallel"] == 2 and data["max_batched_tokens"] == 4096 and data["max_num_seqs"] == 64
+    memory = data["memory"]
+    assert memory["usable"] == int(memory["total"] * 0.8)
+    assert memory["margin"] > 0 and 0 <= memory["headroom"] < data["kv_bytes_per_token"] * data["block_size"]
+
+
+def test_smaller_step_budget_leaves_more_kv(capsys):
+    tokens = []
+    for seqs in ("512", "16"):
+        assert main(["plan", "--model", "qwen2.5-7b", "--gpu", "l4", "--max-context", "4096",
+                     "--max-num-seqs", seqs, "--max-num-batched-tokens", "2048", "--output", "json"]) == 0
+        tokens.append(json.loads(capsys.readouterr().out)["kv_capacity_tokens"])
+    assert tokens[0] < tokens[1]
+
+
+def test_table_shows_the_safety_margin_and_non_torch_lines():
+    result = run("plan", "--model", "llama-3.1-8b", "--gpu", "h100-80gb", "--max-context", "8192",
+                 "--tensor-parallel", "2")
+    assert result.returncode == 0, result.stderr
+    assert "safety margin" in result.stdout and "non-torch" in result.stdout and "CUDA context" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tensor-parallel", "3"], "tensor parallel 3 does not split llama-3.1-8b's 32 heads"),
+    (["--gpu-memory-utilization", "1.5"], "gpuMemoryUtilization"),
+    (["--max-num-seqs", "0"], "maxNumSeqs"),
+])
+def test_bad_engine_flags_are_one_line(args, message):
+    result = run("plan", "--model", "llama-3.1-8b", "--gpu", "h100-80gb", *args)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

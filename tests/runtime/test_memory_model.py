@@ -277,3 +277,27 @@ def test_more_memory_never_yields_fewer_kv_blocks(model, quant, tp, small, extra
     blocks = [size(facts, Device("g", gib * GiB, 0.0, True), req, quant, "bf16", tp, 8)[0].num_kv_blocks
               for gib in (small, small + extra)]
     assert blocks[0] <= blocks[1]
+
+
+def test_pinned_tensor_parallel_is_planned_as_asked_or_refused():
+    facts = from_catalog("llama-3.1-70b")
+    req = PlanRequest(max_context=8192, concurrency=16, tensor_parallel=8)
+    assert plan(facts, H100, req).tensor_parallel == 8  # the search would stop at 4
+    with pytest.raises(NoFit, match="on 2 x h100-80gb"):  # never widened past the pin
+        plan(facts, H100, PlanRequest(max_context=8192, concurrency=64, quantization="bf16", tensor_parallel=2))
+    with pytest.raises(PlanError, match="does not split"):
+        plan(facts, H100, PlanRequest(tensor_parallel=3))
+
+
+def test_catalog_totals_are_what_cuda_allocates_not_nvidia_smi():
+    assert H100.memory_bytes == int(79.19 * GiB) and A100.memory_bytes == int(79.15 * GiB)
+    assert L4.memory_bytes == int(21.99 * GiB) and gpu_from_catalog("rtx-4090").memory_bytes == int(23.64 * GiB)
+
+
+def test_activations_follow_the_step_budget():
+    facts = from_catalog("llama-3.1-8b")
+    small = plan(facts, H100, PlanRequest(max_context=8192, max_batched_tokens=512, max_num_seqs=8))
+    large = plan(facts, H100, PlanRequest(max_context=8192, max_batched_tokens=16384, max_num_seqs=512))
+    assert small.memory.activations < large.memory.activations
+    assert small.num_kv_blocks > large.num_kv_blocks
+    assert (large.max_batched_tokens, large.max_num_seqs) == (16384, 512)
