@@ -29,16 +29,3 @@ async def eventually(probe: Callable[[], T | Awaitable[T]], timeout: float = 10.
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s: {what or probe} (last: {value!r})")
         await asyncio.sleep(poll)
-
-
-def eventually_sync(probe: Callable[[], T], timeout: float = 10.0, what: str = "",
-                    poll: float = POLL_SECONDS) -> T:
-    """`eventually` for code outside an event loop."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what or probe} (last: {value!r})")
-        time.sleep(poll)

@@ -68,13 +68,6 @@ def _rope_type(scaling: dict[str, Any] | None) -> str:
     return str(scaling.get("rope_type") or scaling.get("type") or "default")
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
-                  freq_factors: torch.Tensor | None = None, device: torch.device | None = None,
-                  max_positions: int = 0) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] in fp32, scaled as the model's config says."""
-    return rope_parameters(head_dim, theta, scaling, freq_factors, device, max_positions)[0]
-
-
 def rope_parameters(dim: int, theta: float, scaling: dict[str, Any] | None, freq_factors: torch.Tensor | None = None,
                     device: torch.device | None = None, max_positions: int = 0) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [dim / 2] in fp32 and the factor cos/sin are multiplied by, computed as
