@@ -15,6 +15,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config
+
 if TYPE_CHECKING:
     from kvpilot.runtime.memory.checkpoint import CheckpointQuantization
 
@@ -106,6 +108,11 @@ def from_hf_config(config: dict[str, Any], name: str = "model") -> ModelFacts:
     its `quantization_config` when the checkpoint is pre-quantized."""
     from kvpilot.runtime.memory.checkpoint import read_quantization  # imports this module's Linear
 
+    if config.get("architectures"):  # a model the pods would refuse is refused here too, in their words
+        try:
+            check_hf_config(config)
+        except UnsupportedOption as err:
+            raise UnsupportedOption(f"{name}: {err}") from None
     try:
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
