@@ -29,6 +29,7 @@ from kvpilot.runtime.server.protocol import (
     error_json,
 )
 from kvpilot.runtime.server.serving import ApiError, OpenAIServing, chat_response, completion_response
+from kvpilot.runtime.server.tool_parser import chat_tools
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 128k-token prompt is ~0.5 MiB of text; 8 MiB leaves room for token ids
 RETRY_AFTER_SECONDS = 1
@@ -127,17 +128,21 @@ def build_app(engine: EngineClient, config: ServerConfig, memory: Callable[[], M
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         admit(body.model)
-        prompt_ids = gen.encode_chat(body.messages)
+        try:
+            tools = chat_tools(body, body.structured(), getattr(gen.tokenizer, "chat_template", None))
+        except ValueError as err:
+            raise ApiError(400, str(err), param="tool_choice") from None
+        prompt_ids = gen.encode_chat(body.messages, tools.tools)
         max_tokens = gen.check_length(len(prompt_ids), body.requested_max_tokens())
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        params = [body.sampling_params(max_tokens, body.num_logprobs(), i) for i in range(body.n)]
+        params = [body.sampling_params(max_tokens, body.num_logprobs(), i, tools.structured) for i in range(body.n)]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(gen.stream(request_id, "chat.completion.chunk", prompt_ids, params,
-                                                include_usage, chat=True), media_type="text/event-stream")
+                                                include_usage, chat=True, tools=tools), media_type="text/event-stream")
         choices = await gen.collect(request, request_id, prompt_ids, params)
         return JSONResponse(chat_response(request_id, config.served_model_name, len(prompt_ids), choices,
-                                          gen.tokenizer))
+                                          gen.tokenizer, tools))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:

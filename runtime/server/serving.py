@@ -15,6 +15,8 @@ from kvpilot.runtime.engine.client import EngineClient
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.server.metrics import ServerMetrics
 from kvpilot.runtime.server.protocol import ChatMessage
+from kvpilot.runtime.server.tool_parser import ChatTools
+from kvpilot.runtime.server.tools import Tool, render_chat
 
 
 class ApiError(Exception):
@@ -59,12 +61,13 @@ class OpenAIServing:
             raise ApiError(400, "prompt: must not be empty", param="prompt")
         return ids
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    def encode_chat(self, messages: list[ChatMessage], tools: list[Tool] | None = None) -> list[int]:
         try:
-            conversation = [{"role": m.role, "content": m.text()} for m in messages]
+            conversation = [{"role": m.role, "content": m.text(), "tool_calls": m.tool_calls,
+                             "tool_call_id": m.tool_call_id} for m in messages]
         except ValueError as err:
             raise ApiError(400, str(err), param="messages") from None
-        return list(self.engine.apply_chat_template(conversation))
+        return render_chat(self.tokenizer, conversation, tools or [])  # tools.py: tool turns, tool prompt
 
     def check_length(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """max_tokens to use; 400 naming both numbers when prompt + completion exceed the model length."""
@@ -138,7 +141,7 @@ class OpenAIServing:
         return choices
 
     async def stream(self, request_id: str, obj: str, prompt_ids: list[int], params: list[SamplingParams],
-                     include_usage: bool, chat: bool) -> AsyncIterator[str]:
+                     include_usage: bool, chat: bool, tools: ChatTools | None = None) -> AsyncIterator[str]:
         queue, ids, tasks = self._start(request_id, prompt_ids, params)
         created, completion_tokens = int(time.time()), 0
         head = {"id": request_id, "object": obj, "created": created, "model": self.model_name}
@@ -155,7 +158,9 @@ class OpenAIServing:
                 _accumulate(piece, out)
                 choice = {"index": index, "finish_reason": out.finish_reason}
                 if chat:
-                    choice |= {"delta": {"content": out.new_text} if out.new_text else {},
+                    delta, choice["finish_reason"] = (tools or ChatTools.none()).delta(
+                        index, out.new_text, out.finish_reason)
+                    choice |= {"delta": delta,
                                "logprobs": _chat_logprobs(piece, self.tokenizer) if piece.logprobs else None}
                 else:
                     choice |= {"text": out.new_text,
@@ -232,10 +237,13 @@ def completion_response(request_id: str, model: str, prompt_tokens: int, choices
             "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
 
 
-def chat_response(request_id: str, model: str, prompt_tokens: int, choices: list[Choice], tokenizer) -> dict:
+def chat_response(request_id: str, model: str, prompt_tokens: int, choices: list[Choice], tokenizer,
+                  tools: ChatTools | None = None) -> dict:
+    tools = tools or ChatTools.none()
+    answers = [tools.message(c.text, c.finish_reason) for c in choices]
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+            "choices": [{"index": c.index, "message": message,
                          "logprobs": _chat_logprobs(c, tokenizer) if c.logprobs else None,
-                         "finish_reason": c.finish_reason} for c in choices],
+                         "finish_reason": reason} for c, (message, reason) in zip(choices, answers, strict=True)],
             "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
 
