@@ -76,7 +76,7 @@ def test_streamed_and_whole_tool_calls_agree(live):
     assert pieces > 2  # the arguments came in pieces, not in one delta
 
 
-def test_tool_calling_loop(live):
+def test_tool_calling_loop(live, http):
     client = live.client()
     messages = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
     first = client.chat.completions.create(model=MODEL, max_tokens=60, temperature=0, tools=[WEATHER],
@@ -89,7 +89,7 @@ def test_tool_calling_loop(live):
                                            tool_choice="none", messages=messages).choices[0]
     assert final.message.content and not final.message.tool_calls
     assert final.finish_reason in ("stop", "length")
-    prompt = client.post("/tokenize", cast_to=object, body={"model": MODEL, "messages": messages})
+    prompt = http.post("/tokenize", json={"model": MODEL, "messages": messages}).json()
     text = live.engine.tokenizer.decode(prompt["tokens"])
     assert "<tool_response>" in text and '"sky": "sunny"' in text and '"name": "get_weather"' in text
 
