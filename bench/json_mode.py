@@ -1,10 +1,10 @@
 """What structured output costs and gives, against free generation of the same requests in the same
 run: output tokens/s with no constraint, with `json_object`, and with a JSON schema (llguidance masks
 for the whole batch every step), and how many answers finish and parse (and, for the schema, validate).
-Modes are interleaved over rounds so that a busy machine slows them alike; the figure is each mode's
-best round. One JSON line per mode, with its speed as a fraction of free generation's.
+Modes are interleaved over rounds so that a busy machine slows them alike. One JSON line per mode
+and round, with its speed as a fraction of free generation's in that round.
 
-    python bench/json_mode.py [--rounds 2] [--max-tokens 96]
+    python bench/json_mode.py [--rounds 1] [--max-tokens 96]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def validates(value: object) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--device", default=default_device())
     args = parser.parse_args()
 
@@ -66,8 +66,8 @@ def main() -> None:
     prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     for spec in MODES.values():  # warm-up: the grammar tokenizer and each grammar compile once
         llm.generate(prompts[:1], SamplingParams(max_tokens=2, structured=spec))
-    best: dict[str, dict] = {}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
+        free_tok_s = None
         for mode, spec in MODES.items():
             params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, structured=spec)
             started = time.perf_counter()
@@ -75,18 +75,15 @@ def main() -> None:
             seconds = time.perf_counter() - started
             tokens = sum(len(o.token_ids) for o in outputs)
             values = [parsed(o.text) for o in outputs]
-            row = {"bench": "json_mode", "device": args.device, "mode": mode, "requests": len(prompts),
-                   "max_tokens": args.max_tokens, "output_tokens": tokens, "seconds": round(seconds, 2),
-                   "output_tok_s": round(tokens / seconds, 1),
-                   "finished": sum(o.finish_reason == "stop" for o in outputs),
-                   "parse_as_object": sum(isinstance(v, dict) for v in values),
-                   "match_schema": sum(v is not None and validates(v) for v in values)}
-            if mode not in best or row["output_tok_s"] > best[mode]["output_tok_s"]:
-                best[mode] = row
-    for row in best.values():
-        row["vs_free"] = round(row["output_tok_s"] / best["free"]["output_tok_s"], 3)
-        print(json.dumps(row), flush=True)
-
+            free_tok_s = free_tok_s or tokens / seconds
+            print(json.dumps({
+                "bench": "json_mode", "device": args.device, "round": round_, "mode": mode,
+                "requests": len(prompts), "max_tokens": args.max_tokens, "output_tokens": tokens,
+                "seconds": round(seconds, 2), "output_tok_s": round(tokens / seconds, 1),
+                "vs_free": round(tokens / seconds / free_tok_s, 3),
+                "finished": sum(o.finish_reason == "stop" for o in outputs),
+                "parse_as_object": sum(isinstance(v, dict) for v in values),
+                "match_schema": sum(v is not None and validates(v) for v in values)}), flush=True)
 
 if __name__ == "__main__":
     main()
