@@ -92,7 +92,8 @@ def parse_tool_choice(value: Any, tools: list[Tool]) -> str:
         if value == "required" and not tools:
             raise ValueError("'required' needs tools to call")
         return value
-    name = value.get("function", {}).get("name") if isinstance(value, dict) else None
+    function = value.get("function") if isinstance(value, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(value, dict) or value.get("type") != "function" or not isinstance(name, str):
         raise ValueError("must be 'none', 'auto', 'required' or "
                          '{"type": "function", "function": {"name": ...}}')
@@ -155,7 +156,7 @@ def conversation(messages: list[dict[str, Any]], tools: list[Tool], native: bool
     `native`: the template renders tools, calls and `tool` turns itself (HF's conventions)."""
     out: list[dict[str, Any]] = []
     for m in messages:
-        calls = [c.get("function", {}) for c in m.get("tool_calls") or []]
+        calls = [c["function"] for c in m.get("tool_calls") or [] if isinstance(c.get("function"), dict)]
         if native:
             message = {"role": m["role"], "content": m["content"]}
             if calls:
