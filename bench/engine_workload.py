@@ -39,9 +39,10 @@ def make_requests(tokenizer: Any, num: int, seed: int, min_words: int = 4, max_w
     return requests
 
 
-def load(device: str) -> LoadedModel:
+def load(device: str, model: str | None = None) -> LoadedModel:
+    """`model` (a HF directory or GGUF file) in fp32 on the CPU, bf16 on a GPU; None: the embedded one."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    return load_model(None, dtype, device)
+    return load_model(model, dtype, device)
 
 
 def describe(requests: list[Request]) -> dict[str, float]:

@@ -21,7 +21,7 @@ unset TRITON_INTERPRET  # compiled kernels on the GPU; on the CPU the kernel tes
 if ! python3 -c "import kvpilot.kernels.ops" 2>/dev/null; then
     shim="$(mktemp -d)/kvpilot"
     mkdir -p "$shim"
-    for part in kernels runtime operator; do ln -s "$PWD/$part" "$shim/$part"; done
+    for part in cli kernels runtime operator; do ln -s "$PWD/$part" "$shim/$part"; done
     export PYTHONPATH="$(dirname "$shim")${PYTHONPATH:+:$PYTHONPATH}"
 fi
 

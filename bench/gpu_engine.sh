@@ -1,25 +1,59 @@
 #!/usr/bin/env bash
 # The second device call, after bench/gpu_check.sh: the engine on the GPU (bf16), each against its peer in
-# the same run. Installs nothing; needs the package installed (scripts/setup.sh pulls torch for the CPU,
-# so on a GPU machine use its CUDA torch: `pip install -e . --no-deps`).
-#   bash bench/gpu_engine.sh     # JSON lines under $OUT (default ./out): quantization.jsonl, throughput.jsonl
-# quantization.py: int8 / int4 / fp8 weights and the fp8 KV cache vs the bf16 model (bytes, kept tokens,
-#                  tokens/s: the Triton quantized matmuls and fp8 attention at work);
-# throughput.py:   continuous batching vs HF generate on the same GPU.
-# Exit status: 0 all ran, 1 a bench failed, 2 no CUDA device.
+# the same run, on a model built there (bench/gpu_model.py: Llama-3.2-1B's shape, random weights, the
+# SmolLM2 tokenizer; nothing is downloaded). Installs nothing; runs in the device's own image (python3 with
+# torch and transformers; kvpilot's portions are put on the path, no pydantic/fastapi/kopf/gguf needed).
+#   bash bench/gpu_engine.sh            # JSON lines under $OUT (default ./out): model.json, throughput.jsonl,
+#                                       # quantization.jsonl
+#   bash bench/gpu_engine.sh --dry-run  # no GPU: the same steps on the CPU with a tiny model, to check the script
+# throughput.py:   continuous batching vs HF generate (static batch and one at a time) on the same GPU;
+# quantization.py: int8 / int4 / fp8 weights and the fp8 KV cache vs the bf16 model (bytes held vs planned,
+#                  kept first tokens, tokens/s: the Triton quantized matmuls and fp8 attention at work).
+# Budget: model build ~30 s, throughput ~4 min, quantization ~3 min: under 8 minutes on an H100/H200.
+# Exit status: 0 all ran, 1 a bench failed, 2 bad usage or no CUDA device.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+    "") dry_run=0 ;;
+    --dry-run) dry_run=1 ;;
+    *) echo "usage: bash bench/gpu_engine.sh [--dry-run]" >&2; exit 2 ;;
+esac
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-    echo "gpu_engine: torch sees no CUDA device, nothing was run" >&2
-    exit 2
+
+if ! python3 -c "import kvpilot.runtime.engine.llm" 2>/dev/null; then  # not installed: the repo's portions
+    shim="$(mktemp -d)/kvpilot"
+    mkdir -p "$shim"
+    for part in cli kernels runtime operator; do ln -s "$PWD/$part" "$shim/$part"; done
+    export PYTHONPATH="$(dirname "$shim")${PYTHONPATH:+:$PYTHONPATH}"
 fi
+
+model_dir="$(mktemp -d)/model"
+if [ "$dry_run" -eq 1 ]; then
+    device=cpu
+    model_args=(--shape tiny --device cpu --dtype fp32)
+    throughput_args=(--num-requests 4 --sequential-requests 2 --max-num-seqs 4)
+    quant_args=(--output-len 4)
+else
+    if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+        echo "gpu_engine: torch sees no CUDA device, nothing was run (on a machine without a GPU: --dry-run)" >&2
+        exit 2
+    fi
+    device=cuda
+    model_args=(--shape llama-3.2-1b --device cuda --dtype bf16)
+    throughput_args=(--num-requests 256 --max-num-seqs 128)
+    quant_args=(--output-len 64)
+fi
+
+python3 bench/gpu_model.py "$model_dir" "${model_args[@]}" | tee "$OUT/model.json" || exit 1
 cd bench
-timeout 240 python3 quantization.py --device cuda --output-len 64 | tee "$OUT/quantization.jsonl"
-quant_rc=${PIPESTATUS[0]}
-timeout 300 python3 throughput.py --device cuda --num-requests 256 --max-num-seqs 128 | tee "$OUT/throughput.jsonl"
+timeout 300 python3 throughput.py --device "$device" --model "$model_dir" "${throughput_args[@]}" \
+    | tee "$OUT/throughput.jsonl"
 throughput_rc=${PIPESTATUS[0]}
-echo "quantization rc=$quant_rc, throughput rc=$throughput_rc"
-[ "$quant_rc" -eq 0 ] && [ "$throughput_rc" -eq 0 ] || exit 1
+timeout 240 python3 quantization.py --device "$device" --model "$model_dir" "${quant_args[@]}" \
+    | tee "$OUT/quantization.jsonl"
+quant_rc=${PIPESTATUS[0]}
+echo "throughput rc=$throughput_rc, quantization rc=$quant_rc (JSON lines in $OUT)"
+[ "$throughput_rc" -eq 0 ] && [ "$quant_rc" -eq 0 ] || exit 1

@@ -1,6 +1,7 @@
 """The peer for bench/serve.py: HF transformers `generate` behind the simplest OpenAI-style server.
 
-One request at a time (a lock around `generate`), streaming through TextIteratorStreamer, on the
+One request at a time (a lock around `generate`), streaming through TextIteratorStreamer (words, not tokens; a
+last chunk carries `usage` with the token count), on the
 same weights (the embedded SmolLM2 GGUF, fp32) as kvpilot. This is what "just wrap the model in a
 web server" gives; kvpilot's continuous batching is measured against it.
 """
@@ -21,6 +22,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 from kvpilot.runtime.loading.embedded import embedded_model_path
 
 
+class CountingStreamer(TextIteratorStreamer):
+    """TextIteratorStreamer (it yields words, not tokens) that also counts the generated tokens, for
+    the final `usage` chunk: the bench counts tokens from usage, never from chunks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_tokens = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            self.num_tokens += value.numel()
+        super().put(value)
+
+
 def build_app() -> FastAPI:
     path = embedded_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -36,7 +51,7 @@ def build_app() -> FastAPI:
     async def completions(request: Request) -> StreamingResponse:
         body = await request.json()
         ids = tokenizer(body["prompt"], return_tensors="pt").input_ids
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+        streamer = CountingStreamer(tokenizer, skip_prompt=True)
         max_tokens = int(body.get("max_tokens", 16))
 
         def run() -> None:
@@ -53,6 +68,9 @@ def build_app() -> FastAPI:
                 if text is None:
                     break
                 yield f"data: {json.dumps({'choices': [{'index': 0, 'text': text}]})}\n\n"
+            usage = {"prompt_tokens": ids.shape[1], "completion_tokens": streamer.num_tokens,
+                     "total_tokens": ids.shape[1] + streamer.num_tokens}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

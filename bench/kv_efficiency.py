@@ -2,8 +2,9 @@
 
 - slot efficiency: after every engine step, the fraction of the slots in blocks held by running
   sequences that hold a computed token; averaged over steps (goal >= 0.95; vLLM reports < 4% waste);
-- sequences held at once in a pool of `--pool-tokens` tokens, against the peer: a server that reserves
-  contiguous KV for `--max-model-len` tokens per sequence holds pool / max_model_len of them (goal >= 3x).
+- sequences held at once in a pool of `--pool-tokens` tokens, against a formula (not a measured
+  server): one that reserves contiguous KV for `--max-model-len` tokens per sequence holds
+  pool / max_model_len of them (goal >= 3x).
   Also against reserving each request's own prompt + max_tokens, the best a contiguous cache can do.
 One JSON line per result.
 

@@ -51,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--device", default=default_device())
+    parser.add_argument("--model", help="HF directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     args = parser.parse_args()
 
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
@@ -60,7 +61,7 @@ def main() -> None:
     baseline: dict[str, list] = {}
     for quantization, kv in VARIANTS:
         started = time.perf_counter()
-        loaded = load_model(None, dtype, args.device, quantization=quantization)
+        loaded = load_model(args.model, dtype, args.device, quantization=quantization)
         load_seconds = time.perf_counter() - started
         llm = LLM(loaded=loaded, quantization=quantization, kv_cache_dtype=kv, **limits)
         prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]

@@ -1,7 +1,12 @@
 """Open-loop load against the kvpilot server and, as the peer, HF transformers behind the simplest
 server (bench/hf_server.py), on the same model and machine. Poisson arrivals at several rates;
 streaming completions with a fixed number of output tokens. One JSON line per (server, rate):
-throughput, TTFT and inter-token latency p50/p99, end-to-end latency.
+throughput, TTFT and time per output token p50/p99, end-to-end latency.
+
+Tokens are counted from each stream's final `usage`, never assumed or counted from chunks (the HF
+peer streams words, kvpilot streams tokens): TPOT is (last chunk - first chunk) / (tokens - 1) per
+request, the same computation for both. The peer is HF `generate` behind a one-request-at-a-time
+server, not a serving engine: bench/vs_vllm.py measures against vLLM.
 
     python bench/serve.py --rates 1 2 4 --requests 24 --max-tokens 32
 """
@@ -10,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import random
 import statistics
@@ -39,13 +43,21 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max
     start = time.perf_counter()
     times: list[float] = []
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": True, "min_tokens": max_tokens, "stream_options": {"include_usage": True}}
+    tokens = None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:])["choices"][0].get("text"):
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0].get("text"):
                 times.append(time.perf_counter())
-    return {"start": start, "times": times, "end": time.perf_counter()}
+    if tokens is None:
+        raise RuntimeError("the stream carried no usage: cannot count its tokens")
+    return {"start": start, "times": times, "end": time.perf_counter(), "tokens": tokens}
 
 
 async def _load(url: str, model: str, rate: float, requests: int, max_tokens: int, seed: int) -> dict:
@@ -61,11 +73,12 @@ async def _load(url: str, model: str, rate: float, requests: int, max_tokens: in
         results = await asyncio.gather(*tasks)
         wall = time.perf_counter() - began
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
-    itl = [b - a for r in results for a, b in itertools.pairwise(r["times"])]
+    tpot = [(r["times"][-1] - r["times"][0]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1 and r["times"]]
     e2e = [r["end"] - r["start"] for r in results]
-    return {"rate_rps": rate, "requests": requests, "output_tokens_per_s": round(requests * max_tokens / wall, 2),
+    return {"rate_rps": rate, "requests": requests, "output_tokens": sum(r["tokens"] for r in results),
+            "output_tokens_per_s": round(sum(r["tokens"] for r in results) / wall, 2),
             "ttft_p50_s": round(_percentile(ttft, 0.5), 3), "ttft_p99_s": round(_percentile(ttft, 0.99), 3),
-            "itl_p50_s": round(_percentile(itl, 0.5), 4), "itl_p99_s": round(_percentile(itl, 0.99), 4),
+            "tpot_p50_s": round(_percentile(tpot, 0.5), 4), "tpot_p99_s": round(_percentile(tpot, 0.99), 4),
             "e2e_p50_s": round(statistics.median(e2e), 3), "wall_s": round(wall, 2)}
 
 

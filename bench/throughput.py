@@ -22,7 +22,6 @@ from transformers import AutoModelForCausalLM
 from kvpilot.runtime.engine.config import default_device
 from kvpilot.runtime.engine.llm import LLM
 from kvpilot.runtime.engine.sampling import SamplingParams
-from kvpilot.runtime.loading.embedded import embedded_model_path
 from kvpilot.runtime.loading.loader import LoadedModel
 
 GOAL_RATIO = 2.0
@@ -82,9 +81,10 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=default_device())
+    parser.add_argument("--model", help="HF directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     args = parser.parse_args()
 
-    loaded = load(args.device)
+    loaded = load(args.device, args.model)
     requests = make_requests(loaded.tokenizer, args.num_requests, args.seed)
     workload = describe(requests)
     useful = workload["output_tokens_total"]
@@ -96,9 +96,11 @@ def main() -> None:
     print(json.dumps(common | {"system": "kvpilot", **workload, "seconds": round(kv_s, 2),
                                "output_tokens_per_s": round(kv_tps, 1)}), flush=True)
 
-    path = embedded_model_path()
     dtype = loaded.model.model.embed_tokens.weight.dtype
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).to(args.device).eval()
+    path = loaded.source
+    hf_source = {"pretrained_model_name_or_path": path} if path.is_dir() else {
+        "pretrained_model_name_or_path": path.parent, "gguf_file": path.name}
+    model = AutoModelForCausalLM.from_pretrained(**hf_source, dtype=dtype).to(args.device).eval()
     pad_id = loaded.eos_token_ids[0]
     hf_generate(model, torch.tensor([[1, 2, 3]], device=args.device), torch.ones(1, 3, dtype=torch.long,
                 device=args.device), 2, pad_id)  # warm-up

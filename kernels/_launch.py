@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from kvpilot.kernels.support import FP8_MIN_CAPABILITY
+
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
 MAX_HEAD_DIM = 256  # one [tile, head_dim] K/V tile and the accumulator must fit in registers
@@ -26,6 +28,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def is_gpu(device: torch.device) -> bool:
+    """Whether launches on `device` compile for a GPU (CUDA), rather than run in the interpreter."""
+    return device.type == "cuda"
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device: (8, 0) A100, (8, 9) L4/L40S, (9, 0) H100/H200."""
+    return torch.cuda.get_device_capability(device)
+
+
 @functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -33,7 +45,7 @@ def _cuda_sms(index: int) -> int:
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; a small stand-in on the CPU (interpreter)."""
-    if device.type != "cuda":
+    if not is_gpu(device):
         return INTERPRETER_SMS
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -98,12 +110,32 @@ def check_kv_cache(what: str, query: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def check_fp8(what: str, device: torch.device) -> None:
     """float8_e4m3fn loads and casts compile only for compute capability 8.9+ (Ada, Hopper)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if is_gpu(device) and device_capability(device) < FP8_MIN_CAPABILITY:
         raise ValueError(f"{what}: {FP8} needs a GPU of compute capability >= 8.9, got "
-                         f"{torch.cuda.get_device_capability(device)}")
+                         f"{device_capability(device)}")
+
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def attention_dot_dtype(query_dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device) -> tl.dtype:
+    """The operand dtype of attention's tl.dots (fp32 accumulation always): fp32 (IEEE) for fp32 queries
+    and wherever fp32_dot says so; fp16 for an fp8 cache (fp8 -> fp16 is one packed conversion for two
+    values, fp8 -> bf16 goes through fp32; probabilities in [0, 1] and the pre-scaled query fit fp16);
+    else the query's dtype."""
+    if query_dtype == torch.float32:
+        return tl.float32
+    if cache_dtype == FP8:
+        return tl.float16
+    return tl.float32 if fp32_dot(query_dtype, device) else TL_DTYPES[query_dtype]
+
+
+def dot_precision(dot_dtype: tl.dtype) -> str:
+    """tl.dot's input_precision: IEEE for fp32 operands (no TF32 rounding); ignored for 16-bit ones."""
+    return "ieee" if dot_dtype == tl.float32 else "tf32"
 
 
 def fp32_dot(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a kernel should upcast tl.dot operands to fp32 (IEEE): always for fp32 inputs (no TF32),
     and for bf16 in the interpreter, whose bf16 tl.dot returns garbage (GPUs use the native bf16 dot)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type != "cuda")
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and not is_gpu(device))

@@ -10,6 +10,9 @@ Shapes (the paged KV layout shared by the runtime and every kernel):
 - context_lens: [num_seqs] int32, tokens in the cache for each sequence (new ones included).
   A sequence with context_len 0 (batch padding) gets an all-zero output.
 - query head h reads KV head h // (num_heads // num_kv_heads) (GQA / MQA).
+- window (optional, sliding-window attention): the query at position p sees keys at positions
+  p - window + 1 .. p only (HF's `kv_idx > q_idx - sliding_window`); None: every earlier key.
+- softcap (optional, Gemma 2): scores = softcap * tanh(scale * q.k / softcap) before the softmax.
 
 `paged_attention_decode_ref` gathers every sequence's blocks at once and runs one masked SDPA in
 fp32; `paged_attention_prefill_ref` walks the sequences, one causal SDPA each. Both are what the CPU
@@ -63,32 +66,53 @@ def gather_kv_padded(cache: torch.Tensor, block_tables: torch.Tensor, context_le
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+                      scale: float, softcap: float | None = None) -> torch.Tensor:
     """q [S, n, H, D], k/v [S, L, KVH, D], mask [S, n, L] (True = attend) -> [S, n, H, D] fp32."""
-    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
+    if softcap:
+        out = _softcapped_attention(q.float().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                    mask.unsqueeze(1), scale, softcap)
+    else:
+        out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
     out = out.transpose(1, 2)
     return torch.where(mask.any(-1)[..., None, None], out, 0.0)  # nothing to attend to: zeros, not NaN
 
 
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          scale: float, softcap: float) -> torch.Tensor:
+    """SDPA with Gemma 2's score capping: q [B, H, n, D], k/v [B, KVH, L, D], mask [B, 1, n, L] or None."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.nan_to_num(scores.softmax(-1), nan=0.0) @ v
+
+
 def paged_attention_decode_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                               k_scale: float = 1.0, v_scale: float = 1.0, window: int | None = None,
+                               softcap: float | None = None) -> torch.Tensor:
     """One query token per sequence, query [num_seqs, H, D] -> [num_seqs, H, D] in query's dtype."""
     max_len = int(context_lens.max()) if context_lens.numel() else 0
     if max_len == 0:
         return torch.zeros_like(query)
     k = gather_kv_padded(k_cache, block_tables, context_lens, max_len, k_scale)
     v = gather_kv_padded(v_cache, block_tables, context_lens, max_len, v_scale)
-    mask = torch.arange(max_len, device=query.device) < context_lens.long().unsqueeze(1)
-    out = _masked_attention(query.unsqueeze(1), k, v, mask.unsqueeze(1), scale)
+    positions = torch.arange(max_len, device=query.device)
+    lens = context_lens.long().unsqueeze(1)
+    mask = positions < lens
+    if window is not None:  # the query sits at context_len - 1
+        mask &= positions >= lens - window
+    out = _masked_attention(query.unsqueeze(1), k, v, mask.unsqueeze(1), scale, softcap)
     return out.squeeze(1).to(query.dtype)
 
 
 def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                 context_lens: torch.Tensor, scale: float,
-                                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                                k_scale: float = 1.0, v_scale: float = 1.0, window: int | None = None,
+                                softcap: float | None = None) -> torch.Tensor:
     """A chunk of query tokens per sequence, packed: query [total_q, H, D], cu_seqlens_q [num_seqs + 1].
 
     The chunk's own K/V are already in the cache; sequence i's queries are its last
@@ -108,10 +132,18 @@ def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_ca
         q = query[starts[i] : starts[i + 1]].float().transpose(0, 1).unsqueeze(0)
         # query j sits at position length - n + j and sees keys 0..that position; is_causal aligns top-left,
         # which is that only when the chunk is the whole context
-        whole = n == length
-        mask = None if whole else torch.ones(n, length, dtype=torch.bool, device=query.device).tril(length - n)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=whole, scale=scale,
-                                                  enable_gqa=True)
+        whole = n == length and window is None and not softcap
+        mask = None
+        if not whole:
+            mask = torch.ones(n, length, dtype=torch.bool, device=query.device).tril(length - n)
+            if window is not None:  # and nothing older than window - 1 tokens before the query
+                mask = mask.triu(length - n - window + 1)
+        if softcap:
+            causal = mask[None, None] if mask is not None else None
+            attended = _softcapped_attention(q, k, v, causal, scale, softcap)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=whole, scale=scale,
+                                                      enable_gqa=True)
         out[starts[i] : starts[i + 1]] = attended[0].transpose(0, 1)
     return out
 
@@ -127,41 +159,50 @@ def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, length: int, s
     return out.mul_(scale) if cache.dtype == FP8 else out
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None) -> torch.Tensor:
-    """q [n, H, D], k/v [L, KVH, D] (fp32) -> [n, H, D]; query i sits at position causal_offset + i."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None,
+            window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q [n, H, D], k/v [L, KVH, D] (fp32) -> [n, H, D]; query i sits at position causal_offset + i
+    (None: one query at the last position)."""
     if k.shape[0] == 0:
         return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * scale
-    if causal_offset is not None:
-        pos_q = torch.arange(q.shape[0]).unsqueeze(1) + causal_offset
-        pos_k = torch.arange(k.shape[0]).unsqueeze(0)
-        scores = scores.masked_fill(pos_k > pos_q, float("-inf"))
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    offset = k.shape[0] - 1 if causal_offset is None else causal_offset
+    pos_q = torch.arange(q.shape[0]).unsqueeze(1) + offset
+    pos_k = torch.arange(k.shape[0]).unsqueeze(0)
+    scores = scores.masked_fill(pos_k > pos_q, float("-inf"))
+    if window is not None:
+        scores = scores.masked_fill(pos_k <= pos_q - window, float("-inf"))
     return torch.einsum("hnl,lhd->nhd", scores.softmax(dim=-1), v)
 
 
 def paged_attention_decode_naive(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                                 k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                                 k_scale: float = 1.0, v_scale: float = 1.0, window: int | None = None,
+                                 softcap: float | None = None) -> torch.Tensor:
     out = torch.empty_like(query)
     for i, length in enumerate(context_lens.tolist()):
         k = gather_kv_ref(k_cache, block_tables[i], length, k_scale)
         v = gather_kv_ref(v_cache, block_tables[i], length, v_scale)
-        out[i] = _attend(query[i : i + 1], k, v, scale, None)[0].to(query.dtype)
+        out[i] = _attend(query[i : i + 1], k, v, scale, None, window, softcap)[0].to(query.dtype)
     return out
 
 
 def paged_attention_prefill_naive(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                   context_lens: torch.Tensor, scale: float,
-                                  k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                                  k_scale: float = 1.0, v_scale: float = 1.0, window: int | None = None,
+                                  softcap: float | None = None) -> torch.Tensor:
     out = torch.empty_like(query)
     starts = cu_seqlens_q.tolist()
     for i, length in enumerate(context_lens.tolist()):
         q = query[starts[i] : starts[i + 1]]
         k = gather_kv_ref(k_cache, block_tables[i], length, k_scale)
         v = gather_kv_ref(v_cache, block_tables[i], length, v_scale)
-        out[starts[i] : starts[i + 1]] = _attend(q, k, v, scale, length - q.shape[0]).to(query.dtype)
+        out[starts[i] : starts[i + 1]] = _attend(q, k, v, scale, length - q.shape[0], window,
+                                                 softcap).to(query.dtype)
     return out

@@ -2,8 +2,12 @@
 
 Shapes: key/value [num_tokens, KVH, D]; k_cache/v_cache [num_blocks, block_size, KVH, D];
 slot_mapping [num_tokens] int64 (slot = block * block_size + offset, -1 = padding, skipped).
-Caches in the key's dtype are written as is; float8_e4m3fn caches get value / scale, saturated to
-+-448 and rounded to nearest even.
+Caches in the key's dtype are written as is; float8_e4m3fn caches get value / scale (an IEEE
+round-to-nearest division, as torch divides: Triton's plain `/` is an approximate division that
+lands one fp8 step off near a rounding midpoint), saturated to +-448 and rounded to nearest even;
+NaN stays NaN. A slot past the cache's capacity (num_blocks * block_size) is skipped like -1: the
+kernel never writes out of bounds (the launcher cannot check without a device sync; the torch
+reference raises on it).
 
 One program per (token, tile of BLOCK_H KV heads) moves a [BLOCK_H, D] tile of K and one of V.
 Memory traffic: 2 * num_tokens * KVH * D * (input bytes + cache bytes), plus the slot mapping.
@@ -30,7 +34,7 @@ def round_to_fp8e4m3(x):
     Done by hand so the final cast is exact: the interpreter's own fp32->fp8 cast rounds ties up,
     loses the carry into the exponent (31.6 -> 16) and flushes subnormals, while the GPU rounds
     correctly; after this both agree with torch bit for bit."""
-    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)  # NaN becomes one of the bounds here: see to_fp8e4m3
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # keep 3 of fp32's 23 mantissa bits, RNE
     normal = bits.to(tl.float32, bitcast=True)
@@ -41,16 +45,24 @@ def round_to_fp8e4m3(x):
 
 
 @triton.jit
+def to_fp8e4m3(x):
+    """fp32 -> float8_e4m3fn as torch casts (rounded, saturated), NaN kept as NaN (0x7F): the clamp in
+    round_to_fp8e4m3 would turn it into a bound, and the interpreter's cast of NaN gives a number."""
+    bits = round_to_fp8e4m3(x).to(tl.float8e4nv).to(tl.int8, bitcast=True)
+    return tl.where(x != x, 0x7F, bits).to(tl.int8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
 def _write_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale, v_scale,
-    num_kv_heads, stride_kt, stride_kh, stride_vt, stride_vh,
+    num_kv_heads, num_slots, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:
+    if (slot < 0) | (slot >= num_slots):  # padding, or a slot the cache does not have
         return
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
@@ -60,8 +72,8 @@ def _write_kv_kernel(
     k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
     v = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
     if FP8:
-        k = round_to_fp8e4m3(k.to(tl.float32) / k_scale)
-        v = round_to_fp8e4m3(v.to(tl.float32) / v_scale)
+        k = to_fp8e4m3(tl.math.div_rn(k.to(tl.float32), k_scale))
+        v = to_fp8e4m3(tl.math.div_rn(v.to(tl.float32), v_scale))
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + heads[:, None] * stride_kch + dims[None, :]
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + heads[:, None] * stride_vch + dims[None, :]
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -97,7 +109,8 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     block_h = min(_launch.next_pow2(num_kv_heads), max(1, TILE_ELEMENTS // block_d))
     _write_kv_kernel[(num_tokens, _launch.cdiv(num_kv_heads, block_h))](
         key, value, k_cache, v_cache, slot_mapping, float(k_scale), float(v_scale),
-        num_kv_heads, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        num_kv_heads, k_cache.shape[0] * k_cache.shape[1],
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_SIZE=k_cache.shape[1], FP8=fp8,
         num_warps=4,

@@ -1,8 +1,10 @@
 """KV-cache utilisation read from the pods, and the operator's own autoscaler (`autoscaling.mode: operator`).
 
-Every `--autoscale-seconds` a timer per LLMDeployment scrapes `vllm:kv_cache_usage_perc` from the
-/metrics of each ready serving pod and writes the average to `status.kvCacheUtilization` (in every
-mode: the status tells the truth whoever scales). In mode `operator` it then decides the replicas
+Every `--autoscale-seconds` a timer per LLMDeployment scrapes the KV-cache use from the /metrics of
+each ready serving pod (`vllm:kv_cache_usage_perc`, or `vllm:gpu_cache_usage_perc`, its name before
+vLLM renamed it, which older engines still export; a pod exporting neither is said once, in an
+Event) and writes the average to `status.kvCacheUtilization` (in every mode: the status tells the
+truth whoever scales). In mode `operator` it then decides the replicas
 the way the HorizontalPodAutoscaler does:
 
 - recommendation = ceil(pods measured x average / target); none while the ratio is within
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +33,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvpilot.operator.pod import PORT_NAME
 from kvpilot.operator.spec import Autoscaling
 from kvpilot.operator.status import MeasuredMemory
+from kvpilot.runtime.contract import KV_USAGE_METRIC, KV_USAGE_METRIC_OLD, MEMORY_MEASURED_METRIC
 
-KV_USAGE_METRIC = "vllm:kv_cache_usage_perc"
-WAITING_METRIC = "vllm:num_requests_waiting"
-MEMORY_METRIC = "kvpilot:memory_measured_bytes"  # labelled part = weights, kv_cache, activations, other
+# The KV-cache use under its current name first, then the name vLLM used before the rename.
+KV_USAGE_METRICS = (KV_USAGE_METRIC, KV_USAGE_METRIC_OLD)
+MEMORY_METRIC = MEMORY_MEASURED_METRIC
 SCRAPE_TIMEOUT_SECONDS = 2.0
 # As the HPA's --horizontal-pod-autoscaler-tolerance: a ratio within 10% of 1 changes nothing.
 TOLERANCE = 0.1
@@ -43,23 +46,23 @@ TOLERANCE = 0.1
 @dataclass(frozen=True)
 class PodLoad:
     kv_cache_usage: float  # 0..1
-    waiting: int  # requests queued for KV blocks or a batch slot
     memory: dict[str, int] = field(default_factory=dict)  # bytes held, by part
 
 
 def parse_load(exposition: str) -> PodLoad | None:
-    """The load figures from a runtime's /metrics text; None if it does not export them."""
+    """The load figures from a runtime's /metrics text; None if it exports no KV-cache use."""
     values: dict[str, float] = {}
     memory: dict[str, int] = {}
     for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
-            if sample.name in (KV_USAGE_METRIC, WAITING_METRIC):
+            if sample.name in KV_USAGE_METRICS:
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
             elif sample.name == MEMORY_METRIC and "part" in sample.labels:
                 memory[sample.labels["part"]] = int(sample.value)
-    if KV_USAGE_METRIC not in values:
+    usage = next((values[name] for name in KV_USAGE_METRICS if name in values), None)
+    if usage is None:
         return None
-    return PodLoad(min(max(values[KV_USAGE_METRIC], 0.0), 1.0), int(values.get(WAITING_METRIC, 0)), memory)
+    return PodLoad(min(max(usage, 0.0), 1.0), memory)
 
 
 def measured_memory(loads: list[PodLoad]) -> dict[str, int] | None:
@@ -88,18 +91,36 @@ def metrics_url(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
-async def scrape(urls: Iterable[str], timeout: float = SCRAPE_TIMEOUT_SECONDS) -> list[PodLoad]:
-    """The loads of the pods that answered in time; the others are left out, as the HPA leaves out
-    pods whose metrics are missing."""
+@dataclass(frozen=True)
+class Scrape:
+    loads: list[PodLoad]  # the pods that answered in time with a KV-cache use
+    unmeasured: list[str]  # the pods that answered but export no KV-cache use (by name)
+
+
+async def scrape(urls: Mapping[str, str], timeout: float = SCRAPE_TIMEOUT_SECONDS) -> Scrape:
+    """Every pod's /metrics (`urls`: pod name -> URL). Pods that do not answer in time are left out, as
+    the HPA leaves out pods whose metrics are missing; those that answer without a KV-cache use are
+    named, since no retry will change that."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        async def one(url: str) -> PodLoad | None:
+        async def one(url: str) -> tuple[bool, PodLoad | None]:
             try:
                 async with session.get(url) as response:
-                    return parse_load(await response.text()) if response.status == 200 else None
+                    if response.status != 200:
+                        return False, None
+                    return True, parse_load(await response.text())
             except (TimeoutError, aiohttp.ClientError, ValueError):
-                return None
+                return False, None
 
-        return [load for load in await asyncio.gather(*(one(url) for url in urls)) if load is not None]
+        answers = await asyncio.gather(*(one(url) for url in urls.values()))
+    return Scrape(loads=[load for _, load in answers if load is not None],
+                  unmeasured=sorted(pod for pod, (answered, load) in zip(urls, answers, strict=True)
+                                    if answered and load is None))
+
+
+def unmeasured_message(pods: list[str]) -> str:
+    return (f"pod{'s' * (len(pods) != 1)} {', '.join(pods)} serve{'s' * (len(pods) == 1)} /metrics without "
+            f"{' or '.join(KV_USAGE_METRICS)}: their KV-cache use is unknown and autoscaling leaves them out "
+            "(is the engine kvpilot's runtime or vLLM?)")
 
 
 def average_usage(loads: list[PodLoad]) -> float | None:
@@ -132,6 +153,13 @@ class Autoscaler:
 
     clock: Callable[[], float] = time.monotonic
     _history: dict[tuple[str, str], list[tuple[float, int]]] = field(default_factory=dict)
+    _unmeasured: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+
+    def newly_unmeasured(self, key: tuple[str, str], pods: list[str]) -> bool:
+        """Whether these pods without a KV-cache metric are news (said once, not every tick)."""
+        before = self._unmeasured.get(key, frozenset())
+        self._unmeasured[key] = frozenset(pods)
+        return bool(set(pods) - before)
 
     def decide(self, key: tuple[str, str], current: int, loads: list[PodLoad], scaling: Autoscaling) -> Decision:
         now = self.clock()
@@ -145,5 +173,10 @@ class Autoscaler:
         replicas = min(max(replicas, scaling.min_replicas), scaling.max_replicas)
         return Decision(replicas, average_usage(loads), len(loads))  # type: ignore[arg-type]
 
+    def reset_windows(self, key: tuple[str, str]) -> None:
+        """Nothing to decide this tick (not autoscaled, no pod measured): the next decision starts afresh."""
+        self._history.pop(key, None)
+
     def forget(self, key: tuple[str, str]) -> None:
         self._history.pop(key, None)
+        self._unmeasured.pop(key, None)

@@ -22,21 +22,27 @@ from typing import Any
 
 import kopf
 
-from kvpilot.operator.autoscaler import average_usage, measured_memory, metrics_url, scrape
-from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, ApiFault
+from kvpilot.operator.autoscaler import (
+    average_usage,
+    measured_memory,
+    metrics_url,
+    scrape,
+    unmeasured_message,
+)
+from kvpilot.operator.kube import ApiFault
 from kvpilot.operator.reconcile import (
-    WORKLOAD_KINDS,
     ChildKey,
     Event,
     NotPlanned,
-    Operator,
-    Outcome,
+    OperatorContext,
+    ReconcileOutcome,
     parse,
     reconcile,
     restore_child,
     sync_workload_status,
 )
 from kvpilot.operator.render import MANAGED_BY, desired_replicas, selector_labels
+from kvpilot.operator.resources import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, WORKLOAD_KINDS
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 # Backoff of a failed reconcile: 1, 2, 4 ... seconds, capped; kopf retries until it converges.
@@ -45,6 +51,8 @@ BACKOFF_CAP_SECONDS = 300.0
 # Index ids: handlers receive the indexes as keyword arguments of these names.
 OWNERS_INDEX = "owners"
 CHILDREN_INDEX = "children"
+RESYNC_TIMER, AUTOSCALE_TIMER = "resync", "autoscale"
+TIMER_IDS = (RESYNC_TIMER, AUTOSCALE_TIMER)
 
 
 def backoff(retry: int) -> float:
@@ -83,7 +91,7 @@ def _live(children: kopf.Index, namespace: str, name: str) -> dict[ChildKey, Map
 
 
 def _run(body: kopf.Body, namespace: str, name: str, children: kopf.Index, patch: kopf.Patch,
-         memo: kopf.Memo, retry: int, logger: kopf.Logger) -> Outcome:
+         memo: kopf.Memo, retry: int, logger: kopf.Logger) -> ReconcileOutcome:
     metrics = memo.operator.metrics
     try:
         with metrics.reconcile_seconds.time():
@@ -113,14 +121,14 @@ def on_reconcile(body: kopf.Body, name: str, namespace: str, retry: int, patch: 
 
 def on_resync(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, memo: kopf.Memo,
               children: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
-    failure = _run(body, namespace, name, children, patch, memo, 0, logger).failure
-    if failure is not None:  # already in the status; the create/update handler owns the retries
-        logger.info(f"resync: not planned ({failure.reason})")
+    # A failure is already in the status and its Event went out once; the create/update handler owns
+    # the retries. Nothing is logged per tick.
+    _run(body, namespace, name, children, patch, memo, 0, logger)
 
 
 async def on_autoscale(body: kopf.Body, name: str, namespace: str, patch: kopf.Patch, memo: kopf.Memo,
                        logger: kopf.Logger, **_: Any) -> None:
-    op: Operator = memo.operator
+    op: OperatorContext = memo.operator
     try:
         spec = parse(body).spec
         pods = await asyncio.to_thread(op.kube.list, PODS, namespace, selector_labels(name))
@@ -129,10 +137,14 @@ async def on_autoscale(body: kopf.Body, name: str, namespace: str, patch: kopf.P
     except ApiFault as err:
         logger.warning(f"pods not listed: {err}; the next tick tries again")
         return
-    loads = await scrape(url for url in map(metrics_url, pods) if url)
+    scraped = await scrape({pod["metadata"]["name"]: url for pod in pods if (url := metrics_url(pod))})
+    if op.autoscaler.newly_unmeasured((namespace, name), scraped.unmeasured):
+        _post(body, [Event("Warning", "NoKVCacheMetric", unmeasured_message(scraped.unmeasured))], logger)
+    loads = scraped.loads
     usage = average_usage(loads)
     measured = None if usage is None else round(usage, 3)
-    status = body.get("status") or {}
+    status = body.get("status")
+    status = status if isinstance(status, Mapping) else {}
     if status.get("kvCacheUtilization") != measured:
         patch.status["kvCacheUtilization"] = measured
     memory = measured_memory(loads)
@@ -140,7 +152,7 @@ async def on_autoscale(body: kopf.Body, name: str, namespace: str, patch: kopf.P
         patch.status["measuredMemory"] = memory
     scaling = spec.autoscaling
     if not (scaling.enabled and scaling.mode == "operator" and loads):
-        op.autoscaler.forget((namespace, name))
+        op.autoscaler.reset_windows((namespace, name))
         return
     current = desired_replicas(spec)
     decision = op.autoscaler.decide((namespace, name), current, loads, scaling)
@@ -166,7 +178,7 @@ def on_child_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf
     owner = next(iter(owners.get(owner_key, [])), None)
     if owner is None or owner["metadata"].get("deletionTimestamp"):
         return
-    op: Operator = memo.operator
+    op: OperatorContext = memo.operator
     try:
         events, child = restore_child(owner, body, type == "DELETED", op)
         if child is not None and body["kind"] in WORKLOAD_KINDS:
@@ -185,9 +197,9 @@ def build_registry(resync_seconds: float, autoscale_seconds: float) -> kopf.Oper
     kopf.on.update(*owners, id="update", field="spec", registry=registry)(on_reconcile)
     kopf.on.resume(*owners, id="resume", registry=registry)(on_reconcile)
     kopf.on.delete(*owners, id="delete", registry=registry)(on_delete)
-    kopf.timer(*owners, id="resync", interval=resync_seconds, initial_delay=resync_seconds,
+    kopf.timer(*owners, id=RESYNC_TIMER, interval=resync_seconds, initial_delay=resync_seconds,
                registry=registry)(on_resync)
-    kopf.timer(*owners, id="autoscale", interval=autoscale_seconds, registry=registry)(on_autoscale)
+    kopf.timer(*owners, id=AUTOSCALE_TIMER, interval=autoscale_seconds, registry=registry)(on_autoscale)
     for child in CHILD_RESOURCES.values():
         what = (child.group, child.version, child.plural)
         kopf.index(*what, id=CHILDREN_INDEX, labels=MANAGED, registry=registry)(index_child)

@@ -4,6 +4,11 @@ Two small files answer what the memory model needs: `config.json` (the architect
 `model.safetensors.index.json`, whose `metadata.total_size` gives the exact weight bytes. The index
 guards the plan: a checkpoint much bigger than the architecture formula says (mixture-of-experts,
 a vision tower) would be planned too small and crash with out-of-memory, so it is refused instead.
+
+The files are read with `huggingface_hub` (its URLs, auth headers and error classes: gated, missing
+repo, revision or file), from `HF_ENDPOINT` when it names a mirror, with the token of the spec's
+Secret for gated and private repos (never the operator's own). Nothing is written to disk. A hub that
+does not answer is "hub unreachable", retryable: the handler retries with backoff (kopf.TemporaryError).
 """
 
 from __future__ import annotations
@@ -11,12 +16,22 @@ from __future__ import annotations
 import json
 import os
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from kvpilot.runtime.memory.facts import ModelFacts, UnknownModel, from_hf_config
+import httpx2  # huggingface_hub's HTTP client: its transport errors mean the hub is unreachable
+from huggingface_hub import get_session, hf_hub_url
+from huggingface_hub.utils import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    build_hf_headers,
+    hf_raise_for_status,
+)
+
+from kvpilot.runtime.memory.facts import ModelFacts, from_hf_config
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT_SECONDS = 10.0  # per file; both are a few kB
@@ -27,8 +42,9 @@ PARAM_TOLERANCE = 0.10
 USER_AGENT = "kvpilot-operator"
 
 
-class HubError(UnknownModel):
-    """The hub could not answer. `retryable`: a later try may succeed (network, 5xx, missing token)."""
+class HubError(Exception):
+    """The hub could not answer what the plan needs. Not an unknown model: the model may exist and the
+    hub be down. `retryable`: a later try may succeed (network, 5xx, a token Secret still missing)."""
 
     def __init__(self, message: str, retryable: bool) -> None:
         super().__init__(message)
@@ -60,26 +76,38 @@ class Hub:
 
     def _get(self, repo: str, revision: str, filename: str, token: str | None) -> Any | None:
         """A JSON file of the repo; None when the repo has no such file."""
-        url = f"{self.endpoint}/{repo}/resolve/{revision}/{filename}"
-        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-        if token:  # not forwarded on the redirect to the CDN, which signs its own URLs
-            request.add_unredirected_header("Authorization", f"Bearer {token}")
+        url = hf_hub_url(repo, filename, revision=revision, endpoint=self.endpoint)
+        # token=False: no token unless the spec gives one (the operator's own must not leak to tenants).
+        headers = build_hf_headers(token=token or False, library_name=USER_AGENT)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            if err.code == 404:
-                return None
-            if err.code in (401, 403):
-                hint = "set spec.model.tokenSecret to a Secret with key HF_TOKEN" if not token else \
-                    "the token in spec.model.tokenSecret has no access to it"
-                raise HubError(f"{url}: HTTP {err.code}: {repo} is gated or private; {hint}", retryable=True) from None
-            retryable = err.code >= 500 or err.code == 429
-            raise HubError(f"{url}: HTTP {err.code} from the hub", retryable) from None
-        except (urllib.error.URLError, TimeoutError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise HubError(f"{url}: cannot reach the hub ({reason}); set spec.model.architecture to plan "
-                           "without it", retryable=True) from None
+            response = get_session().get(url, headers=headers, follow_redirects=True, timeout=self.timeout)
+            hf_raise_for_status(response)
+            return json.loads(response.content)
+        except EntryNotFoundError:
+            return None
+        except GatedRepoError:
+            hint = ("set spec.model.tokenSecret to a Secret with key HF_TOKEN" if not token else
+                    "the token in spec.model.tokenSecret has no access to it")
+            raise HubError(f"{url}: {repo} is gated or private; {hint}", retryable=True) from None
+        except RevisionNotFoundError:
+            raise HubError(f"{repo} has no revision {revision!r}: check spec.model.revision", retryable=False) from None
+        except RepositoryNotFoundError:
+            hint = "" if token else " (a private repo needs spec.model.tokenSecret)"
+            raise HubError(f"{url}: {repo} is gated or private, or does not exist: check spec.model.source{hint}",
+                           retryable=bool(not token)) from None
+        except HfHubHTTPError as err:
+            status = err.response.status_code if err.response is not None else None
+            if status in (401, 403):
+                hint = ("set spec.model.tokenSecret to a Secret with key HF_TOKEN" if not token else
+                        "the token in spec.model.tokenSecret has no access to it")
+                raise HubError(f"{url}: HTTP {status}: {repo} is gated or private; {hint}", retryable=True) from None
+            if status is not None and (status >= 500 or status == 429):
+                raise HubError(f"hub unreachable: {url} answered HTTP {status}; retrying with backoff (or set "
+                               "spec.model.architecture to plan without it)", retryable=True) from None
+            raise HubError(f"{url}: HTTP {status} from the hub", retryable=False) from None
+        except httpx2.TransportError as err:
+            raise HubError(f"hub unreachable: {self.endpoint} ({type(err).__name__}: {err}); retrying with backoff "
+                           "(or set spec.model.architecture to plan without it)", retryable=True) from None
         except json.JSONDecodeError as err:
             raise HubError(f"{url}: not JSON ({err})", retryable=False) from None
 

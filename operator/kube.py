@@ -1,29 +1,32 @@
-"""The operator's one Kubernetes client: plain REST on dicts, and idempotent create-or-patch.
+"""The operator's one Kubernetes client: plain REST on dicts, and server-side apply.
 
 Built once at start-up on the official client's `ApiClient` (auth, TLS, connection pool) and shared
 by every handler thread. Objects stay dicts end to end: the typed models cost a deserialisation per
 call and would drop fields of CRD kinds (LeaderWorkerSet, ScaledObject, ServiceMonitor).
 
-`apply` writes a JSON merge patch computed against the last configuration it applied (kept in an
-annotation, as `kubectl apply` does): fields the operator stopped rendering are removed, fields
-others added (an HPA's replicas, a mutating webhook's sidecar) are left alone. Server-side apply
-would do the same, but the API emulator the tests run against does not speak it.
+`apply` writes children with server-side apply under the field manager `kvpilot-operator`, forcing
+conflicts (the operator owns what it renders; someone who edits those fields by hand gets them put
+back). The API server removes fields the operator stopped applying and leaves fields others own
+(an HPA's replicas, a webhook's sidecar) alone. To skip the call when nothing changed, each applied
+object carries a digest of itself: the live object holds what we would apply when it contains every
+field and the digest matches (containment alone cannot see a field we stopped rendering).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
+import hashlib
 import json
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import kubernetes
 import urllib3
 
-from kvpilot.operator.merge import LAST_APPLIED, contains, merge_patch, with_last_applied
+from kvpilot.operator.resources import SECRETS, Resource, resource_of
 
 # (connect, read) seconds: a write to a healthy API server takes milliseconds; one that takes
 # longer is retried by the caller rather than holding a handler thread.
@@ -33,8 +36,11 @@ CONNECTION_POOL_SIZE = 32
 # How long an answer to "does the cluster serve this API group?" is trusted: CRDs come and go rarely.
 DISCOVERY_TTL_SECONDS = 60.0
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # a JSON body is YAML too
+FIELD_MANAGER = "kvpilot-operator"
+APPLIED_DIGEST = "kvpilot.io/applied-digest"
 
-Outcome = Literal["created", "patched", "unchanged"]
+ApplyAction = Literal["created", "patched", "unchanged"]  # what `Kube.apply` did
 
 
 class ApiFault(Exception):
@@ -44,48 +50,6 @@ class ApiFault(Exception):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
-
-
-@dataclass(frozen=True)
-class Resource:
-    api_version: str
-    kind: str
-    plural: str
-
-    @property
-    def group(self) -> str:
-        return self.api_version.rpartition("/")[0]
-
-    @property
-    def version(self) -> str:
-        return self.api_version.rpartition("/")[2]
-
-    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
-        base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        path = f"{base}/namespaces/{namespace}/{self.plural}"
-        return "/".join(p for p in (path, name, subresource) if p)
-
-
-LLMDEPLOYMENTS = Resource("kvpilot.io/v1alpha1", "LLMDeployment", "llmdeployments")
-SECRETS = Resource("v1", "Secret", "secrets")
-PODS = Resource("v1", "Pod", "pods")  # read only: the serving pods' addresses, for their metrics
-# Every kind the operator may create for an LLMDeployment (it watches and prunes exactly these).
-CHILD_RESOURCES = {r.kind: r for r in (
-    Resource("apps/v1", "Deployment", "deployments"),
-    Resource("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets"),
-    Resource("v1", "Service", "services"),
-    Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
-    Resource("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
-    Resource("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
-    Resource("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors"),
-)}
-
-
-def resource_of(obj: Mapping[str, Any]) -> Resource:
-    resource = CHILD_RESOURCES.get(obj["kind"]) if obj["kind"] != LLMDEPLOYMENTS.kind else LLMDEPLOYMENTS
-    if resource is None or resource.api_version != obj["apiVersion"]:
-        raise ValueError(f"{obj['apiVersion']} {obj['kind']} is not a kind the operator manages")
-    return resource
 
 
 class Kube:
@@ -105,12 +69,6 @@ class Kube:
         return cls.for_configuration(config)
 
     @classmethod
-    def for_url(cls, url: str) -> Kube:
-        """A plain-HTTP API endpoint with no auth (the API emulator in tests and benchmarks)."""
-        config = kubernetes.client.Configuration(host=url)
-        return cls.for_configuration(config)
-
-    @classmethod
     def for_configuration(cls, config: kubernetes.client.Configuration) -> Kube:
         config.connection_pool_maxsize = CONNECTION_POOL_SIZE
         return cls(kubernetes.client.ApiClient(config))
@@ -121,6 +79,11 @@ class Kube:
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                 query: list[tuple[str, str]] | None = None) -> Any:
         """One API call; the decoded JSON answer, None for 404, ApiFault for every other failure."""
+        return self._call(method, path, body, content_type, query)[1]
+
+    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+              query: list[tuple[str, str]] | None = None) -> tuple[int, Any]:
+        """`request`, with the HTTP status of the answer."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         what = f"{method} {path}"
         try:
@@ -132,7 +95,7 @@ class Kube:
         except (urllib3.exceptions.HTTPError, OSError) as err:
             raise ApiFault(f"{what}: {type(err).__name__}: {err}", None, retryable=True) from None
         if response.status == 404:
-            return None
+            return 404, None
         if not 200 <= response.status < 300:
             try:
                 message = json.loads(payload).get("message", "")
@@ -140,7 +103,7 @@ class Kube:
                 message = payload[:200].decode(errors="replace")
             retryable = response.status in (409, 429) or response.status >= 500
             raise ApiFault(f"{what}: HTTP {response.status}: {message}", response.status, retryable)
-        return json.loads(payload) if payload else {}
+        return response.status, json.loads(payload) if payload else {}
 
     def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
         return self.request("GET", resource.path(namespace, name))
@@ -180,29 +143,41 @@ class Kube:
         value = ((secret or {}).get("data") or {}).get(key)
         return base64.b64decode(value).decode().strip() if value else None
 
-    def apply(self, desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> tuple[Outcome, Mapping[str, Any]]:
-        """Create `desired`, or patch `live` towards it; nothing when `live` already holds it.
-        Returns what was done and the object as the cluster now holds it.
-
-        `live` is the caller's cached copy (None: not seen). A stale cache costs one extra call:
-        a create that meets 409 reads the object and patches it."""
-        desired = with_last_applied(desired)
+    def apply(self, desired: Mapping[str, Any],
+              live: Mapping[str, Any] | None) -> tuple[ApplyAction, Mapping[str, Any]]:
+        """Server-side apply `desired`; nothing when `live` (the caller's cached copy, None: not seen)
+        already holds it. Returns what was done and the object as the cluster now holds it."""
+        desired = with_digest(desired)
         if live is not None and contains(desired, live):
             return "unchanged", live
         resource, meta = resource_of(desired), desired["metadata"]
-        if live is None:
-            try:
-                return "created", self.create(desired)
-            except ApiFault as err:
-                if err.status != 409:
-                    raise
-            live = self.get(resource, meta["namespace"], meta["name"])
-            if live is None:
-                raise ApiFault(f"{desired['kind']} {meta['name']}: exists, then gone", 404, retryable=True)
-            if contains(desired, live):
-                return "unchanged", live
-        previous = json.loads((live.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED) or "null")
-        patched = self.patch(resource, meta["namespace"], meta["name"], merge_patch(previous, desired))
-        if patched is None:
-            raise ApiFault(f"{desired['kind']} {meta['name']}: deleted while being patched", 404, retryable=True)
-        return "patched", patched
+        status, applied = self._call("PATCH", resource.path(meta["namespace"], meta["name"]), desired, APPLY_PATCH,
+                                     query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
+        if applied is None:
+            raise ApiFault(f"{desired['kind']} {meta['name']}: not found while applying it", 404, retryable=True)
+        return ("created" if status == 201 else "patched"), applied
+
+
+def contains(desired: Any, live: Any) -> bool:
+    """Every field of `desired` is in `live` with the same value (lists: same length, item by item).
+
+    An empty map or list in `desired` matches an absent field: the API server drops empty values."""
+    if isinstance(desired, Mapping):
+        if not isinstance(live, Mapping):
+            return False
+        return all(contains(value, live[key]) if key in live else value in ({}, [])
+                   for key, value in desired.items())
+    if isinstance(desired, list):
+        return isinstance(live, list) and len(desired) == len(live) and all(map(contains, desired, live))
+    return desired == live
+
+
+def with_digest(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """`obj` with a digest of itself in the APPLIED_DIGEST annotation (canonical JSON: stable)."""
+    out = copy.deepcopy(dict(obj))
+    meta = out.setdefault("metadata", {})
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != APPLIED_DIGEST}
+    record = {**out, "metadata": {**meta, "annotations": annotations}}
+    canonical = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    meta["annotations"] = {**annotations, APPLIED_DIGEST: hashlib.sha256(canonical).hexdigest()[:32]}
+    return out

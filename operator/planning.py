@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from kubernetes.utils import parse_quantity
+
 from kvpilot.operator.spec import LLMDeploymentSpec
-from kvpilot.runtime.memory.devices import Device, GiB, custom_gpu, gpu_from_catalog, local_device, parse_quantity
+from kvpilot.runtime.memory.devices import Device, GiB, UnknownDevice, gpu_from_catalog, local_device
 from kvpilot.runtime.memory.facts import ModelFacts, resolve_model
 from kvpilot.runtime.memory.planner import Plan, PlanRequest, plan
 
@@ -35,14 +37,24 @@ def target_device(spec: LLMDeploymentSpec) -> Device:
     gpu = spec.gpu
     if gpu.type == "cpu":
         limits = spec.runtime.resources.limits if spec.runtime.resources else {}
-        memory = parse_quantity(limits["memory"]) if "memory" in limits else DEFAULT_CPU_POD_MEMORY
+        memory = quantity_bytes(limits["memory"], "runtime.resources.limits.memory") if "memory" in limits \
+            else DEFAULT_CPU_POD_MEMORY
         return Device("cpu", memory, 0.0, False, kind="cpu")
     if gpu.memory:
         base = gpu_from_catalog(gpu.type) if gpu.type else None
-        custom = custom_gpu(gpu.memory, fp8=gpu.fp8 or bool(base and base.fp8))
-        return custom if base is None else Device(base.name, custom.memory_bytes, base.bandwidth_gbps,
-                                                  base.fp8, base.bf16, base.product_label)
+        memory = quantity_bytes(gpu.memory, "gpu.memory")
+        if base is None:
+            return Device(f"custom-{gpu.memory}", memory, 0.0, gpu.fp8)
+        return Device(base.name, memory, base.bandwidth_gbps, base.fp8, base.bf16, base.product_label)
     return gpu_from_catalog(gpu.type or "")
+
+
+def quantity_bytes(value: str | int, field: str) -> int:
+    """A Kubernetes quantity (48Gi, 80G, 1073741824) in bytes, read as the API server reads it."""
+    try:
+        return int(parse_quantity(value))
+    except ValueError:
+        raise UnknownDevice(f"{field}: {value!r} is not a size like 48Gi, 80G or 1073741824") from None
 
 
 def plan_request(spec: LLMDeploymentSpec, gpus_per_node: int | None = None) -> PlanRequest:

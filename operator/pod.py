@@ -10,11 +10,11 @@ from typing import Any, Literal
 
 from kvpilot.operator.planning import DEFAULT_CPU_POD_MEMORY, target_device
 from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, ModelSource
+from kvpilot.runtime.contract import ENTRYPOINT, HEALTH_PATH, HTTP_PORT, READY_PATH
 from kvpilot.runtime.memory.devices import GiB
 from kvpilot.runtime.memory.facts import catalog_aliases
 from kvpilot.runtime.memory.planner import Plan
 
-HTTP_PORT = 8000  # OpenAI API, /health, /ready and /metrics share one port
 PORT_NAME = "http"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set on nodes by NVIDIA's GPU feature discovery
@@ -151,7 +151,7 @@ def pod_spec(deployment: LLMDeployment, plan: Plan, role: Role = "single", hf_en
     container: dict[str, Any] = {
         "name": "runtime",
         "image": image,
-        "command": ["python", "-m", "kvpilot.runtime"],
+        "command": list(ENTRYPOINT),
         "args": runtime_args(deployment, plan, w.model_path, role),
         "env": _env(deployment, {"HF_HUB_OFFLINE": "1"}),  # the weights are local: never reach the hub
         "resources": container_resources(deployment, plan),
@@ -160,10 +160,10 @@ def pod_spec(deployment: LLMDeployment, plan: Plan, role: Role = "single", hf_en
     }
     if serves:
         container["ports"] = [{"name": PORT_NAME, "containerPort": HTTP_PORT, "protocol": "TCP"}]
-        container["startupProbe"] = _probe("/health", STARTUP_PERIOD_SECONDS,
+        container["startupProbe"] = _probe(HEALTH_PATH, STARTUP_PERIOD_SECONDS,
                                            STARTUP_SECONDS // STARTUP_PERIOD_SECONDS)
-        container["readinessProbe"] = _probe("/ready", READY_PERIOD_SECONDS, 3)
-        container["livenessProbe"] = _probe("/health", LIVENESS_PERIOD_SECONDS, LIVENESS_FAILURES)
+        container["readinessProbe"] = _probe(READY_PATH, READY_PERIOD_SECONDS, 3)
+        container["livenessProbe"] = _probe(HEALTH_PATH, LIVENESS_PERIOD_SECONDS, LIVENESS_FAILURES)
     volumes: list[dict[str, Any]] = [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
     if w.volume is not None:
         volumes.append(w.volume)

@@ -14,33 +14,40 @@ import kopf
 from pydantic import ValidationError
 
 from kvpilot.operator.autoscaler import Autoscaler
+from kvpilot.operator.fit_advice import advice
 from kvpilot.operator.hub import DEFAULT_ENDPOINT, Hub, HubError
-from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, ApiFault, Kube
+from kvpilot.operator.kube import ApiFault, Kube
 from kvpilot.operator.metrics import OperatorMetrics
 from kvpilot.operator.planning import plan_deployment
 from kvpilot.operator.pod import NoWeights
-from kvpilot.operator.render import DEFAULT_PROMETHEUS_URL, LWS_API, RenderOptions, label_selector, render
+from kvpilot.operator.render import DEFAULT_PROMETHEUS_URL, RenderOptions, label_selector, render
+from kvpilot.operator.resources import (
+    CHILD_RESOURCES,
+    LEADER_WORKER_SETS,
+    LLMDEPLOYMENTS,
+    SCALED_OBJECTS,
+    SERVICE_MONITORS,
+    WORKLOAD_KINDS,
+)
 from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, describe_errors
 from kvpilot.operator.status import Condition, plan_status, read_workload, status_patch
 from kvpilot.runtime.memory.devices import UnknownDevice
 from kvpilot.runtime.memory.facts import UnknownModel
 from kvpilot.runtime.memory.planner import NoFit, Plan, PlanError
 
-SERVICE_MONITOR_API = "monitoring.coreos.com/v1"
-WORKLOAD_KINDS = ("Deployment", "LeaderWorkerSet")
 STATUS_WRITE_ATTEMPTS = 3  # optimistic-concurrency retries of one status write
 # What to do when the cluster lacks the API a child needs, and how the user gets there.
 REQUIRED_APIS = {
-    LWS_API: "install LeaderWorkerSet (https://lws.sigs.k8s.io), or set gpu.maxPerReplica to at most "
-             "gpu.perNode to keep each replica on one node",
-    "keda.sh/v1alpha1": "install KEDA (https://keda.sh), or set autoscaling.mode to hpa or operator",
+    LEADER_WORKER_SETS.api_version: "install LeaderWorkerSet (https://lws.sigs.k8s.io), or set "
+                                    "gpu.maxPerReplica to at most gpu.perNode to keep each replica on one node",
+    SCALED_OBJECTS.api_version: "install KEDA (https://keda.sh), or set autoscaling.mode to hpa or operator",
 }
 
 ChildKey = tuple[str, str]  # (kind, name)
 
 
 @dataclass
-class Operator:
+class OperatorContext:
     """What every handler needs, made once at start-up and carried in kopf's memo."""
 
     kube: Kube
@@ -52,7 +59,7 @@ class Operator:
 
     def render_options(self) -> RenderOptions:
         mirror = self.hub.endpoint if self.hub.endpoint != DEFAULT_ENDPOINT else None
-        return RenderOptions(service_monitors=self.kube.serves(SERVICE_MONITOR_API),
+        return RenderOptions(service_monitors=self.kube.serves(SERVICE_MONITORS.api_version),
                              prometheus_url=self.prometheus_url, hf_endpoint=mirror,
                              runtime_image=self.runtime_image)
 
@@ -74,22 +81,27 @@ class Event:
 
 
 @dataclass
-class Outcome:
+class ReconcileOutcome:
     status: dict[str, Any]  # status keys to write (only those that change)
     events: list[Event] = field(default_factory=list)
     failure: NotPlanned | None = None
 
 
 def parse(body: Mapping[str, Any]) -> LLMDeployment:
+    """The object as an LLMDeployment, or NotPlanned("InvalidSpec") naming what is wrong. Anything may
+    reach the operator (a cluster without the CRD's validation, an object of an older version): a
+    missing or malformed part is a message, never a traceback."""
     try:
-        return LLMDeployment.model_validate({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+        return LLMDeployment.model_validate({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")
+                                             if k in body})
     except ValidationError as err:
         raise NotPlanned("InvalidSpec", describe_errors(err)) from None
 
 
-def plan_for(deployment: LLMDeployment, op: Operator) -> Plan:
+def plan_for(deployment: LLMDeployment, op: OperatorContext) -> Plan:
     """The plan, or NotPlanned with a message that says what to change."""
     spec, namespace = deployment.spec, deployment.metadata.namespace or "default"
+    facts = None
     try:
         try:
             return plan_deployment(spec)
@@ -101,7 +113,8 @@ def plan_for(deployment: LLMDeployment, op: Operator) -> Plan:
             token = (op.kube.secret_value(namespace, spec.model.token_secret, "HF_TOKEN")
                      if spec.model.token_secret else None)
             found = op.hub.model(spec.model.source, spec.model.revision, token)
-        return plan_deployment(spec, facts=found.facts)
+        facts = found.facts
+        return plan_deployment(spec, facts=facts)
     except HubError as err:
         raise NotPlanned("ModelFactsUnavailable", str(err), err.retryable) from None
     except UnknownModel as err:
@@ -109,7 +122,7 @@ def plan_for(deployment: LLMDeployment, op: Operator) -> Plan:
     except UnknownDevice as err:
         raise NotPlanned("UnknownGPU", str(err)) from None
     except NoFit as err:
-        raise NotPlanned("DoesNotFit", str(err)) from None
+        raise NotPlanned("DoesNotFit", f"{err}. {advice(spec, facts)}") from None
     except PlanError as err:
         raise NotPlanned("CannotPlan", str(err)) from None
 
@@ -148,9 +161,11 @@ def _planned_event(previous: Mapping[str, Any], planned: Condition) -> list[Even
     return [Event("Normal" if planned.status == "True" else "Warning", planned.reason, planned.message)]
 
 
-def reconcile(body: Mapping[str, Any], live: Mapping[ChildKey, Mapping[str, Any]], op: Operator) -> Outcome:
+def reconcile(body: Mapping[str, Any], live: Mapping[ChildKey, Mapping[str, Any]],
+              op: OperatorContext) -> ReconcileOutcome:
     """Bring the children to what the spec asks for. `live`: the children the watch has seen."""
-    meta, previous = body["metadata"], body.get("status") or {}
+    meta, previous = body["metadata"], body.get("status")
+    previous = previous if isinstance(previous, Mapping) else {}
     selector, generation = label_selector(meta["name"]), meta.get("generation")
     workload = next((obj for (kind, _), obj in live.items() if kind in WORKLOAD_KINDS), None)
     try:
@@ -162,14 +177,14 @@ def reconcile(body: Mapping[str, Any], live: Mapping[ChildKey, Mapping[str, Any]
         planned = Condition(type="Planned", status="False", reason=failure.reason, message=failure.message)
         status = status_patch(previous, workload=read_workload(workload), selector=selector, planned=planned,
                               generation=generation)
-        return Outcome(status, _planned_event(previous, planned), failure)
+        return ReconcileOutcome(status, _planned_event(previous, planned), failure)
 
     changes = []
     for key, child in desired.items():
-        outcome, obj = op.kube.apply(child, live.get(key))
-        if outcome != "unchanged":
-            changes.append(f"{outcome} {key[0]} {key[1]}")
-            op.metrics.child_changes.labels(kind=key[0], action=outcome).inc()
+        action, obj = op.kube.apply(child, live.get(key))
+        if action != "unchanged":
+            changes.append(f"{action} {key[0]} {key[1]}")
+            op.metrics.child_changes.labels(kind=key[0], action=action).inc()
         if key[0] in WORKLOAD_KINDS:
             workload = obj
     for key, obj in live.items():
@@ -184,7 +199,7 @@ def reconcile(body: Mapping[str, Any], live: Mapping[ChildKey, Mapping[str, Any]
     events = _planned_event(previous, planned)
     if changes:
         events.append(Event("Normal", "ChildrenApplied", "; ".join(changes)))
-    return Outcome(status, events)
+    return ReconcileOutcome(status, events)
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:
@@ -193,9 +208,15 @@ def _owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:
 
 
 def restore_child(owner: Mapping[str, Any], child: Mapping[str, Any], deleted: bool,
-                  op: Operator) -> tuple[list[Event], Mapping[str, Any] | None]:
+                  op: OperatorContext) -> tuple[list[Event], Mapping[str, Any] | None]:
     """A child changed or went away: put it back if it drifted from the spec. Returns the Events and the
-    child as the cluster now holds it (None when it is not wanted: the owner's reconcile prunes it)."""
+    child as the cluster now holds it (None when it is not wanted: the owner's reconcile prunes it).
+
+    A spec the reconciler has not applied yet (its generation is not the status' observedGeneration:
+    edited while the operator was down, or a moment ago) is no drift: the owner's own reconcile
+    applies it, once."""
+    if pending_spec_change(owner):
+        return [], None
     try:
         deployment = parse(owner)
         desired = desired_children(owner, deployment, plan_for(deployment, op), op.render_options())
@@ -204,16 +225,23 @@ def restore_child(owner: Mapping[str, Any], child: Mapping[str, Any], deleted: b
     key = (child["kind"], child["metadata"]["name"])
     if key not in desired:
         return [], None
-    outcome, obj = op.kube.apply(desired[key], None if deleted else child)
-    if outcome == "unchanged":
+    action, obj = op.kube.apply(desired[key], None if deleted else child)
+    if action == "unchanged":
         return [], obj
     op.metrics.drift_restored.labels(kind=key[0]).inc()
     how = "deleted" if deleted else "changed"
-    return [Event("Normal", "DriftRestored", f"{key[0]} {key[1]} was {how} outside the operator: {outcome} "
+    return [Event("Normal", "DriftRestored", f"{key[0]} {key[1]} was {how} outside the operator: {action} "
                                              "it from the spec")], obj
 
 
-def sync_workload_status(namespace: str, name: str, workload: Mapping[str, Any], op: Operator) -> None:
+def pending_spec_change(owner: Mapping[str, Any]) -> bool:
+    generation = (owner.get("metadata") or {}).get("generation")
+    status = owner.get("status")
+    observed = status.get("observedGeneration") if isinstance(status, Mapping) else None
+    return generation is not None and generation != observed
+
+
+def sync_workload_status(namespace: str, name: str, workload: Mapping[str, Any], op: OperatorContext) -> None:
     """Copy a workload's replica counts and availability to its owner's status.
 
     Reads the owner fresh and writes with its resourceVersion (a 409 means someone wrote in between:

@@ -11,17 +11,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvpilot.operator.pod import HTTP_PORT, PORT_NAME, pod_spec
+from kvpilot.operator.resources import (
+    DEPLOYMENTS,
+    DISRUPTION_BUDGETS,
+    HORIZONTAL_AUTOSCALERS,
+    LEADER_WORKER_SETS,
+    SCALED_OBJECTS,
+    SERVICE_MONITORS,
+    SERVICES,
+    Resource,
+)
 from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, LLMDeploymentSpec
+from kvpilot.runtime.contract import KV_USAGE_METRIC, METRICS_PATH
 from kvpilot.runtime.memory.planner import Plan
 
 APP_NAME = "kvpilot"
 COMPONENT = "llm-runtime"
 MANAGED_BY = "kvpilot-operator"
-LWS_API = "leaderworkerset.x-k8s.io/v1"
 LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"  # "0" marks a group's leader pod
 # The runtime's metric (vLLM's name) and the name prometheus-adapter serves it under: custom-metrics
 # API names cannot hold ':' (adapter rule: name: {matches: "^vllm:(.*)$", as: "${1}"}).
-KV_METRIC = "vllm:kv_cache_usage_perc"
+KV_METRIC = KV_USAGE_METRIC
 ADAPTER_KV_METRIC = "kv_cache_usage_perc"
 # The Service prometheus-operator creates for every Prometheus (kube-prometheus-stack's default).
 DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
@@ -80,21 +90,26 @@ def _metadata(deployment: LLMDeployment) -> dict[str, Any]:
     return meta
 
 
+def _object(resource: Resource, deployment: LLMDeployment, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": resource.api_version, "kind": resource.kind, "metadata": _metadata(deployment),
+            "spec": spec}
+
+
 def _template(deployment: LLMDeployment, pod: dict[str, Any], serves: bool = True) -> dict[str, Any]:
     metadata: dict[str, Any] = {"labels": common_labels(deployment.metadata.name)}
     if serves:  # a LeaderWorkerSet's workers serve no HTTP: nothing to scrape
         metadata["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT),
-                                   "prometheus.io/path": "/metrics"}
+                                   "prometheus.io/path": METRICS_PATH}
     return {"metadata": metadata, "spec": pod}
 
 
-def workload_ref(plan: Plan) -> tuple[str, str]:
-    """(apiVersion, kind) of the object that runs the pods: one node per replica or a group of nodes."""
-    return (LWS_API, "LeaderWorkerSet") if plan.nodes > 1 else ("apps/v1", "Deployment")
+def workload_resource(plan: Plan) -> Resource:
+    """The kind that runs the pods: one node per replica, or a group of nodes (a LeaderWorkerSet)."""
+    return LEADER_WORKER_SETS if plan.nodes > 1 else DEPLOYMENTS
 
 
 def workload(deployment: LLMDeployment, plan: Plan, options: RenderOptions) -> dict[str, Any]:
-    api_version, kind = workload_ref(plan)
+    kind = workload_resource(plan).kind
     replicas = desired_replicas(deployment.spec)
     spec: dict[str, Any] = {} if replicas is None else {"replicas": replicas}
     if kind == "Deployment":
@@ -112,7 +127,7 @@ def workload(deployment: LLMDeployment, plan: Plan, options: RenderOptions) -> d
             "workerTemplate": _template(deployment, pod_spec(deployment, plan, "worker", options.hf_endpoint,
                                                              options.runtime_image), serves=False),
         }}
-    return {"apiVersion": api_version, "kind": kind, "metadata": _metadata(deployment), "spec": spec}
+    return _object(workload_resource(plan), deployment, spec)
 
 
 def service(deployment: LLMDeployment, plan: Plan) -> dict[str, Any]:
@@ -120,15 +135,14 @@ def service(deployment: LLMDeployment, plan: Plan) -> dict[str, Any]:
     if plan.nodes > 1:
         selector[LWS_WORKER_INDEX] = "0"  # only leaders serve HTTP
     port = {"name": PORT_NAME, "port": HTTP_PORT, "targetPort": PORT_NAME, "protocol": "TCP", "appProtocol": "http"}
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(deployment),
-            "spec": {"type": "ClusterIP", "selector": selector, "ports": [port]}}
+    return _object(SERVICES, deployment, {"type": "ClusterIP", "selector": selector, "ports": [port]})
 
 
 def disruption_budget(deployment: LLMDeployment) -> dict[str, Any]:
     # maxUnavailable, not minAvailable: with one replica, minAvailable 1 would block every node drain.
-    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _metadata(deployment),
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(deployment.metadata.name)},
-                     "unhealthyPodEvictionPolicy": "AlwaysAllow"}}  # a crash-looping pod must not block drains
+    return _object(DISRUPTION_BUDGETS, deployment, {
+        "maxUnavailable": 1, "selector": {"matchLabels": selector_labels(deployment.metadata.name)},
+        "unhealthyPodEvictionPolicy": "AlwaysAllow"})  # a crash-looping pod must not block drains
 
 
 def _behavior(spec: LLMDeploymentSpec) -> dict[str, Any]:
@@ -138,8 +152,8 @@ def _behavior(spec: LLMDeploymentSpec) -> dict[str, Any]:
 
 
 def _target_ref(deployment: LLMDeployment, plan: Plan) -> dict[str, str]:
-    api_version, kind = workload_ref(plan)
-    return {"apiVersion": api_version, "kind": kind, "name": deployment.metadata.name}
+    resource = workload_resource(plan)
+    return {"apiVersion": resource.api_version, "kind": resource.kind, "name": deployment.metadata.name}
 
 
 def horizontal_autoscaler(deployment: LLMDeployment, plan: Plan) -> dict[str, Any]:
@@ -147,9 +161,9 @@ def horizontal_autoscaler(deployment: LLMDeployment, plan: Plan) -> dict[str, An
     target = f"{round(scaling.target_kv_cache_utilization * 1000)}m"  # a quantity: 0.7 -> 700m
     metric = {"type": "Pods", "pods": {"metric": {"name": ADAPTER_KV_METRIC},
                                        "target": {"type": "AverageValue", "averageValue": target}}}
-    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _metadata(deployment),
-            "spec": {"scaleTargetRef": _target_ref(deployment, plan), "minReplicas": max(1, scaling.min_replicas),
-                     "maxReplicas": scaling.max_replicas, "metrics": [metric], "behavior": _behavior(deployment.spec)}}
+    return _object(HORIZONTAL_AUTOSCALERS, deployment, {
+        "scaleTargetRef": _target_ref(deployment, plan), "minReplicas": max(1, scaling.min_replicas),
+        "maxReplicas": scaling.max_replicas, "metrics": [metric], "behavior": _behavior(deployment.spec)})
 
 
 def kv_usage_query(deployment: LLMDeployment) -> str:
@@ -163,19 +177,18 @@ def scaled_object(deployment: LLMDeployment, plan: Plan, options: RenderOptions)
     trigger = {"type": "prometheus", "metadata": {
         "serverAddress": options.prometheus_url, "query": kv_usage_query(deployment),
         "threshold": str(scaling.target_kv_cache_utilization)}}
-    return {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": _metadata(deployment),
-            "spec": {"scaleTargetRef": _target_ref(deployment, plan), "minReplicaCount": scaling.min_replicas,
-                     "maxReplicaCount": scaling.max_replicas, "pollingInterval": KEDA_POLLING_SECONDS,
-                     "cooldownPeriod": scaling.scale_down_stabilization_seconds,
-                     "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(deployment.spec)}},
-                     "triggers": [trigger]}}
+    return _object(SCALED_OBJECTS, deployment, {
+        "scaleTargetRef": _target_ref(deployment, plan), "minReplicaCount": scaling.min_replicas,
+        "maxReplicaCount": scaling.max_replicas, "pollingInterval": KEDA_POLLING_SECONDS,
+        "cooldownPeriod": scaling.scale_down_stabilization_seconds,
+        "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(deployment.spec)}},
+        "triggers": [trigger]})
 
 
 def service_monitor(deployment: LLMDeployment) -> dict[str, Any]:
-    endpoint = {"port": PORT_NAME, "path": "/metrics", "interval": SCRAPE_INTERVAL}
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": _metadata(deployment),
-            "spec": {"selector": {"matchLabels": selector_labels(deployment.metadata.name)},
-                     "endpoints": [endpoint]}}
+    endpoint = {"port": PORT_NAME, "path": METRICS_PATH, "interval": SCRAPE_INTERVAL}
+    return _object(SERVICE_MONITORS, deployment, {
+        "selector": {"matchLabels": selector_labels(deployment.metadata.name)}, "endpoints": [endpoint]})
 
 
 def render(deployment: LLMDeployment, plan: Plan, options: RenderOptions | None = None) -> list[dict[str, Any]]:

@@ -203,14 +203,11 @@ def merge_conditions(old: list[Mapping[str, Any]], new: list[Condition], at: str
 
 def status_patch(previous: Mapping[str, Any], *, workload: Workload | None, selector: str,
                  planned: Condition | None = None, plan: PlanStatus | None = None,
-                 generation: int | None = None, degraded: Condition | None = None,
-                 at: str | None = None) -> dict[str, Any]:
+                 generation: int | None = None, at: str | None = None) -> dict[str, Any]:
     """The status keys that change. `planned`/`plan` None keep what `previous` says (the workload watch
-    knows nothing new about the plan); `degraded` overrides the workload's own verdict (a missing API)."""
+    knows nothing new about the plan)."""
     old_conditions = list(previous.get("conditions") or [])
     by_type = {c.type: c for c in availability(workload)}
-    if degraded is not None:
-        by_type["Degraded"] = degraded
     if planned is not None:
         by_type["Planned"] = planned
     else:

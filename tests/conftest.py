@@ -1,20 +1,27 @@
 """Process-wide test set-up.
 
 Triton's interpreter (how CI runs the Triton kernels on the CPU) must be switched on before triton
-is first imported, and transformers imports triton too; so it is set here, before any suite loads.
-The kernels then run through the interpreter only inside tests/kernels (`ops.interpreter()`);
-every other suite keeps the fast torch reference, whatever the collection order.
-Subprocesses the tests start must not inherit the variable (they would interpret every kernel).
+is first imported (and transformers imports triton too), and each kernel is decorated for it when
+its module is imported; so here, before any suite loads, triton and the kernel modules are imported
+with TRITON_INTERPRET=1, then the environment is put back. kvpilot.kernels.ops reads the variable
+at call time: the kernel tests set it around each test (tests/kernels/conftest.py), every other
+suite keeps the fast torch reference whatever the collection order, and subprocesses the tests
+start do not inherit it.
 """
 
+import importlib
 import os
 
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from kvpilot.kernels import ops
-
-ops.use_interpreter(False)
-
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        for _name in ("paged_attention_decode", "paged_attention_prefill", "quantized_matmul", "write_kv_cache"):
+            importlib.import_module(f"kvpilot.kernels.{_name}")
+    finally:
+        if _previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _previous

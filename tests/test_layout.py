@@ -18,10 +18,11 @@ ALLOWED: dict[str, set[str]] = {
     "runtime.models": {"runtime.memory", "kernels"},
     "runtime.loading": {"runtime.memory", "runtime.models", "kernels"},
     "runtime.engine": {"runtime.memory", "runtime.models", "runtime.loading", "kernels"},
-    "runtime.server": {"runtime.memory", "runtime.engine", "runtime.loading", "runtime.usage"},
+    "runtime.server": {"runtime.memory", "runtime.engine", "runtime.loading", "runtime.usage", "runtime.contract"},
+    "runtime.contract": set(),
     "runtime.usage": {"runtime.memory"},
     "runtime.__main__": {"runtime.server", "runtime.usage"},
-    "operator": {"runtime.memory"},
+    "operator": {"runtime.memory", "runtime.contract"},
     "cli": {"operator", "runtime.memory", "runtime.server", "runtime.engine", "runtime.loading", "runtime.usage"},
 }
 # Packages only the tests may use.

@@ -20,6 +20,13 @@ from kvpilot.runtime.engine.outputs import EngineStats, RequestOutput
 from kvpilot.runtime.engine.sampling import SamplingParams
 
 logger = logging.getLogger("kvpilot.runtime.engine.async_engine")
+# Engine-wide step failures in a row after which the engine is dead for good: /health turns 503 and
+# the pod's liveness probe restarts it, rather than it answering 500 to every request forever.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class RequestFailed(RuntimeError):
+    """This request alone failed in the engine; the message says why. The others run on."""
 
 
 class AsyncLLMEngine:
@@ -36,6 +43,7 @@ class AsyncLLMEngine:
         self._loop_task: asyncio.Task | None = None
         self._last_stats = engine.stats()
         self._fatal: Exception | None = None
+        self._failures_in_a_row = 0
 
     @property
     def tokenizer(self) -> Any:
@@ -51,6 +59,9 @@ class AsyncLLMEngine:
     def is_ready(self) -> bool:
         return self._fatal is None
 
+    def check_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.check_request(request_id, prompt_token_ids, params)
+
     def stats(self) -> EngineStats:
         """Fresh when the engine is idle, else as of the end of the last step (never blocks)."""
         if self._lock.acquire(blocking=False):
@@ -64,6 +75,8 @@ class AsyncLLMEngine:
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; the last carries the finish reason. Raises `AdmissionError` (a
         ValueError) for a request that can never fit. Leaving the loop early aborts the request."""
+        if self._fatal is not None:
+            raise RuntimeError(f"the engine has failed for good: {self._fatal}")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
         self.engine.check_request(request_id, prompt_token_ids, params)
@@ -116,22 +129,29 @@ class AsyncLLMEngine:
             adds, self._pending_adds = self._pending_adds, []
             try:
                 outputs = await asyncio.to_thread(self._step, adds)
-            except Exception as err:  # a fault in the model step: fail every request, keep serving new ones
-                logger.exception("engine step failed; failing %d requests", len(self._streams))
-                self._fail_all(err)
+            except Exception as err:  # not one request's fault (those end alone, in the step): the engine's
+                self._engine_failed(err)
+                if self._fatal is not None:
+                    return
                 continue
+            self._failures_in_a_row = 0
             for out in outputs:
                 queue = self._streams.get(out.request_id)
                 if queue is not None:
-                    queue.put_nowait(out)
+                    queue.put_nowait(RequestFailed(out.error) if out.error is not None else out)
 
     def _step(self, adds: list[tuple[str, list[int], SamplingParams]]) -> list[RequestOutput]:
         with self._lock:
+            refused = []
             for request_id, prompt_token_ids, params in adds:
                 if request_id not in self._pending_aborts:
-                    self.engine.add_request(request_id, prompt_token_ids, params)
+                    try:
+                        self.engine.add_request(request_id, prompt_token_ids, params)
+                    except Exception as err:  # checked at generate(); refused alone should it still fail
+                        refused.append(RequestOutput(request_id, len(prompt_token_ids), [], "", [], "",
+                                                     finish_reason="error", error=str(err)))
             self._apply_pending_aborts()
-            outputs = self.engine.step()
+            outputs = refused + self.engine.step()
             self._apply_pending_aborts()
             self._last_stats = self.engine.stats()
             return outputs
@@ -140,12 +160,26 @@ class AsyncLLMEngine:
         while self._pending_aborts:
             self.engine.abort_request(self._pending_aborts.pop())
 
-    def _fail_all(self, err: Exception) -> None:
+    def _engine_failed(self, err: Exception) -> None:
+        """A step failed for a reason no single request owns (a bug, a device fault): log it with its
+        traceback, end the requests that were in the engine (their cache state is unknown), and keep
+        serving; after MAX_CONSECUTIVE_STEP_FAILURES in a row the engine is dead and says so."""
+        self._failures_in_a_row += 1
+        logger.error("engine step failed (%d in a row); ending the %d requests in the engine",
+                     self._failures_in_a_row, len(self.engine.requests), exc_info=err)
         with self._lock:
             for request_id in list(self.engine.requests):
                 self.engine.abort_request(request_id)
-        for queue in self._streams.values():
-            queue.put_nowait(RuntimeError(f"engine step failed: {err}"))
+        waiting = {request_id for request_id, _, _ in self._pending_adds}  # arrived during the step: not hit
+        failed = [request_id for request_id in self._streams if request_id not in waiting]
+        if self._failures_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:
+            self._fatal = err
+            logger.critical("the engine failed %d steps in a row: /health now fails", self._failures_in_a_row)
+            failed = list(self._streams)
+        for request_id in failed:
+            queue = self._streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(RuntimeError(f"engine step failed: {type(err).__name__}: {err}"))
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:

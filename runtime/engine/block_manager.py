@@ -66,7 +66,7 @@ class BlockManager:
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix of `seq`, leaving at least its last token to
         compute (the step that computes it produces the logits for the next one)."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:  # cached tokens get no logits
             return []
         hashes = self._hash_full_blocks(seq)
         cached: list[int] = []

@@ -24,7 +24,11 @@ class EngineClient(Protocol):
         """The model's chat template applied to OpenAI-style messages, as token ids."""
 
     def is_ready(self) -> bool:
-        """False once the engine has failed for good (the pod's readiness probe reads it)."""
+        """False once the engine has failed for good (the pod's readiness and liveness probes read it)."""
+
+    def check_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise a ValueError naming the value for a request the engine must refuse (too long, token ids
+        outside the vocabulary, ...), before anything is sent back."""
 
     def stats(self) -> EngineStats:
         """Queue, running batch and KV-cache figures, never blocking on a step."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpilot.kernels import ops
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.memory.quantization import DTYPE_ALIASES, WEIGHT_QUANT_MODES
 from kvpilot.runtime.memory.support import UnsupportedOption
@@ -64,6 +65,7 @@ class EngineConfig:
         self.dtype = _dtype_name(self.dtype)
         self.quantization = self._weight_quantization(self.quantization)
         self.kv_cache_dtype = self._kv_cache_dtype(self.kv_cache_dtype)
+        self._check_kernels()
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
@@ -107,6 +109,18 @@ class EngineConfig:
             raise UnsupportedOption(f"KV cache dtype {value!r} differs from the compute dtype {self.dtype}: use "
                                     "auto, or fp8 to halve the cache")
         raise ValueError(f"KV cache dtype {value!r} is not one of auto, {self.dtype}, fp8")
+
+    def _check_kernels(self) -> None:
+        """Refuse at start-up, before any weight is loaded or KV block allocated, what the kernels cannot
+        run on this device (fp8 needs compute capability 8.9)."""
+        if not self.device.startswith("cuda"):
+            return
+        try:
+            ops.check_kv_dtype_supported(self.device, self.kv_torch_dtype)
+            if self.quantization:
+                ops.check_weight_quantization_supported(self.device, self.quantization)
+        except ValueError as err:
+            raise UnsupportedOption(str(err)) from None
 
     @property
     def gpus_per_node(self) -> int:

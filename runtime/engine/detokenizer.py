@@ -23,13 +23,17 @@ class Tokenizer(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Seq[int], stop: Seq[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Seq[int], stop: Seq[str] = (),
+                 include_stop: bool = False) -> None:
+        """`include_stop`: the text ends with the stop string found instead of before it (nothing is
+        held back then: the text up to a stop string is sent either way)."""
         self.tokenizer = tokenizer
         self.tokens = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         self.stop = list(stop)
-        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.include_stop = include_stop
+        self.holdback = 0 if include_stop else max((len(s) for s in self.stop), default=1) - 1
         self.output_text = ""
         self.num_emitted_chars = 0
 
@@ -50,15 +54,15 @@ class IncrementalDetokenizer:
 
     def _cut_at_stop(self, num_new_chars: int) -> bool:
         """Find a stop string that ends in the new text; keep only what comes before it."""
-        found = -1
+        found, end = -1, -1
         for stop in self.stop:
             start = max(0, len(self.output_text) - num_new_chars - len(stop) + 1)
             index = self.output_text.find(stop, start)
             if index != -1 and (found == -1 or index < found):
-                found = index
+                found, end = index, index + len(stop)
         if found == -1:
             return False
-        self.output_text = self.output_text[:found]
+        self.output_text = self.output_text[: end if self.include_stop else found]
         return True
 
     def take_delta(self, finished: bool) -> str:

@@ -21,6 +21,7 @@ from kvpilot.runtime.engine.sampler import Sampler, stop_token_ids
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.engine.scheduler import AdmissionError, Scheduler
 from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
+from kvpilot.runtime.engine.threads import set_cpu_threads
 from kvpilot.runtime.engine.workers import start_workers
 from kvpilot.runtime.loading.loader import LoadedModel, load_model
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
@@ -49,6 +50,8 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = self.loaded.eos_token_ids
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            set_cpu_threads()
         _check_device_memory(self.device, expected_kv_bytes(self.facts, config.num_kv_blocks, config.block_size,
                                                             config.kv_torch_dtype, config.tensor_parallel_size))
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
@@ -106,11 +109,21 @@ class LLMEngine:
             raise AdmissionError(f"request {request_id!r}: prompt token ids {bad[:5]} are outside the vocabulary "
                              f"0..{vocab - 1}")
         self.scheduler.check_admission(request_id, len(prompt_token_ids), params.max_tokens)
+        self._params_for_model(request_id, params)
+
+    def _params_for_model(self, request_id: str, params: SamplingParams) -> SamplingParams:
+        """`params` checked and normalised against this model, so that no value reaches the step that
+        could fail it (the step samples every request of the batch together)."""
+        try:
+            return params.for_vocab(self.facts.vocab_size)
+        except ValueError as err:
+            raise AdmissionError(f"request {request_id!r}: {err}") from None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_request(request_id, prompt_token_ids, params)
+        params = self._params_for_model(request_id, params)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -118,7 +131,8 @@ class LLMEngine:
         if params.structured is not None:
             seq.matcher = self.guidance.matcher(params.structured)  # GrammarError (a ValueError) names the fault
         self.scheduler.add(seq)
-        self.requests[request_id] = (seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop))
+        self.requests[request_id] = (seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
+                                                                 params.include_stop_str_in_output))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Finish a request now (its blocks are free on return); None if it is not running."""
@@ -144,7 +158,12 @@ class LLMEngine:
         result = self.runner.run(batch)
         self.scheduler.postprocess(batch)
         outputs = []
-        for seq, token_id, logprob in zip(result.seqs, result.token_ids, result.logprobs, strict=True):
+        for seq, token_id, logprob, error in zip(result.seqs, result.token_ids, result.logprobs, result.errors,
+                                                 strict=True):
+            if error is not None:  # this request's own failure: it ends alone, with its error
+                self.scheduler.finish(seq, "error")
+                outputs.append(self._output(seq, self.requests.pop(seq.request_id)[1], [], [], error))
+                continue
             seq.append_token(token_id, logprob)
             self.generation_tokens_total += 1
             if seq.num_output_tokens == 1:
@@ -161,7 +180,9 @@ class LLMEngine:
         params = seq.params
         may_stop = seq.num_output_tokens >= params.min_tokens
         if may_stop and token_id in stop_token_ids(params, self.eos_token_ids):
-            return "stop"  # the stop token's text is not part of the output
+            if params.include_stop_str_in_output and token_id not in self.eos_token_ids:
+                detok.append(token_id, check_stop=False)
+            return "stop"  # the stop token's text is part of the output only when asked for
         if detok.append(token_id, check_stop=may_stop):
             return "stop"
         if seq.matcher is not None and seq.matcher.is_stopped():
@@ -171,14 +192,15 @@ class LLMEngine:
         return None
 
     def _output(self, seq: Sequence, detok: IncrementalDetokenizer, new_token_ids: list[int],
-                logprobs: list[TokenLogprob]) -> RequestOutput:
+                logprobs: list[TokenLogprob], error: str | None = None) -> RequestOutput:
         queued = None if seq.first_scheduled_time is None else seq.first_scheduled_time - seq.arrival_time
         return RequestOutput(
             request_id=seq.request_id, num_prompt_tokens=seq.num_prompt_tokens, new_token_ids=new_token_ids,
             new_text=detok.take_delta(finished=seq.is_finished), token_ids=seq.output_token_ids,
             text=detok.output_text[: detok.num_emitted_chars],
             logprobs=logprobs if seq.params.logprobs is not None else None,
-            finish_reason=seq.finish_reason, num_cached_tokens=seq.num_cached_tokens, queue_seconds=queued)
+            finish_reason=seq.finish_reason, num_cached_tokens=seq.num_cached_tokens, queue_seconds=queued,
+            error=error, prompt_logprobs=seq.prompt_logprobs if new_token_ids and seq.num_output_tokens == 1 else None)
 
     def stats(self) -> EngineStats:
         bm, sched = self.block_manager, self.scheduler

@@ -4,7 +4,7 @@ sample their next tokens."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,7 @@ class HostInputs:
     prefill_context_lens: list[int]
     prefill_max_query_len: int
     sample_rows: list[int]  # rows of the packed batch whose logits are sampled
+    prompt_rows: list[int] = field(default_factory=list)  # rows whose logits score the next prompt token
 
 
 @dataclass
@@ -47,8 +48,9 @@ class StepInputs:
 @dataclass
 class StepResult:
     seqs: list[Sequence]  # the sequences that got a token, in the order of `token_ids`
-    token_ids: list[int]
+    token_ids: list[int | None]
     logprobs: list[TokenLogprob | None]
+    errors: list[str | None]  # a request whose own sampling failed (its token is None)
 
 
 def _block_tables(seqs: list[Sequence]) -> list[list[int]]:
@@ -70,13 +72,16 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def pack(self, batch: ScheduledBatch) -> tuple[HostInputs, list[Sequence]]:
-        """The batch's tokens packed (decodes first, then prefill chunks), and the sequences to sample."""
+    def pack(self, batch: ScheduledBatch) -> tuple[HostInputs, list[Sequence], list[tuple[Sequence, int]]]:
+        """The batch's tokens packed (decodes first, then prefill chunks), the sequences to sample, and
+        the prompt tokens whose logprobs the prompt rows score."""
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[tuple[Sequence, int]] = []  # (sequence, index of the prompt token) per prompt row
         for seq in batch.decodes:
             pos = seq.num_computed_tokens
             tokens.append(seq.token_ids[pos])
@@ -91,6 +96,7 @@ class ModelRunner:
             tokens += seq.token_ids[start:end]
             positions += range(start, end)
             slots += self._slots(seq, start, end)
+            self._prompt_rows(seq, start, end, len(tokens) - n, prompt_rows, prompt_targets)
             cu_seqlens.append(cu_seqlens[-1] + n)
             prefill_lens.append(end)
             if end == seq.num_tokens:
@@ -99,8 +105,19 @@ class ModelRunner:
         host = HostInputs(
             tokens, positions, slots, len(batch.decodes), _block_tables(batch.decodes),
             [s.num_computed_tokens + 1 for s in batch.decodes], _block_tables([seq for seq, _ in batch.prefills]),
-            cu_seqlens, prefill_lens, max((n for _, n in batch.prefills), default=0), sample_rows)
-        return host, sample_seqs
+            cu_seqlens, prefill_lens, max((n for _, n in batch.prefills), default=0), sample_rows, prompt_rows)
+        return host, sample_seqs, prompt_targets
+
+    @staticmethod
+    def _prompt_rows(seq: Sequence, start: int, end: int, first_row: int, rows: list[int],
+                     targets: list[tuple[Sequence, int]]) -> None:
+        """Rows of a prefill chunk whose logits score prompt tokens not scored yet (a chunk computed
+        again after a preemption scores nothing twice)."""
+        if seq.prompt_logprobs is None:
+            return
+        for pos in range(max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)):
+            rows.append(first_row + pos - start)
+            targets.append((seq, pos + 1))
 
     def to_device(self, host: HostInputs) -> StepInputs:
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -116,9 +133,10 @@ class ModelRunner:
             prefill_context_lens=tensor(host.prefill_context_lens, torch.int32),
             decode_max_context_len=max(host.decode_context_lens, default=0),
             prefill_max_query_len=host.prefill_max_query_len,
+            prefill_max_context_len=max(host.prefill_context_lens, default=0),
         )
         return StepInputs(tensor(host.tokens, torch.int64), tensor(host.positions, torch.int64), meta,
-                          tensor(host.sample_rows, torch.int64))
+                          tensor(host.sample_rows + host.prompt_rows, torch.int64))
 
     @torch.inference_mode()
     def execute(self, host: HostInputs) -> torch.Tensor | None:
@@ -127,19 +145,31 @@ class ModelRunner:
         inputs = self.to_device(host)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.k_caches, self.kv_cache.v_caches,
                             inputs.meta)
-        if not host.sample_rows:
+        if not host.sample_rows and not host.prompt_rows:
             return None
         return self.model.compute_logits(hidden[inputs.sample_indices])
+
+    @torch.inference_mode()
+    def _score_prompts(self, logits: torch.Tensor, targets: list[tuple[Sequence, int]]) -> None:
+        logprobs = logits.float().log_softmax(dim=-1)
+        for row, (seq, index) in enumerate(targets):
+            seq.prompt_logprobs.append(self.sampler.logprob(logprobs[row], seq.token_ids[index],
+                                                            seq.params.prompt_logprobs, with_rank=True))
 
     def run(self, batch: ScheduledBatch) -> StepResult:
         """Compute the batch's tokens into the KV cache and sample for the sequences that are ready
         (call before the scheduler's `postprocess`, which counts the tokens as computed)."""
-        host, sample_seqs = self.pack(batch)
+        host, sample_seqs, prompt_targets = self.pack(batch)
         if self.parallel.size > 1:
             self.parallel.broadcast(host)
         logits = self.execute(host)
         if logits is None:
-            return StepResult([], [], [])
+            return StepResult([], [], [], [])
+        if host.prompt_rows:
+            logits, prompt_logits = logits[: len(host.sample_rows)], logits[len(host.sample_rows) :]
+            self._score_prompts(prompt_logits, prompt_targets)
+        if not host.sample_rows:
+            return StepResult([], [], [], [])
         with torch.inference_mode():
-            token_ids, logprobs = self.sampler(logits, sample_seqs)
-        return StepResult(sample_seqs, token_ids, logprobs)
+            token_ids, logprobs, errors = self.sampler.sample(logits, sample_seqs)
+        return StepResult(sample_seqs, token_ids, logprobs, errors)

@@ -17,9 +17,11 @@ class RequestOutput:
     token_ids: list[int]  # every generated token so far
     text: str  # every character released so far
     logprobs: list[TokenLogprob] | None = None  # for `new_token_ids`, when the request asked for logprobs
-    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" once finished
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     queue_seconds: float | None = None  # arrival to first schedule
+    error: str | None = None  # why this request alone failed (finish_reason "error")
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first token, when asked for
 
     @property
     def finished(self) -> bool:

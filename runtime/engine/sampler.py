@@ -6,7 +6,9 @@ a seed draw its q from its own generator while the rest share the engine's. Rows
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
+from typing import NamedTuple
 
 import torch
 
@@ -74,6 +76,17 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < floor, float("-inf"))
 
 
+logger = logging.getLogger("kvpilot.runtime.engine.sampler")
+
+
+class SampleResult(NamedTuple):
+    """One step's samples; a row whose own sampling failed has token None and its error."""
+
+    token_ids: list[int | None]
+    logprobs: list[TokenLogprob | None]
+    errors: list[str | None]
+
+
 class Sampler:
     def __init__(self, eos_token_ids: Seq[int], generator: torch.Generator, guidance: Guidance | None = None) -> None:
         """`guidance`: the grammar engine for structured-output rows; None: such rows are refused."""
@@ -99,9 +112,36 @@ class Sampler:
         for i in guided:
             seqs[i].matcher.consume_token(token_list[i])
         logprobs = [None if raw_logprobs is None or seq.params.logprobs is None
-                    else self._logprob(raw_logprobs[i], token_list[i], seq.params.logprobs)
+                    else self.logprob(raw_logprobs[i], token_list[i], seq.params.logprobs)
                     for i, seq in enumerate(seqs)]
         return token_list, logprobs
+
+    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SampleResult:
+        """`self(logits, seqs)`, but one request cannot fail the others: when the batch fails, each row
+        is sampled alone, and only the rows that fail alone get an error. When every row fails alone
+        (and there is more than one), the fault is the engine's, not a request's: it is raised."""
+        try:
+            tokens, logprobs = self(logits, seqs)
+            return SampleResult(list(tokens), logprobs, [None] * len(seqs))
+        except Exception as batch_error:
+            if len(seqs) > 1:
+                logger.warning("sampling a batch of %d failed (%s); sampling each request alone", len(seqs),
+                               batch_error)
+            result = SampleResult([], [], [])
+            for row, seq in enumerate(seqs):
+                try:
+                    (token,), (logprob,) = self(logits[row : row + 1], [seq])
+                    result.token_ids.append(token)
+                    result.logprobs.append(logprob)
+                    result.errors.append(None)
+                except Exception as err:
+                    logger.exception("request %r: sampling failed", seq.request_id)
+                    result.token_ids.append(None)
+                    result.logprobs.append(None)
+                    result.errors.append(f"sampling failed: {type(err).__name__}: {err}")
+            if len(seqs) > 1 and all(result.errors):
+                raise batch_error
+            return result
 
     def _race(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         """p / q per token: its argmax is a sample of p (and, restricted to any subset, of p there)."""
@@ -133,9 +173,10 @@ class Sampler:
                 logits[row, self.eos_token_ids[0]] = 0.0
 
     @staticmethod
-    def _logprob(logprobs: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+    def logprob(logprobs: torch.Tensor, token_id: int, top_n: int, with_rank: bool = False) -> TokenLogprob:
         top = []
         if top_n:
             values, ids = logprobs.topk(top_n)
             top = list(zip(ids.tolist(), values.tolist(), strict=True))
-        return TokenLogprob(token_id, float(logprobs[token_id]), top)
+        rank = int((logprobs > logprobs[token_id]).sum()) + 1 if with_rank else None
+        return TokenLogprob(token_id, float(logprobs[token_id]), top, rank)

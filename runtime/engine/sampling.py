@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 GREEDY_EPSILON = 1e-5  # temperatures below this are greedy: dividing by them overflows the logits
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: none; n: the sampled token's logprob and the top n
     structured: StructuredOutputs | None = None  # the output follows a grammar (engine/guidance.py)
+    include_stop_str_in_output: bool = False  # vLLM's extra: keep the stop string (or stop token) in the text
+    prompt_logprobs: int | None = None  # vLLM's extra: each prompt token's logprob and the top n (no prefix cache)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,8 +76,24 @@ class SamplingParams:
                 raise ValueError(f"sampling parameter {name} must be {allowed}, got {value!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"sampling parameter logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"sampling parameter seed must be in [0, 2**64 - 1], got {self.seed!r}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"sampling parameter prompt_logprobs must be in [0, {MAX_LOGPROBS}], "
+                             f"got {self.prompt_logprobs!r}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"sampling parameter stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
+
+    def for_vocab(self, vocab_size: int) -> SamplingParams:
+        """These parameters for a model of `vocab_size` tokens: ValueError naming token ids outside it;
+        a top_k of the whole vocabulary or more keeps every token (0), as it means."""
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"sampling parameter stop_token_ids: ids {bad[:5]} are outside the vocabulary "
+                             f"0..{vocab_size - 1}")
+        if self.top_k >= vocab_size:
+            return dataclasses.replace(self, top_k=0)
+        return self
 
     @property
     def greedy(self) -> bool:

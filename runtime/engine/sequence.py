@@ -26,6 +26,7 @@ class TokenLogprob(NamedTuple):
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None  # 1 + how many tokens were likelier (set for prompt logprobs, as vLLM reports)
 
 
 class Sequence:
@@ -50,6 +51,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []
+        # prompt_logprobs asked: entry i is prompt token i's (None for the first, which nothing predicts)
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         # Structured output: the request's llguidance matcher (engine/guidance.py); the sampler masks with it

@@ -63,6 +63,9 @@ class GGUFModel:
             "tie_word_embeddings": "output.weight" not in self.tensors,
             "attention_bias": "blk.0.attn_q.bias" in self.tensors,
         }
+        window = self.field(f"{a}.attention.sliding_window")
+        if window:  # checked and honoured like a config.json's (memory/support.py)
+            config["sliding_window"] = int(window)
         scaling = self.field(f"{a}.rope.scaling.type")
         if scaling and scaling != "none":
             if scaling != "linear":

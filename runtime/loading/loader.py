@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 from kvpilot.runtime.loading.embedded import embedded_model_path
 from kvpilot.runtime.loading.gguf_file import GGUFModel
 from kvpilot.runtime.memory.facts import ModelFacts, UnknownModel, from_hf_config
-from kvpilot.runtime.memory.support import UnsupportedOption
+from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config
 from kvpilot.runtime.models.llama import LlamaForCausalLM
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
 from kvpilot.runtime.models.quantized import quantized_weight_names, quantizer
+from kvpilot.runtime.models.variant import Variant, variant_from_config
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
@@ -61,17 +61,12 @@ def normalize_hf_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _check_architecture(config: dict[str, Any], source: Path, max_positions: int | None) -> None:
-    arch = (config.get("architectures") or ["?"])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedOption(f"architecture {arch!r} of {source} is not supported: only "
-                                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    # Mistral v0.1 attends to the last `sliding_window` tokens only; Qwen2 declares one but turns it off.
-    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-    length = max_positions or config.get("max_position_embeddings") or 0
-    if window and length > window:
-        raise UnsupportedOption(f"{source.name} uses sliding-window attention over {window} tokens, which this "
-                                f"runtime does not run: set max_model_len to at most {window} (asked: {length})")
+def check_config(config: dict[str, Any], source: Path, max_positions: int | None) -> None:
+    """`check_hf_config` (the one list of what the runtime runs), its refusal naming the model."""
+    try:
+        check_hf_config(config, max_positions)
+    except UnsupportedOption as err:
+        raise UnsupportedOption(f"{source.name}: {err}") from None
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -106,14 +101,14 @@ def _hf_eos_token_ids(directory: Path, tokenizer: Any) -> list[int]:
 def build_model(facts: ModelFacts, weights: Iterator[tuple[str, torch.Tensor]], num_weights: int,
                 dtype: torch.dtype, device: torch.device, max_positions: int,
                 rope_freq_factors: torch.Tensor | None = None, quantization: str | None = None,
-                parallel: Parallel = SINGLE) -> LlamaForCausalLM:
+                parallel: Parallel = SINGLE, variant: Variant | None = None) -> LlamaForCausalLM:
     """Construct without initializing (meta device), then fill every parameter from `weights`;
     with `quantization` (int8 / int4 / fp8) the decoder projections are quantized as they load."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(facts, max_positions, rope_freq_factors, parallel)
+        model = LlamaForCausalLM(facts, max_positions, rope_freq_factors, parallel, variant)
     model = model.to(dtype=dtype)
     materialize(model, device, quantized_weight_names(model) if quantization else set())
-    model.model.rotary.build_tables(device)
+    model.model.build_rotary_tables(device)
     bar = tqdm(weights, total=num_weights, desc=f"loading {facts.name}", unit="tensor", disable=None, leave=False)
     model.load_weights(((name, tensor.to(device)) for name, tensor in bar),
                        quantizer(quantization, dtype) if quantization else None)
@@ -141,16 +136,18 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
     path, device = resolve_model_path(model), torch.device(device)
     if path.suffix == ".gguf":
         gguf = GGUFModel(path)
-        facts = from_hf_config(gguf.hf_config(), name=path.stem)
+        gguf_config = gguf.hf_config()
+        check_config(gguf_config, path, max_positions)
+        facts = from_hf_config(gguf_config, name=path.stem)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         net = build_model(facts, gguf.weights(dtype), len(gguf), dtype, device,
                           max_positions or facts.max_position_embeddings, gguf.rope_freq_factors(), quantization,
-                          parallel)
+                          parallel, variant_from_config(gguf_config))
         eos = gguf.eos_token_ids() + ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
         eos = sorted(set(eos))
         return LoadedModel(net, tokenizer, facts, eos, path)
     config = normalize_hf_config(json.loads((path / "config.json").read_text()))
-    _check_architecture(config, path, max_positions)
+    check_config(config, path, max_positions)
     facts = from_hf_config(config, name=path.name)
     files = _safetensors_files(path)
     num_weights = 0
@@ -161,5 +158,6 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
             num_weights += len(list(f.keys()))
     tokenizer = AutoTokenizer.from_pretrained(path)
     net = build_model(facts, _safetensors_weights(files, dtype), num_weights, dtype, device,
-                      max_positions or facts.max_position_embeddings, quantization=quantization, parallel=parallel)
+                      max_positions or facts.max_position_embeddings, quantization=quantization, parallel=parallel,
+                      variant=variant_from_config(config))
     return LoadedModel(net, tokenizer, facts, _hf_eos_token_ids(path, tokenizer), path)

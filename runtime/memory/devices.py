@@ -10,6 +10,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from kvpilot.runtime.memory.nvml import nvml
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -51,7 +53,10 @@ GPU_CATALOG: dict[str, Device] = {
     )
 }
 _ALIASES = {"h200": "h200-141gb", "h100": "h100-80gb", "h100-sxm": "h100-80gb",
-            "h100-pcie": "h100-pcie-80gb", "a100": "a100-80gb", "4090": "rtx-4090"}
+            "h100-pcie": "h100-pcie-80gb", "4090": "rtx-4090"}
+# Short names shared by catalog GPUs of different memory: guessing one would plan for the wrong size
+# (and pin the pods to the wrong nodes), so they are refused with the choices.
+_AMBIGUOUS = {"a100": ("a100-80gb", "a100-40gb")}
 
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T|k)?\s*$")
 _UNITS = {None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -71,6 +76,9 @@ def parse_quantity(value: str | int) -> int:
 def gpu_from_catalog(name: str) -> Device:
     key = name.lower().removeprefix("nvidia-")
     key = _ALIASES.get(key, key)
+    if key in _AMBIGUOUS:
+        raise UnknownDevice(f"GPU type {name!r} is ambiguous: {' or '.join(_AMBIGUOUS[key])} (they differ in "
+                            "memory); name one of them")
     if key not in GPU_CATALOG:
         raise UnknownDevice(f"GPU type {name!r} is not in the catalog "
                             f"({', '.join(GPU_CATALOG)}); set gpu.memory for a custom GPU")
@@ -96,16 +104,8 @@ def cpu_device() -> Device:
 
 def detect_gpu() -> tuple[Device, int] | None:
     """The local GPU (through pynvml) and how many there are, or None when there is none."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    try:
-        count = pynvml.nvmlDeviceGetCount()
+    with nvml() as pynvml:
+        count = pynvml.nvmlDeviceGetCount() if pynvml else 0
         if count == 0:
             return None
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
@@ -116,8 +116,6 @@ def detect_gpu() -> tuple[Device, int] | None:
         fp8 = (major, minor) >= (8, 9)
         label = name.replace(" ", "-")
         return Device(name, memory, 0.0, fp8, bf16=major >= 8, product_label=label), count
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def local_device() -> tuple[Device, int]:

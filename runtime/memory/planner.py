@@ -290,10 +290,10 @@ def _with_reasons(chosen: Plan, attempts: list, req: PlanRequest, widened: bool)
     reasons = [f"weights: {chosen.memory.weights / GiB:.2f} GiB per GPU in {chosen.quantization}; "
                f"usable memory {chosen.memory.usable / GiB:.2f} GiB "
                f"({req.gpu_memory_utilization:.0%} of {chosen.memory.total / GiB:.2f} GiB)"]
-    for plan, shortfall in attempts:
-        if plan is chosen:
+    for attempt, shortfall in attempts:
+        if attempt is chosen:
             break
-        reasons.append(f"rejected {_describe(plan)}: KV cache short by {shortfall / GiB:.2f} GiB per GPU")
+        reasons.append(f"rejected {_describe(attempt)}: KV cache short by {shortfall / GiB:.2f} GiB per GPU")
     order = ("more GPUs before lower precision" if req.optimize == "quality"
              else "lower precision before more GPUs")
     reasons.append(f"chose {_describe(chosen)}: optimize={req.optimize} tries {order}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kvpilot.runtime.memory.support import UnsupportedOption
@@ -28,6 +29,7 @@ class AttentionMetadata:
     prefill_context_lens: torch.Tensor  # [num_prefills] int32
     decode_max_context_len: int = 0  # known on the host: the GPU kernels need no device sync for them
     prefill_max_query_len: int = 0
+    prefill_max_context_len: int = 0
 
 
 class RMSNorm(nn.Module):
@@ -43,6 +45,23 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by (1 + weight), the whole computation in fp32, then casts back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).to(x.dtype)
+
+
+# the formulas of transformers.activations.ACT2FN, so fp32 results are equal, not merely close
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi)
+                                                                 * (x + 0.044715 * x.pow(3.0)))),
+               "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))}
+
+
 def _rope_type(scaling: dict[str, Any] | None) -> str:
     if not scaling:
         return "default"
@@ -50,17 +69,27 @@ def _rope_type(scaling: dict[str, Any] | None) -> str:
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
-                  freq_factors: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor:
+                  freq_factors: torch.Tensor | None = None, device: torch.device | None = None,
+                  max_positions: int = 0) -> torch.Tensor:
     """Inverse frequencies [head_dim / 2] in fp32, scaled as the model's config says."""
-    steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
-    inv_freq = 1.0 / (theta ** (steps / head_dim))
+    return rope_parameters(head_dim, theta, scaling, freq_factors, device, max_positions)[0]
+
+
+def rope_parameters(dim: int, theta: float, scaling: dict[str, Any] | None, freq_factors: torch.Tensor | None = None,
+                    device: torch.device | None = None, max_positions: int = 0) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim / 2] in fp32 and the factor cos/sin are multiplied by, computed as
+    transformers' `modeling_rope_utils` does for each rope type. `max_positions` is the context the
+    engine serves: longrope picks its long factors when it exceeds the original context."""
+    steps = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float()
+    inv_freq = 1.0 / (theta ** (steps / dim))
     if freq_factors is not None:  # GGUF stores Llama 3's scaling as precomputed per-frequency divisors
-        return inv_freq / freq_factors.to(inv_freq.device).float()
+        return inv_freq / freq_factors.to(inv_freq.device).float(), 1.0
     kind = _rope_type(scaling)
-    if kind == "default":
-        return inv_freq
+    if kind in ("default", "dynamic"):  # dynamic: refused past the original length (memory/support.py)
+        return inv_freq, 1.0
+    assert scaling is not None
     if kind == "linear":
-        return inv_freq / float(scaling["factor"])
+        return inv_freq / float(scaling["factor"]), 1.0
     if kind == "llama3":
         factor, low, high = (float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
         old_len = float(scaling["original_max_position_embeddings"])
@@ -69,18 +98,60 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
-        return torch.where(medium, smoothed, scaled)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(dim, theta, scaling, device)
+    if kind == "longrope":
+        original = int(scaling["original_max_position_embeddings"])
+        factor = float(scaling.get("factor") or 1.0)  # memory/support.py fills it in as transformers does
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        ext = scaling["long_factor"] if max_positions > original else scaling["short_factor"]
+        ext = torch.tensor(ext, dtype=torch.float32, device=device)
+        return 1.0 / (ext * theta ** (steps / dim)), float(attention)
     raise UnsupportedOption(f"rope scaling type {kind!r} is not supported: use a model with default, "
-                            "linear or llama3 rope scaling")
+                            "linear, llama3, yarn, longrope or dynamic rope scaling")
+
+
+def _yarn(dim: int, base: float, scaling: dict[str, Any], device: torch.device | None) -> tuple[torch.Tensor, float]:
+    factor = float(scaling["factor"])
+    original = float(scaling["original_max_position_embeddings"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as HF: no division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates the two halves of each head (HF / GPT-NeoX layout) by a cos/sin table of every position."""
+    """Rotates the two halves of each head's first `rotary_dim` channels (HF / GPT-NeoX layout) by a
+    cos/sin table of every position; the rest of the head passes through (partial rotary, Phi)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
-                 freq_factors: torch.Tensor | None = None) -> None:
+                 freq_factors: torch.Tensor | None = None, rotary_dim: int | None = None) -> None:
         super().__init__()
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
+        self.rotary_dim = rotary_dim or head_dim
         self.freq_factors = freq_factors
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
@@ -90,14 +161,19 @@ class RotaryEmbedding(nn.Module):
         """The fp32 cos/sin of every position; rebuilt on the real device after meta-device construction."""
         if device.type == "meta":
             return
-        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, self.freq_factors, device)
+        inv_freq, attention = rope_parameters(self.rotary_dim, self.theta, self.scaling, self.freq_factors, device,
+                                              self.max_positions)
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)
-        self.cos, self.sin = freqs.cos(), freqs.sin()
+        self.cos, self.sin = freqs.cos() * attention, freqs.sin() * attention
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if self.rotary_dim == self.head_dim:
+            return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        d = self.rotary_dim
+        return (torch.cat((_rotate(q[..., :d], cos, sin), q[..., d:]), dim=-1),
+                torch.cat((_rotate(k[..., :d], cos, sin), k[..., d:]), dim=-1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

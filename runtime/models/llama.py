@@ -1,6 +1,8 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2 with QKV bias, SmolLM2): RMSNorm, RoPE, SwiGLU,
-grouped-query attention, tied or untied embeddings. Attention and cache writes go through
-`kvpilot.kernels.ops` only; q/k/v and gate/up are each one fused matmul.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, Granite, OLMo 2, Phi-3/4, SmolLM2/3, Gemma 2/3):
+RMSNorm, RoPE, gated MLP, grouped-query attention, tied or untied embeddings. What a family changes
+(biases, activation, q/k norms, norm layout, multipliers, soft-capping, sliding windows, per-layer
+rope) is a `Variant` (models/variant.py). Attention and cache writes go through `kvpilot.kernels.ops`
+only; q/k/v and gate/up are each one fused matmul.
 
 Under tensor parallelism (`parallel`, see runtime/parallel.py) each rank holds its heads, its
 intermediate rows and its vocabulary rows; `load_weights` cuts each checkpoint tensor to that share."""
@@ -8,7 +10,7 @@ intermediate rows and its vocabulary rows; `load_weights` cuts each checkpoint t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +21,10 @@ from kvpilot.kernels.quant_reference import QuantizedWeight
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.memory.quantization import kv_heads_per_gpu, tp_compatible
 from kvpilot.runtime.memory.support import UnsupportedOption
-from kvpilot.runtime.models.layers import AttentionMetadata, RMSNorm, RotaryEmbedding
+from kvpilot.runtime.models.layers import ACTIVATIONS, AttentionMetadata, GemmaRMSNorm, RMSNorm, RotaryEmbedding
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
 from kvpilot.runtime.models.quantized import quantized_weight_names, replace_with_quantized
+from kvpilot.runtime.models.variant import Variant
 
 # HF checkpoint projections that live inside one fused matrix here: (fused name, shard index)
 PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -29,24 +32,46 @@ PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj"
 IGNORED_WEIGHTS = ("rotary_emb.inv_freq",)
 
 
+def make_norm(variant: Variant, size: int, eps: float) -> RMSNorm:
+    return GemmaRMSNorm(size, eps) if variant.gemma_norm else RMSNorm(size, eps)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, facts: ModelFacts, rotary: RotaryEmbedding, parallel: Parallel = SINGLE) -> None:
+    def __init__(self, facts: ModelFacts, variant: Variant, layer: int, rotary: RotaryEmbedding | None,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
         self.parallel = parallel
         self.num_heads, self.head_dim = facts.num_heads // parallel.size, facts.head_dim
         self.num_kv_heads = kv_heads_per_gpu(facts, parallel.size)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
-        self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(facts.hidden_size, self.q_size + 2 * self.kv_size, bias=facts.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, facts.hidden_size, bias=False)
+        self.scale = variant.attention_scale if variant.attention_scale is not None else self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(facts.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=facts.qkv_bias or variant.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, facts.hidden_size, bias=variant.o_bias)
+        self.qk_norm = variant.qk_norm
+        if variant.qk_norm is not None:
+            q_dim, k_dim = (self.head_dim, self.head_dim) if variant.qk_norm == "head" else (self.q_size, self.kv_size)
+            self.q_norm = make_norm(variant, q_dim, facts.rms_norm_eps)
+            self.k_norm = make_norm(variant, k_dim, facts.rms_norm_eps)
         self.rotary = rotary
+        # only what differs from plain causal attention goes to the kernels
+        self.extra: dict[str, float | int] = {}
+        if variant.window(layer) is not None:
+            self.extra["window"] = int(variant.window(layer))  # type: ignore[arg-type]
+        if variant.attn_softcap:
+            self.extra["softcap"] = float(variant.attn_softcap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.shard_sizes, dim=-1)
-        q, k = self.rotary(positions, q.view(-1, self.num_heads, self.head_dim),
-                           k.view(-1, self.num_kv_heads, self.head_dim))
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.reshape(-1, self.num_heads, self.head_dim), k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         n = meta.num_decode_tokens
@@ -61,40 +86,63 @@ class LlamaAttention(nn.Module):
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         return ops.paged_attention_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                                          self.scale, max_context_len=meta.decode_max_context_len)
+                                          self.scale, max_context_len=meta.decode_max_context_len, **self.extra)
 
     def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         return ops.paged_attention_prefill(q, k_cache, v_cache, meta.prefill_block_tables,
                                            meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale,
-                                           max_query_len=meta.prefill_max_query_len)
+                                           max_query_len=meta.prefill_max_query_len,
+                                           max_context_len=meta.prefill_max_context_len, **self.extra)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, facts: ModelFacts, parallel: Parallel = SINGLE) -> None:
+    def __init__(self, facts: ModelFacts, variant: Variant, parallel: Parallel = SINGLE) -> None:
         super().__init__()
         self.parallel = parallel
         self.intermediate_size = facts.intermediate_size // parallel.size
-        self.gate_up_proj = nn.Linear(facts.hidden_size, 2 * self.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(self.intermediate_size, facts.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(facts.hidden_size, 2 * self.intermediate_size, bias=variant.mlp_bias)
+        self.down_proj = nn.Linear(self.intermediate_size, facts.hidden_size, bias=variant.mlp_bias)
+        self.act = ACTIVATIONS[variant.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.parallel.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.parallel.all_reduce(self.down_proj(self.act(gate) * up))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, facts: ModelFacts, rotary: RotaryEmbedding, parallel: Parallel = SINGLE) -> None:
+    """Norms where the family puts them: before each block (Llama), before and after (Gemma's
+    sandwich), or after only (OLMo 2)."""
+
+    def __init__(self, facts: ModelFacts, variant: Variant, layer: int, rotary: RotaryEmbedding | None,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(facts, rotary, parallel)
-        self.mlp = LlamaMLP(facts, parallel)
-        self.input_layernorm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
+        self.self_attn = LlamaAttention(facts, variant, layer, rotary, parallel)
+        self.mlp = LlamaMLP(facts, variant, parallel)
+        self.layout, self.residual_multiplier = variant.norm_layout, variant.residual_multiplier
+        size, eps = facts.hidden_size, facts.rms_norm_eps
+        if self.layout != "post":
+            self.input_layernorm = make_norm(variant, size, eps)
+        self.post_attention_layernorm = make_norm(variant, size, eps)
+        if self.layout != "pre":
+            self.post_feedforward_layernorm = make_norm(variant, size, eps)
+        if self.layout == "sandwich":
+            self.pre_feedforward_layernorm = make_norm(variant, size, eps)
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), k_cache, v_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if self.layout == "pre":
+            h = h + self._scaled(self.self_attn(positions, self.input_layernorm(h), k_cache, v_cache, meta))
+            return h + self._scaled(self.mlp(self.post_attention_layernorm(h)))
+        if self.layout == "post":
+            h = h + self.post_attention_layernorm(self.self_attn(positions, h, k_cache, v_cache, meta))
+            return h + self.post_feedforward_layernorm(self.mlp(h))
+        attn = self.self_attn(positions, self.input_layernorm(h), k_cache, v_cache, meta)
+        h = h + self.post_attention_layernorm(attn)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.residual_multiplier == 1.0 else x * self.residual_multiplier
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -118,18 +166,34 @@ class VocabParallelEmbedding(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, facts: ModelFacts, max_positions: int, rope_freq_factors: torch.Tensor | None,
-                 parallel: Parallel = SINGLE) -> None:
+                 parallel: Parallel = SINGLE, variant: Variant | None = None) -> None:
         super().__init__()
-        rotary = RotaryEmbedding(facts.head_dim, max_positions, facts.rope_theta, facts.rope_scaling,
-                                 rope_freq_factors)
-        self.rotary = rotary
+        variant = variant or Variant()
+        self.variant = variant
+        ropes = variant.ropes or {"all": {"rope_theta": facts.rope_theta, **(facts.rope_scaling or {})}}
+        rotary_dim = int(facts.head_dim * variant.partial_rotary_factor)
+        self.rotaries = nn.ModuleDict({
+            key: RotaryEmbedding(facts.head_dim, max_positions, float(rope.get("rope_theta", facts.rope_theta)),
+                                 rope, rope_freq_factors, rotary_dim)
+            for key, rope in ropes.items()})
+        self.rotary = next(iter(self.rotaries.values()))
         self.embed_tokens = VocabParallelEmbedding(facts.vocab_size, facts.hidden_size, parallel)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(facts, rotary, parallel) for _ in range(facts.num_layers))
-        self.norm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(facts, variant, i, self.rotaries[variant.rope_key(i)] if variant.uses_rope(i) else None,
+                              parallel)
+            for i in range(facts.num_layers))
+        self.norm = make_norm(variant, facts.hidden_size, facts.rms_norm_eps)
+
+    def build_rotary_tables(self, device: torch.device) -> None:
+        for rotary in self.rotaries.values():
+            rotary.build_tables(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
                 v_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        scale = self.variant.embedding_scale
+        if scale is not None:  # Gemma multiplies by sqrt(hidden) rounded to the compute dtype, Granite by a float
+            h = h * (torch.tensor(scale, dtype=h.dtype) if self.variant.embedding_scale_in_dtype else scale)
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
             h = layer(positions, h, k_cache, v_cache, meta)
         return self.norm(h)
@@ -137,11 +201,12 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, facts: ModelFacts, max_positions: int, rope_freq_factors: torch.Tensor | None = None,
-                 parallel: Parallel = SINGLE) -> None:
+                 parallel: Parallel = SINGLE, variant: Variant | None = None) -> None:
         super().__init__()
-        check_shardable(facts, parallel.size)
-        self.facts, self.parallel = facts, parallel
-        self.model = LlamaModel(facts, max_positions, rope_freq_factors, parallel)
+        variant = variant or Variant()
+        check_shardable(facts, parallel.size, variant)
+        self.facts, self.parallel, self.variant = facts, parallel, variant
+        self.model = LlamaModel(facts, max_positions, rope_freq_factors, parallel, variant)
         rows = self.model.embed_tokens.rows
         self.lm_head = None if facts.tie_word_embeddings else nn.Linear(facts.hidden_size, rows, bias=False)
 
@@ -152,7 +217,12 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary (each rank's rows gathered), on every rank."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.parallel.gather_last_dim(F.linear(hidden, weight))[:, : self.facts.vocab_size]
+        logits = self.parallel.gather_last_dim(F.linear(hidden, weight))[:, : self.facts.vocab_size]
+        if self.variant.logits_divisor != 1.0:  # Granite
+            logits = logits / self.variant.logits_divisor
+        if self.variant.final_softcap:  # Gemma 2
+            logits = torch.tanh(logits / self.variant.final_softcap) * self.variant.final_softcap
+        return logits
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
@@ -166,7 +236,7 @@ class LlamaForCausalLM(nn.Module):
         expected = {n: (3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 1) for n in params}
         deferred = quantized_weight_names(self) if quantize else set()
         filled: dict[str, int] = {}
-        for name, tensor in weights:
+        for name, tensor in self._unpacked(weights):
             if name.endswith(IGNORED_WEIGHTS) or (self.lm_head is None and name == "lm_head.weight"):
                 continue
             target, shard = name, None
@@ -194,6 +264,22 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
+    def _unpacked(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Phi-3 checkpoints hold q/k/v and gate/up fused already: split them into the HF names, so that
+        tensor parallelism and quantization treat every checkpoint alike."""
+        f = self.facts
+        q, kv = f.num_heads * f.head_dim, f.num_kv_heads * f.head_dim
+        for name, tensor in weights:
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] == "qkv_proj":
+                for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.split((q, kv, kv)), strict=True):
+                    yield ".".join([*parts[:-2], part, parts[-1]]), piece
+            elif len(parts) >= 2 and parts[-2] == "gate_up_proj":
+                for part, piece in zip(("gate_proj", "up_proj"), tensor.chunk(2), strict=True):
+                    yield ".".join([*parts[:-2], part, parts[-1]]), piece
+            else:
+                yield name, tensor
+
     def _shard_sizes(self, fused_name: str) -> tuple[int, ...]:
         if ".qkv_proj." in fused_name:
             return self.model.layers[0].self_attn.shard_sizes
@@ -219,6 +305,8 @@ class LlamaForCausalLM(nn.Module):
         if module in ("o_proj", "down_proj") and kind == "weight":
             start, end = p.split(tensor.shape[1])
             return tensor[:, start:end]
+        if module in ("o_proj", "down_proj"):  # a bias: added once, by rank 0, before the all-reduce sums the ranks
+            return tensor if p.rank == 0 else torch.zeros_like(tensor)
         if module in ("embed_tokens", "lm_head"):
             rows = self.model.embed_tokens.rows
             share = tensor[p.rank * rows : (p.rank + 1) * rows]
@@ -226,10 +314,13 @@ class LlamaForCausalLM(nn.Module):
         return tensor  # norms: every rank holds them whole
 
 
-def check_shardable(facts: ModelFacts, tp: int) -> None:
+def check_shardable(facts: ModelFacts, tp: int, variant: Variant | None = None) -> None:
     """Tensor parallelism splits heads, KV heads (or replicates them) and the MLP's rows evenly."""
     if tp == 1:
         return
+    if variant is not None and variant.qk_norm == "full":
+        raise UnsupportedOption(f"tensor parallelism is not supported for {variant.architecture}: its q/k norms "
+                                "span every head; run it with tensor parallel size 1")
     if not tp_compatible(facts, tp) or facts.intermediate_size % tp:
         raise UnsupportedOption(f"tensor parallel size {tp} does not divide {facts.name}: {facts.num_heads} "
                                 f"heads, {facts.num_kv_heads} KV heads, intermediate size {facts.intermediate_size}")

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from kvpilot.runtime.memory.nvml import nvml
 from kvpilot.runtime.memory.planner import Plan
 from kvpilot.runtime.server.metrics import MemoryFigures
 
@@ -24,20 +25,14 @@ def weight_bytes_held(module: torch.nn.Module) -> int:
 
 
 def _process_gpu_bytes(device_index: int) -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no NVIDIA driver
-        return None
-    try:
+    with nvml() as pynvml:
+        if pynvml is None:
+            return None
         handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
         for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
             if proc.pid == os.getpid():
                 return int(proc.usedGpuMemory or 0)
         return None
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def memory_figures(engine, plan: Plan) -> MemoryFigures:

@@ -15,6 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvpilot.runtime.contract import KV_USAGE_METRIC, KV_USAGE_METRIC_OLD, RUNNING_METRIC, WAITING_METRIC
+from kvpilot.runtime.memory.nvml import nvml
+
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
@@ -47,10 +50,10 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.stats()
-        yield self._gauge("vllm:num_requests_running", "Requests in the running batch.", s.num_running)
-        yield self._gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
-        yield self._gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", s.kv_cache_usage)
-        yield self._gauge("vllm:gpu_cache_usage_perc", "Same as vllm:kv_cache_usage_perc (older name, read by "
+        yield self._gauge(RUNNING_METRIC, "Requests in the running batch.", s.num_running)
+        yield self._gauge(WAITING_METRIC, "Requests waiting to be scheduled.", s.num_waiting)
+        yield self._gauge(KV_USAGE_METRIC, "Fraction of KV-cache blocks in use (0..1).", s.kv_cache_usage)
+        yield self._gauge(KV_USAGE_METRIC_OLD, "Same as vllm:kv_cache_usage_perc (older name, read by "
                           "the Gateway API Inference Extension).", s.kv_cache_usage)
         yield self._gauge("kvpilot:kv_blocks_total", "KV-cache blocks allocated at start-up.", s.num_kv_blocks)
         yield self._gauge("kvpilot:kv_blocks_free", "KV-cache blocks free now.", s.num_free_kv_blocks)
@@ -115,17 +118,11 @@ class ServerMetrics:
 
 def gpu_memory_info() -> list[tuple[int, int, int]]:
     """(index, used, total) bytes per GPU from pynvml; empty without an NVIDIA GPU."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no driver, no library: a CPU host
-        return []
-    try:
+    with nvml() as pynvml:
+        if pynvml is None:
+            return []
         out = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
             out.append((index, int(info.used), int(info.total)))
         return out
-    finally:
-        pynvml.nvmlShutdown()

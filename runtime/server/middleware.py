@@ -7,9 +7,10 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kvpilot.runtime.contract import HEALTH_PATH, METRICS_PATH, READY_PATH
 from kvpilot.runtime.server.protocol import error_json
 
-OPEN_PATHS = ("/health", "/ready", "/metrics")  # probes and scrapes carry no key
+OPEN_PATHS = (HEALTH_PATH, READY_PATH, METRICS_PATH)  # probes and scrapes carry no key
 
 
 async def _send_error(send: Send, status: int, message: str, kind: str, headers: list | None = None) -> None:
@@ -21,49 +22,50 @@ async def _send_error(send: Send, status: int, message: str, kind: str, headers:
 
 
 class ApiKeyMiddleware:
-    """`config.api_key` is read per request (the server's config object, shared by reference)."""
-
-    def __init__(self, app: ASGIApp, config) -> None:
-        self.app, self.config = app, config
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        api_key = self.config.api_key
-        if scope["type"] != "http" or not api_key or scope["path"].startswith(OPEN_PATHS):
+        if scope["type"] != "http" or not self.api_key or scope["path"].startswith(OPEN_PATHS):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"").decode(errors="replace").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
             return await _send_error(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                      "authentication_error", [(b"www-authenticate", b"Bearer")])
         return await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over `config.max_body_bytes`: by Content-Length up front; a body sent without
-    one (chunked) is read here, up to the limit, and replayed to the app."""
+    """Refuses bodies over `max_bytes`. The bytes actually received are counted (a Content-Length is
+    a claim, not a limit: a chunked body may follow it), and a request framed both ways is refused,
+    as the HTTP spec allows and vLLM does. The body is read here, up to the limit, and replayed."""
 
-    def __init__(self, app: ASGIApp, config) -> None:
-        self.app, self.config = app, config
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        max_bytes = self.config.max_body_bytes
-        message = f"request body exceeds the limit of {max_bytes} bytes"
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if length.isdigit() and int(length) > max_bytes:
-                return await _send_error(send, 413, message, "invalid_request_error")
-            return await self.app(scope, receive, send)
-        body, more = b"", True
+        message = f"request body exceeds the limit of {self.max_bytes} bytes"
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            return await _send_error(send, 400, "a request may not carry both Content-Length and "
+                                                "Transfer-Encoding: chunked", "invalid_request_error")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _send_error(send, 413, message, "invalid_request_error")
+        chunks, received, more = [], 0, True
         while more:
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return None
-            body += msg.get("body", b"")
+            chunks.append(msg.get("body", b""))
+            received += len(chunks[-1])
             more = msg.get("more_body", False)
-            if len(body) > max_bytes:
+            if received > self.max_bytes:
                 return await _send_error(send, 413, message, "invalid_request_error")
+        body = b"".join(chunks)
         replayed = False
 
         async def replay() -> Message:

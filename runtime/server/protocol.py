@@ -8,11 +8,12 @@ validated in structured.py and tools.py.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from kvpilot.runtime.engine.sampling import SamplingParams, StructuredOutputs
+from kvpilot.runtime.engine.sampling import MAX_SEED, SamplingParams, StructuredOutputs
+from kvpilot.runtime.server import admission
 from kvpilot.runtime.server.structured import StructuredRequest
 from kvpilot.runtime.server.tools import ToolRequest
 
@@ -44,7 +45,7 @@ NOT_RUN = {
 
 
 class _SamplingRequest(StructuredRequest):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     n: int = Field(1, ge=1, le=16)
@@ -53,14 +54,16 @@ class _SamplingRequest(StructuredRequest):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = Field(None, max_length=admission.MAX_STOP_STRINGS)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -79,6 +82,24 @@ class _SamplingRequest(StructuredRequest):
                              f"{info.field_name}")
         return value
 
+    # --- request isolation (#16): checks across fields; each lives in admission.py ---------------
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return admission.refuse_lone_surrogates(data)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _SamplingRequest:
+        admission.check_seed(self.seed, self.n)
+        admission.check_min_tokens(self.min_tokens, self.max_tokens)
+        admission.check_stream_options(self.stream, self.stream_options)
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs: not available when streaming")
+        return self
+
+    def engine_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -95,6 +116,8 @@ class _SamplingRequest(StructuredRequest):
             min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             logprobs=logprobs, structured=structured or self.structured(),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            prompt_logprobs=self.engine_prompt_logprobs(),
         )
 
 
@@ -104,14 +127,21 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
 
     @model_validator(mode="after")
-    def _single_prompt(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                raise ValueError("prompt: batches of prompts are not supported; send one prompt per request")
-            self.prompt = self.prompt[0]
-        if self.echo:
-            raise ValueError("echo: not supported")
+    def _batch(self) -> CompletionRequest:
+        admission.check_batch(len(self.prompts()), self.n)
         return self
+
+    def engine_prompt_logprobs(self) -> int | None:
+        """echo with logprobs reports the prompt's logprobs too."""
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the batch: one text or token-id list each (a single prompt is a batch of one)."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        return [self.prompt]
 
 
 class ChatMessage(BaseModel):
@@ -139,6 +169,13 @@ class ChatCompletionRequest(ToolRequest, _SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    @model_validator(mode="after")
+    def _chat_consistent(self) -> ChatCompletionRequest:
+        admission.check_min_tokens(self.min_tokens, self.max_completion_tokens, "max_completion_tokens")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: only allowed when logprobs is true")
+        return self
+
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -148,6 +185,11 @@ class ChatCompletionRequest(ToolRequest, _SamplingRequest):
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return admission.refuse_lone_surrogates(data)
 
     model: str | None = None
     prompt: str | None = None

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import uvicorn
 
+from kvpilot.runtime.contract import HTTP_PORT
 from kvpilot.runtime.memory.devices import parse_quantity
 from kvpilot.runtime.usage import UsageError
 
-DEFAULT_PORT = 8000
 DEFAULT_GRACE_SECONDS = 30.0  # Kubernetes' default terminationGracePeriodSeconds
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=int, default=HTTP_PORT)
     p.add_argument("--api-key", default=os.environ.get("KVPILOT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $KVPILOT_API_KEY)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get HTTP 429")
@@ -152,13 +152,30 @@ def serve_engine(config, loaded, name: str | None, args: argparse.Namespace) -> 
     return 0
 
 
+ABORT_MARGIN_SECONDS = 1.0  # before the grace ends, what is still running is aborted: time to send the ends
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, but /ready turns 503 the moment SIGTERM arrives, so Kubernetes takes the pod
-    out of the Service while in-flight requests finish within the grace period."""
+    out of the Service while in-flight requests finish within the grace period. Requests still running
+    shortly before the grace ends are aborted (`app.state.abort_all`): each stream ends with
+    finish_reason "abort" and [DONE] instead of being cut mid-way."""
 
     def __init__(self, config: uvicorn.Config, app) -> None:
         super().__init__(config)
         self.kvpilot_app = app
+
+    async def shutdown(self, sockets=None) -> None:
+        grace = self.config.timeout_graceful_shutdown
+        timer = None
+        if grace is not None:
+            delay = max(0.0, grace - min(ABORT_MARGIN_SECONDS, grace / 2))
+            timer = asyncio.get_running_loop().call_later(delay, self.kvpilot_app.state.abort_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def handle_exit(self, sig: int, frame) -> None:
         self.kvpilot_app.state.draining = True

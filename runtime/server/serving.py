@@ -1,5 +1,6 @@
-"""From OpenAI requests to engine requests and back: prompts, length checks, `n` choices, streaming
-as server-sent events, logprobs, usage, aborts when the client goes away, per-request metrics."""
+"""From OpenAI requests to engine requests and back: prompts, length checks, `n` choices of one or
+more prompts, streaming as server-sent events, logprobs, usage, aborts when the client goes away
+(or the server's grace ends), per-request metrics."""
 
 from __future__ import annotations
 
@@ -13,8 +14,18 @@ from fastapi import Request
 
 from kvpilot.runtime.engine.client import EngineClient
 from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.engine.sequence import TokenLogprob
+from kvpilot.runtime.server.logprobs import TokenBytes, chat_logprobs, completion_logprobs, vllm_prompt_logprobs
 from kvpilot.runtime.server.metrics import ServerMetrics
-from kvpilot.runtime.server.protocol import ChatMessage
+from kvpilot.runtime.server.protocol import ChatMessage, error_json
+from kvpilot.runtime.server.responses import (
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionResponse,
+    Usage,
+)
 from kvpilot.runtime.server.tool_parser import ChatTools
 from kvpilot.runtime.server.tools import Tool, render_chat
 
@@ -26,12 +37,25 @@ class ApiError(Exception):
 
 
 @dataclass
+class Job:
+    """One engine request: choice `index` of the response, for one prompt."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    echo: str = ""  # the prompt's text, put before the completion (completions' echo)
+    echo_logprobs: bool = False  # echo with logprobs: the prompt tokens' logprobs come first
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs field in the response
+
+
+@dataclass
 class Choice:
     index: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    logprobs: list = field(default_factory=list)  # per token: (token_id, logprob, [(token_id, logprob), ...])
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def _sse(data: dict | str) -> str:
@@ -44,6 +68,8 @@ class OpenAIServing:
     def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics) -> None:
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
         self.tokenizer = engine.tokenizer
+        self.names = TokenBytes(self.tokenizer)
+        self.running: set[str] = set()  # engine request ids in flight: what the end of a drain aborts
 
     # --- prompts -------------------------------------------------------------------------------
     def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -84,30 +110,39 @@ class OpenAIServing:
                                 f"for the completion). Reduce the prompt or max_tokens.", param="max_tokens")
         return max_tokens
 
+    def admit(self, request_id: str, jobs: list[Job]) -> None:
+        """The engine's own checks, before anything is sent back: a stream then starts only for a
+        request the engine will run (a refusal is a 400, not an error event after a 200)."""
+        for job in jobs:
+            try:
+                self.engine.check_request(f"{request_id}-{job.index}", job.prompt_ids, job.params)
+            except ValueError as err:
+                raise ApiError(400, str(err)) from None
+
     # --- running --------------------------------------------------------------------------------
-    async def _run(self, request_id: str, prompt_ids: list[int], params: SamplingParams, index: int,
-                   queue: asyncio.Queue) -> None:
+    async def _run(self, request_id: str, job: Job, queue: asyncio.Queue) -> None:
         arrival = time.perf_counter()
         token_times: list[float] = []
         last = None
+        self.running.add(request_id)
         try:
-            async for last in self.engine.generate(request_id, prompt_ids, params):
+            async for last in self.engine.generate(request_id, job.prompt_ids, job.params):
                 if last.new_token_ids:
                     token_times.append(time.perf_counter())
-                await queue.put((index, last))
+                await queue.put((job.index, last))
         except Exception as err:  # admission errors and engine faults reach the client as errors
-            await queue.put((index, err))
+            await queue.put((job.index, err))
         finally:
-            queue.put_nowait((index, None))
+            self.running.discard(request_id)
+            queue.put_nowait((job.index, None))
             reason = (last.finish_reason if last is not None else None) or "abort"
             self.metrics.observe_request(reason, arrival, token_times[0] if token_times else None, token_times,
                                          time.perf_counter(), getattr(last, "queue_seconds", None))
 
-    def _start(self, request_id: str, prompt_ids: list[int], params: list[SamplingParams]):
+    def _start(self, request_id: str, jobs: list[Job]):
         queue: asyncio.Queue = asyncio.Queue()
-        ids = [f"{request_id}-{i}" for i in range(len(params))]
-        tasks = [asyncio.create_task(self._run(rid, prompt_ids, p, i, queue))
-                 for i, (rid, p) in enumerate(zip(ids, params, strict=True))]
+        ids = [f"{request_id}-{job.index}" for job in jobs]
+        tasks = [asyncio.create_task(self._run(rid, job, queue)) for rid, job in zip(ids, jobs, strict=True)]
         return queue, ids, tasks
 
     async def _outputs(self, queue: asyncio.Queue, n: int) -> AsyncIterator[tuple[int, object]]:
@@ -126,54 +161,109 @@ class OpenAIServing:
             if not task.done():
                 self.engine.abort(rid)
 
-    async def collect(self, request: Request, request_id: str, prompt_ids: list[int],
-                      params: list[SamplingParams]) -> list[Choice]:
-        queue, ids, tasks = self._start(request_id, prompt_ids, params)
+    def abort_all(self) -> None:
+        """End every request in flight now: each stream gets finish_reason "abort" and [DONE]."""
+        for request_id in list(self.running):
+            self.engine.abort(request_id)
+
+    async def collect(self, request: Request, request_id: str, jobs: list[Job]) -> list[Choice]:
+        queue, ids, tasks = self._start(request_id, jobs)
         watcher = asyncio.create_task(_wait_disconnect(request))
         watcher.add_done_callback(lambda _: self._abort(ids, tasks))
-        choices = [Choice(i) for i in range(len(params))]
+        choices = {job.index: Choice(job.index, text=job.echo) for job in jobs}
         try:
-            async for index, out in self._outputs(queue, len(params)):
+            async for index, out in self._outputs(queue, len(jobs)):
                 _accumulate(choices[index], out)
         finally:
             watcher.cancel()
             self._abort(ids, tasks)
-        return choices
+        return [choices[job.index] for job in jobs]
 
-    async def stream(self, request_id: str, obj: str, prompt_ids: list[int], params: list[SamplingParams],
-                     include_usage: bool, chat: bool, tools: ChatTools | None = None) -> AsyncIterator[str]:
-        queue, ids, tasks = self._start(request_id, prompt_ids, params)
-        created, completion_tokens = int(time.time()), 0
-        head = {"id": request_id, "object": obj, "created": created, "model": self.model_name}
+    async def stream(self, request_id: str, jobs: list[Job], include_usage: bool, chat: bool,
+                     tools: ChatTools | None = None) -> AsyncIterator[str]:
+        """Server-sent events. Chunks are plain dicts through json.dumps, not the response models: per
+        token, the models cost about twice as much (bench/sse_chunks.py). `tools`: tool calls in the
+        text become `delta.tool_calls`."""
+        queue, ids, tasks = self._start(request_id, jobs)
+        completion_tokens = 0
+        head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name}
         try:
             if chat:
-                for i in range(len(params)):
-                    yield _sse(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                for job in jobs:
+                    yield _sse(head | {"choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
                                                     "logprobs": None, "finish_reason": None}]})
-            async for index, out in self._outputs(queue, len(params)):
+            to_echo = {job.index: job for job in jobs if job.echo}  # sent with the first output: its logprobs
+            async for index, out in self._outputs(queue, len(jobs)):
+                if index in to_echo:
+                    job = to_echo.pop(index)
+                    yield _sse(head | {"choices": [{"index": index, "text": job.echo, "finish_reason": None,
+                                                    "logprobs": self._echo_logprobs(job, out.prompt_logprobs)}]})
                 completion_tokens += len(out.new_token_ids)
                 if not out.new_text and not out.finish_reason and not out.new_token_ids:
                     continue
-                piece = Choice(index)
-                _accumulate(piece, out)
                 choice = {"index": index, "finish_reason": out.finish_reason}
                 if chat:
                     delta, choice["finish_reason"] = (tools or ChatTools.none()).delta(
                         index, out.new_text, out.finish_reason)
                     choice |= {"delta": delta,
-                               "logprobs": _chat_logprobs(piece, self.tokenizer) if piece.logprobs else None}
+                               "logprobs": chat_logprobs(out.logprobs, self.names) if out.logprobs else None}
                 else:
-                    choice |= {"text": out.new_text,
-                               "logprobs": _completion_logprobs(piece, self.tokenizer) if piece.logprobs else None}
+                    choice |= {"text": out.new_text, "logprobs": self._completion_logprobs(
+                        out.new_token_ids, out.logprobs) if out.logprobs else None}
                 yield _sse(head | {"choices": [choice]})
             if include_usage:
-                yield _sse(head | {"choices": [], "usage": _usage(len(prompt_ids), completion_tokens)})
+                usage = Usage.of(_prompt_tokens(jobs), completion_tokens).model_dump()
+                yield _sse(head | {"choices": [], "usage": usage})
             yield _sse("[DONE]")
         except ApiError as err:
-            yield _sse({"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.status}})
+            yield _sse(error_json(err.status, err.message, err.kind, err.param))
             yield _sse("[DONE]")
         finally:
             self._abort(ids, tasks)  # a client gone mid-stream lands here: its blocks free at once
+
+    def _completion_logprobs(self, token_ids: list[int], entries: list[TokenLogprob], start: int = 0) -> dict:
+        return completion_logprobs(token_ids, entries, self.names, start)
+
+    def _echo_logprobs(self, job: Job, prompt_logprobs: list | None) -> dict | None:
+        if not job.echo_logprobs or prompt_logprobs is None:
+            return None
+        return completion_logprobs(job.prompt_ids, prompt_logprobs, self.names)
+
+    def _choice_logprobs(self, job: Job, choice: Choice) -> dict | None:
+        """Completions' logprobs: the prompt's first when echoed, then the completion's."""
+        if job.echo_logprobs and choice.prompt_logprobs is not None:
+            return completion_logprobs(job.prompt_ids + choice.token_ids, choice.prompt_logprobs + choice.logprobs,
+                                       self.names)
+        if choice.logprobs:
+            return self._completion_logprobs(choice.token_ids, choice.logprobs, len(job.echo))
+        return None
+
+    def _prompt_logprobs(self, job: Job, choice: Choice) -> list | None:
+        if not job.prompt_logprobs or choice.prompt_logprobs is None:
+            return None
+        return vllm_prompt_logprobs(job.prompt_ids, choice.prompt_logprobs, self.names)
+
+    # --- whole responses ------------------------------------------------------------------------
+    def completion_response(self, request_id: str, jobs: list[Job], choices: list[Choice]) -> CompletionResponse:
+        return CompletionResponse(
+            id=request_id, model=self.model_name, usage=Usage.of(_prompt_tokens(jobs), _completion_tokens(choices)),
+            choices=[CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
+                                      logprobs=self._choice_logprobs(job, c),
+                                      prompt_logprobs=self._prompt_logprobs(job, c))
+                     for job, c in zip(jobs, choices, strict=True)])
+
+    def chat_response(self, request_id: str, jobs: list[Job], choices: list[Choice],
+                      tools: ChatTools | None = None) -> ChatCompletionResponse:
+        answers = [(tools or ChatTools.none()).message(c.text, c.finish_reason) for c in choices]
+        return ChatCompletionResponse(
+            id=request_id, model=self.model_name, usage=Usage.of(_prompt_tokens(jobs), _completion_tokens(choices)),
+            choices=[ChatChoice(index=c.index, message=ChatMessageOut(content=message["content"],
+                                                                      tool_calls=message.get("tool_calls")),
+                                finish_reason=reason,
+                                logprobs=chat_logprobs(c.logprobs, self.names) if c.logprobs else None)
+                     for c, (message, reason) in zip(choices, answers, strict=True)],
+            prompt_logprobs=self._prompt_logprobs(jobs[0], choices[0]))
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -194,56 +284,16 @@ def _accumulate(choice: Choice, out) -> None:
     choice.text += out.new_text
     if out.logprobs:
         choice.logprobs += list(out.logprobs)
+    if out.prompt_logprobs is not None:
+        choice.prompt_logprobs = out.prompt_logprobs
     if out.finish_reason:
         choice.finish_reason = out.finish_reason
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _prompt_tokens(jobs: list[Job]) -> int:
+    """Each prompt counted once, however many choices it has (as vLLM counts them)."""
+    return sum(len(ids) for ids in {id(job.prompt_ids): job.prompt_ids for job in jobs}.values())
 
 
-def _token_str(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
-
-
-def _chat_logprobs(choice: Choice, tokenizer) -> dict:
-    content = []
-    for token_id, logprob, top in choice.logprobs:
-        text = _token_str(tokenizer, token_id)
-        content.append({"token": text, "logprob": logprob, "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": (t := _token_str(tokenizer, tid)), "logprob": lp,
-                                          "bytes": list(t.encode())} for tid, lp in top]})
-    return {"content": content}
-
-
-def _completion_logprobs(choice: Choice, tokenizer) -> dict:
-    tokens, offsets, offset = [], [], 0
-    for token_id, _, _ in choice.logprobs:
-        text = _token_str(tokenizer, token_id)
-        tokens.append(text)
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in choice.logprobs],
-            "top_logprobs": [{_token_str(tokenizer, tid): lp for tid, lp in top} for _, _, top in choice.logprobs],
-            "text_offset": offsets}
-
-
-def completion_response(request_id: str, model: str, prompt_tokens: int, choices: list[Choice],
-                        tokenizer) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                         "logprobs": _completion_logprobs(c, tokenizer) if c.logprobs else None} for c in choices],
-            "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
-
-
-def chat_response(request_id: str, model: str, prompt_tokens: int, choices: list[Choice], tokenizer,
-                  tools: ChatTools | None = None) -> dict:
-    tools = tools or ChatTools.none()
-    answers = [tools.message(c.text, c.finish_reason) for c in choices]
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c.index, "message": message,
-                         "logprobs": _chat_logprobs(c, tokenizer) if c.logprobs else None,
-                         "finish_reason": reason} for c, (message, reason) in zip(choices, answers, strict=True)],
-            "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
-
+def _completion_tokens(choices: list[Choice]) -> int:
+    return sum(len(c.token_ids) for c in choices)

@@ -26,6 +26,8 @@ from chart_tools import (
     scenario_files,
 )
 
+from kvpilot.cli.main import build_parser
+from kvpilot.operator.main import OperatorConfig
 from kvpilot.operator.render import ADAPTER_KV_METRIC, KV_METRIC
 
 SCENARIOS = {path.name.removesuffix("-values.yaml"): path for path in scenario_files()}
@@ -165,10 +167,15 @@ def test_ha_namespaced_has_a_peering_in_each_namespace(helm: Helm) -> None:
     assert not of_kind(objects, "ClusterKopfPeering")
 
 
-def test_probes_hit_the_liveness_endpoint_the_operator_is_told_to_serve(helm: Helm) -> None:
+def test_probes_hit_the_liveness_endpoint_the_operator_is_told_to_serve(helm: Helm,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     objects = helm.render(sets=["livenessPort=8181"])
     container = operator_container(objects)
-    assert _flag(container["args"], "--liveness") == "http://0.0.0.0:8181/healthz"
+    assert _flag(container["args"], "--liveness-port") == "8181"
+    seen: list[OperatorConfig] = []  # the operator's own parser reads the chart's arguments
+    monkeypatch.setattr("kvpilot.operator.main.run", seen.append)
+    args = build_parser().parse_args(container["args"])
+    assert args.run(args) == 0 and seen[0].liveness_url == "http://0.0.0.0:8181/healthz"
     health = next(p for p in container["ports"] if p["name"] == "health")
     assert health["containerPort"] == 8181
     for probe in ("livenessProbe", "readinessProbe"):
@@ -253,7 +260,7 @@ def test_cluster_wide_rbac_grants_what_the_operator_uses(rendered: Render) -> No
 
 def test_rbac_matches_the_kinds_the_operator_manages(rendered: Render) -> None:
     """Every child kind in operator/kube.py is granted, and nothing else is written."""
-    from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS
+    from kvpilot.operator.resources import CHILD_RESOURCES, LLMDEPLOYMENTS
 
     rules = _rules(only(rendered(_scenario("default")), "ClusterRole"))
     children = {(r.group, r.plural) for r in CHILD_RESOURCES.values()}

@@ -1,32 +1,26 @@
 """Kernel tests run the real Triton kernels against the torch references.
 
 Device: CUDA when there is a GPU (or KVPILOT_KERNEL_DEVICE=cuda), else the CPU through Triton's
-interpreter. The interpreter needs TRITON_INTERPRET=1 before triton's first import in the process,
-so this conftest sets it at collection time; it then pins `ops.use_interpreter(False)` so that the
-other suites in the same pytest process (the CPU engine) keep the fast torch reference, and the
-`_kernels_on_device` fixture turns the interpreter on only around each kernel test.
+interpreter. The interpreter needs TRITON_INTERPRET=1 before triton's first import in the process
+(triton reads it when it is imported and when each kernel is decorated): tests/conftest.py imports
+triton and every kernel module with the variable set, then puts the environment back, so the other
+suites in the same pytest process (the CPU engine) keep the fast torch reference; the
+`_kernels_on_device` fixture sets the variable only around each kernel test (kvpilot.kernels.ops
+reads it at call time).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from kernel_testing import DEVICE, PagedKV, assert_close, make_paged_kv
-
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from kvpilot.kernels import ops
-
-ops.use_interpreter(False)
+from kernel_testing import DEVICE, PagedKV, assert_close, interpreter, make_paged_kv
 
 
 @pytest.fixture(autouse=True)
 def _kernels_on_device() -> Iterator[None]:
-    with ops.interpreter(DEVICE == "cpu"):
+    with interpreter(DEVICE == "cpu"):
         yield
 
 

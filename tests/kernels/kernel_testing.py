@@ -3,13 +3,32 @@ KV cache in shuffled blocks, and the per-dtype tolerance."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 # CUDA when there is a GPU (or KVPILOT_KERNEL_DEVICE=cuda), else the CPU through Triton's interpreter
 DEVICE = os.environ.get("KVPILOT_KERNEL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+
+@contextlib.contextmanager
+def interpreter(enabled: bool) -> Iterator[None]:
+    """Route kvpilot.kernels.ops' CPU calls to the Triton interpreter (True) or the torch reference (False)
+    for a `with` block, through TRITON_INTERPRET (ops reads it at call time), then restore it."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
 
 # Per dtype: |kernel - reference| <= ATOL + RTOL * |reference| (outputs here are O(1)).
 TOLERANCE = {

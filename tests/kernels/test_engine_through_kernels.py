@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_testing import DEVICE
+from kernel_testing import DEVICE, interpreter
 
-from kvpilot.kernels import ops
 from kvpilot.runtime.engine.llm import LLM
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.loading.loader import LoadedModel
@@ -65,10 +64,10 @@ def test_greedy_tokens_match_the_reference_path(monkeypatch, prefix_caching):
     def generate(use_kernels: bool) -> list[list[int]]:
         llm = LLM(loaded=loaded, device=DEVICE, dtype="fp32", block_size=8, num_kv_blocks=32, max_model_len=128,
                   max_num_seqs=4, max_num_batched_tokens=24, enable_prefix_caching=prefix_caching)
-        with ops.interpreter(use_kernels and DEVICE == "cpu"):
+        with interpreter(use_kernels and DEVICE == "cpu"):
             return [list(out.token_ids) for out in llm.generate(prompts, greedy)]
 
-    with ops.interpreter(False):
+    with interpreter(False):
         expected = generate(use_kernels=False) if DEVICE == "cpu" else None
     calls = count_kernel_calls(monkeypatch)
     actual = generate(use_kernels=True)
@@ -96,10 +95,10 @@ def test_quantized_engine_through_the_kernels_matches_the_reference_path(monkeyp
         llm = LLM(loaded=loaded, device=device, dtype="fp32", quantization=quantization,
                   kv_cache_dtype=kv_cache_dtype, block_size=8, num_kv_blocks=32, max_model_len=128, max_num_seqs=4,
                   max_num_batched_tokens=24)
-        with ops.interpreter(use_kernels and device == "cpu"):
+        with interpreter(use_kernels and device == "cpu"):
             return [list(out.token_ids) for out in llm.generate(prompts, greedy)]
 
-    with ops.interpreter(False):
+    with interpreter(False):
         expected = generate("cpu", use_kernels=False)
     matmuls = {"calls": 0}
     module = importlib.import_module("kvpilot.kernels.quantized_matmul")

@@ -19,18 +19,38 @@ def test_dry_run_reports_every_section_with_its_correctness(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
     env.pop("TRITON_INTERPRET", None)  # the script must set it itself
     result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], env=env, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "gpu_kernels.jsonl").read_text().splitlines()]
     assert lines == [json.loads(line) for line in result.stdout.splitlines()]
-    benches = {line["bench"] for line in lines}
-    assert benches == {"copy", "decode", "matmul", "prefill", "norm_rope", "done"}
+    benches = [line["bench"] for line in lines]
+    assert set(benches) == {"copy", "decode_sweep", "decode_config_chosen", "decode", "matmul_sweep",
+                            "matmul_config_chosen", "matmul", "prefill", "norm_rope", "done"}
     for line in lines:
         if line["bench"] in ("decode", "matmul", "prefill"):
-            assert line["ms"] > 0 and line["rel_err"] < 0.02, line
+            assert line["ms"] > 0 and line["wall_ms"] > 0 and line["rel_err"] < line["tolerance"], line
+            assert "failed" not in line, line
+    chosen = {line["kv_dtype"]: line for line in lines if line["bench"] == "decode_config_chosen"}
+    decode = [line for line in lines if line["bench"] == "decode"]
+    assert [line["kv_dtype"] for line in decode] == ["bf16", "fp8"]  # interleaved, shape by shape
+    for line in decode:
+        assert line["config"] == {k: chosen[line["kv_dtype"]][k] for k in ("block_n", "num_warps", "num_stages")}
+    assert decode[1]["speedup_vs_bf16_kv"] is not None
     assert {line["mode"] for line in lines if line["bench"] == "matmul"} == {"int8", "int4", "fp8"}
+    assert {line["mode"] for line in lines if line["bench"] == "matmul_config_chosen"} == {"int8", "int4"}
     (norm_rope,) = (line for line in lines if line["bench"] == "norm_rope")
     assert norm_rope["rms_norm_ms"] > 0 and norm_rope["rope_ms"] > 0 and isinstance(norm_rope["pays"], bool)
+    assert lines[-1]["failures"] == 0
+
+
+def test_a_case_over_its_tolerance_fails_the_run(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "matmul", "--no-sweep",
+                             "--tolerance", "0"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    matmuls = [json.loads(line) for line in result.stdout.splitlines() if '"matmul"' in line]
+    assert matmuls and all("over tolerance 0.0" in line["failed"] for line in matmuls)
 
 
 def test_unknown_section_is_rejected():

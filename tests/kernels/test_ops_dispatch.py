@@ -11,24 +11,21 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from kernel_testing import DEVICE, assert_close, make_paged_kv
+from kernel_testing import DEVICE, assert_close, interpreter, make_paged_kv
 
 from kvpilot.kernels import ops
 from kvpilot.kernels.quant_reference import quantize_int4
 
 
-def test_backend_follows_the_switch_then_the_environment(monkeypatch):
+def test_backend_follows_the_environment_at_call_time(monkeypatch):
     assert ops.backend("cuda") == "triton"
-    with ops.interpreter(False):
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert ops.backend("cpu") == "reference"  # an explicit switch wins over the environment
-        with ops.interpreter(None):
-            assert ops.backend("cpu") == "interpreter"  # read at call time, not import time
-            monkeypatch.setenv("TRITON_INTERPRET", "0")
-            assert ops.backend("cpu") == "reference"
-        with ops.interpreter(True):
-            assert ops.backend("cpu") == "interpreter"
-        assert ops.backend("cpu") == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.backend("cpu") == "interpreter"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ops.backend("cpu") == "reference"  # read at call time, not import time
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert ops.backend("cpu") == "reference"
+    assert not hasattr(ops, "use_interpreter")  # no process-wide switch in the product
 
 
 def _args(name: str, device: torch.device) -> tuple:
@@ -66,13 +63,12 @@ def test_ops_run_the_triton_kernel_on_the_test_device(monkeypatch, device, name)
     """On CPU under the kernel tests' interpreter switch (or on CUDA), ops launches the Triton kernel."""
     calls = _count_calls(monkeypatch, name)
     args = _args(name, device)
-    with ops.interpreter(None):
-        monkeypatch.setenv("TRITON_INTERPRET", "1" if DEVICE == "cpu" else "0")
-        triton_out = getattr(ops, name)(*args)
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if DEVICE == "cpu" else "0")
+    triton_out = getattr(ops, name)(*args)
     assert calls[0] == 1
     if name == "write_kv_cache":
         return
-    with ops.interpreter(False):
+    with interpreter(False):
         reference_out = getattr(ops, name)(*(a.to("cpu") if hasattr(a, "to") else a for a in args))
     assert calls[0] == 1
     assert_close(triton_out, reference_out, torch.float32)
@@ -81,7 +77,7 @@ def test_ops_run_the_triton_kernel_on_the_test_device(monkeypatch, device, name)
 @pytest.mark.parametrize("name", OPS)
 def test_ops_run_the_reference_on_cpu_without_the_interpreter(monkeypatch, name):
     calls = _count_calls(monkeypatch, name)
-    with ops.interpreter(False):
+    with interpreter(False):
         getattr(ops, name)(*_args(name, torch.device("cpu")))
     assert calls[0] == 0
 
@@ -90,7 +86,7 @@ def test_triton_is_imported_lazily():
     """A CPU user without TRITON_INTERPRET never imports triton; forcing the interpreter after the fact
     says what is missing instead of failing inside triton."""
     code = """
-import sys, torch
+import os, sys, torch
 from kvpilot.kernels import ops
 from kvpilot.kernels.quant_reference import quantize_int8
 cache = torch.zeros(4, 8, 2, 16)
@@ -102,7 +98,8 @@ ops.paged_attention_prefill(torch.ones(2, 4, 16), cache, cache, tables, torch.te
                             lens, 0.25)
 ops.quantized_matmul(torch.ones(1, 32), quantize_int8(torch.ones(8, 32)))
 assert "triton" not in sys.modules, "triton imported by the reference path"
-ops.use_interpreter(True)
+import triton  # as a GPU library (e.g. transformers) would, before anyone asks for the interpreter
+os.environ["TRITON_INTERPRET"] = "1"  # too late: triton was imported without it
 try:
     ops.paged_attention_decode(torch.ones(1, 4, 16), cache, cache, tables, lens, 0.25)
 except RuntimeError as e:
@@ -158,7 +155,7 @@ def test_write_prefill_chunks_then_decode_equals_dense_attention(device, backend
         out = ops.paged_attention_prefill(query, k_cache, v_cache, tables, cu.to(device), lens, scale)
         return list(out.split([b - a for a, b in spans]))
 
-    with ops.interpreter(DEVICE == "cpu" and backend == "kernels"):
+    with interpreter(DEVICE == "cpu" and backend == "kernels"):
         schedule = [[chunks[0], (0, 10)], [chunks[1], (10, 11)]]
         schedule += [[(t, t + 1), (t - 8, t - 7)] for t in range(19, 23)]
         for spans in schedule:

@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_testing import DEVICE, assert_close, make_paged_kv
 
-from kvpilot.kernels.paged_attention_decode import MAX_GROUP, MAX_SPLITS, choose_splits, paged_attention_decode
+from kvpilot.kernels.paged_attention_decode import (
+    MAX_BLOCK_H,
+    MAX_GROUP,
+    MAX_SPLITS,
+    choose_splits,
+    paged_attention_decode,
+)
 from kvpilot.kernels.reference import paged_attention_decode_ref
 
 FP8 = torch.float8_e4m3fn
@@ -53,6 +59,14 @@ def test_split_counts(paged_kv, close, device, num_splits, dtype):
     # 5 splits over these lengths leaves some splits of the short sequences empty
     run_case(paged_kv, close, device, heads=8, kv_heads=2, head_dim=80, block_size=8, dtype=dtype,
              num_splits=num_splits, lens=[1, 7, 60, 97])
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_group_wider_than_one_head_tile(paged_kv, close, device, num_splits):
+    """80 query heads on one KV head: two head tiles of MAX_BLOCK_H rows, the second one partly masked."""
+    assert MAX_BLOCK_H < 80
+    run_case(paged_kv, close, device, heads=80, kv_heads=1, head_dim=64, block_size=16, dtype=torch.float16,
+             num_splits=num_splits, lens=[5, 40])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

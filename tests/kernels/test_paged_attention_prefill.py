@@ -71,6 +71,14 @@ def test_gqa_wider_than_the_row_tile(paged_kv, close, device):
              q_lens=[3, 6], context_lens=[3, 20], block_m=16)
 
 
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_gqa_5_rows_packed_without_padding(paged_kv, close, device, block_m):
+    """GQA 5 (Qwen2.5-14B/32B): a 16-row tile holds 3 tokens x 5 heads, a 32-row one 6 x 5; tokens
+    straddle tile edges in both."""
+    run_case(paged_kv, close, device, heads=10, kv_heads=2, head_dim=64, block_size=8, dtype=torch.float16,
+             q_lens=[7, 13], context_lens=[7, 20], block_m=block_m)
+
+
 def test_empty_chunk_in_the_batch(paged_kv, close, device):
     run_case(paged_kv, close, device, heads=4, kv_heads=2, head_dim=64, block_size=8, dtype=torch.float32,
              q_lens=[4, 0, 3], context_lens=[4, 9, 12])
@@ -113,6 +121,7 @@ def test_causality(paged_kv, device):
     ({"heads": 6}, "6 query heads are not a multiple of 4 KV heads"),
     ({"cu_len": 2}, "need cu_seqlens_q of 3"),
     ({"block_m": 24}, "block_m 24 must be a power of two"),
+    ({"context_len": 17}, "context length 17 exceeds block_tables capacity 2 blocks x 8"),
 ])
 def test_unsupported_inputs_name_the_limit(device, change, message):
     head_dim = change.get("head_dim", 64)
@@ -120,7 +129,7 @@ def test_unsupported_inputs_name_the_limit(device, change, message):
     cache = torch.zeros(4, 8, 4, head_dim, device=device)
     tables = torch.zeros(2, 2, dtype=torch.int32, device=device)
     cu = torch.tensor([0, 1, 3][: change.get("cu_len", 3)], dtype=torch.int32, device=device)
-    lens = torch.full((2,), 2, dtype=torch.int32, device=device)
+    lens = torch.tensor([2, change.get("context_len", 2)], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match=message):
         paged_attention_prefill(query, cache, cache, tables, cu, lens, 1.0, block_m=change.get("block_m"))
 

@@ -57,6 +57,51 @@ def test_fp8_quantize_on_write(device, dtype):
     assert v_cache[0, 0, 0, :4].float().tolist() == [32.0, -32.0, 16.0, 0.00390625]
 
 
+@pytest.mark.parametrize("scale", [0.3, 0.7, 1.1], ids=lambda s: f"scale{s}")
+def test_fp8_write_with_a_non_power_of_two_scale_is_bit_exact(device, scale):
+    """value / 0.3 must be the correctly rounded quotient (as torch divides): values placed at fp8 rounding
+    midpoints times the scale land on the reference's side of the midpoint."""
+    grid = torch.arange(-448.0, 448.0, 0.0625)
+    fp8_values = grid.to(FP8).float().unique()
+    midpoints = (fp8_values[1:] + fp8_values[:-1]) / 2
+    near = torch.cat([midpoints, torch.nextafter(midpoints, midpoints + 1), torch.nextafter(midpoints, midpoints - 1)])
+    head_dim, kv_heads = 64, 2
+    per_token = head_dim * kv_heads
+    tokens = -(-near.numel() // per_token)
+    key = torch.nn.functional.pad(near * scale, (0, tokens * per_token - near.numel())).view(tokens, kv_heads, head_dim)
+    key = key.to(device)
+    block_size = 16
+    slots = torch.arange(tokens, device=device)
+    ref_k, ref_v, k_cache, v_cache = (c.to(FP8) for c in caches(-(-tokens // block_size), block_size, kv_heads,
+                                                                 head_dim, torch.float32, device))
+    write_kv_cache_ref(key, key, ref_k, ref_v, slots, k_scale=scale, v_scale=scale)
+    write_kv_cache(key, key, k_cache, v_cache, slots, k_scale=scale, v_scale=scale)
+    assert torch.equal(k_cache.view(torch.uint8), ref_k.view(torch.uint8))
+
+
+def test_fp8_write_keeps_nan_and_infinities_saturate(device):
+    key = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1.0]).repeat_interleave(16).view(5, 1, 16)
+    slots = torch.arange(5, device=device)
+    ref_k, ref_v, k_cache, v_cache = (c.to(FP8) for c in caches(1, 8, 1, 16, torch.float32, device))
+    write_kv_cache_ref(key, key, ref_k, ref_v, slots, k_scale=0.3, v_scale=0.3)
+    write_kv_cache(key.to(device), key.to(device), k_cache, v_cache, slots, k_scale=0.3, v_scale=0.3)
+    written = k_cache[0, :5, 0].float().cpu()
+    assert written[0].isnan().all()
+    assert written[1:].tolist() == ref_k[0, :5, 0].float()[1:].tolist()
+    assert written[1:3, 0].tolist() == [448.0, -448.0]
+
+
+def test_slots_past_the_cache_are_never_written(device):
+    """A slot >= num_blocks * block_size is skipped (no out-of-bounds store), the others are written."""
+    key = torch.randn(3, 2, 64, device=device)
+    k_cache, v_cache = torch.zeros(2, 8, 2, 64, device=device), torch.zeros(2, 8, 2, 64, device=device)
+    guard = torch.zeros(4, 8, 2, 64, device=device)  # the cache is a view of the first 2 blocks of a larger tensor
+    k_cache, v_cache = guard[:2], guard[2:]
+    write_kv_cache(key, key, k_cache, v_cache, torch.tensor([16, 3, 1000], device=device))
+    assert torch.equal(k_cache[0, 3], key[1])
+    assert torch.count_nonzero(guard) == 2 * key[1].numel()
+
+
 def test_strided_key_from_fused_qkv(device):
     qkv = torch.randn(5, 4 + 2 + 2, 64, device=device)
     key, value = qkv[:, 4:6], qkv[:, 6:8]

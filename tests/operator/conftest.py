@@ -27,7 +27,8 @@ class HubFile:
 
 @dataclass
 class FakeHub:
-    """Serves `files` at `{url}/{org}/{name}/resolve/{revision}/{file}` like the HF hub does."""
+    """Serves `files` at `{url}/{org}/{name}/resolve/{revision}/{file}` like the HF hub does (a real HTTP
+    server on 127.0.0.1: the tests never reach the internet)."""
 
     url: str
     files: dict[str, HubFile] = field(default_factory=dict)
@@ -46,14 +47,17 @@ def serve_hub() -> Iterator[FakeHub]:
             auth = self.headers.get("Authorization")
             hub.requests.append((self.path, auth))
             entry = hub.files.get(self.path)
+            error_code = None  # the hub says why in X-Error-Code, which huggingface_hub reads
             if entry is None:
-                status, body = 404, {"error": "Entry not found"}
+                status, body, error_code = 404, {"error": "Entry not found"}, "EntryNotFound"
             elif entry.token and auth != f"Bearer {entry.token}":
-                status, body = 401, {"error": "gated"}
+                status, body, error_code = 401, {"error": "gated"}, "GatedRepo"
             else:
                 status, body = entry.status, entry.body
             payload = json.dumps(body).encode()
             self.send_response(status)
+            if error_code:
+                self.send_header("X-Error-Code", error_code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()

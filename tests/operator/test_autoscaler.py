@@ -7,22 +7,23 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+import kmock
 import pytest
+from kube_emulator import Emulated, emulated_operator
 from llmd_cases import load_example
-from prometheus_client import generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, generate_latest, start_http_server
 
 from kvpilot.operator.autoscaler import Autoscaler, PodLoad, measured_memory, metrics_url, parse_load, recommend
 from kvpilot.operator.pod import HTTP_PORT
 from kvpilot.operator.render import selector_labels
 from kvpilot.operator.spec import Autoscaling
-from kvpilot.operator.testing import Emulated, emulated_operator
 from kvpilot.runtime.engine.outputs import EngineStats
 from kvpilot.runtime.models.parallel import free_port
 from kvpilot.runtime.server.metrics import MemoryFigures, ServerMetrics
 
 
 def loads(*usages: float) -> list[PodLoad]:
-    return [PodLoad(u, 0) for u in usages]
+    return [PodLoad(u) for u in usages]
 
 
 @pytest.mark.parametrize(("current", "usages", "target", "expected"), [
@@ -93,15 +94,23 @@ def runtime_metrics(usage: float, waiting: int = 0) -> ServerMetrics:
 
 def test_the_operator_reads_what_the_runtime_exports():
     exposition = generate_latest(runtime_metrics(0.625, waiting=4).registry).decode()
-    assert parse_load(exposition) == PodLoad(0.625, 4, {"weights": 538060032, "kv_cache": 150994944})
+    assert parse_load(exposition) == PodLoad(0.625, {"weights": 538060032, "kv_cache": 150994944})
     assert parse_load("# nothing a runtime exports\nother_metric 1\n") is None
 
 
+@pytest.mark.parametrize(("exposition", "usage"), [
+    ('vllm:gpu_cache_usage_perc{model_name="m"} 0.4\n', 0.4),  # vLLM before the rename
+    ('vllm:kv_cache_usage_perc{model_name="m"} 0.3\nvllm:gpu_cache_usage_perc{model_name="m"} 0.4\n', 0.3),
+])
+def test_both_names_of_the_kv_cache_metric_are_read(exposition, usage):
+    assert parse_load(exposition) == PodLoad(usage)
+
+
 def test_measured_memory_is_the_most_any_pod_holds():
-    loads = [PodLoad(0.5, 0, {"weights": 10, "kv_cache": 7, "activations": 3}), PodLoad(0.5, 0, {"weights": 12}),
-             PodLoad(0.5, 0)]
+    loads = [PodLoad(0.5, {"weights": 10, "kv_cache": 7, "activations": 3}), PodLoad(0.5, {"weights": 12}),
+             PodLoad(0.5)]
     assert measured_memory(loads) == {"weights": 12, "kvCache": 7, "activations": 3, "pods": 3}
-    assert measured_memory([PodLoad(0.5, 0)]) is None and measured_memory([]) is None
+    assert measured_memory([PodLoad(0.5)]) is None and measured_memory([]) is None
 
 
 def pod(name: str, port: int = HTTP_PORT, ready: bool = True, ip: str = "10.0.0.7", serves: bool = True) -> dict:
@@ -193,3 +202,40 @@ async def test_kv_cache_use_drives_replicas_and_the_status(runtime_pods):
         await cluster.eventually(lambda: cluster.get("LLMDeployment", "busy")["status"].get("kvCacheUtilization")
                                  == 0.05)
         assert cluster.metric("kvpilot_operator_scale_decisions_total", direction="down") == 1
+
+
+class SilentPod:
+    """A ready pod whose /metrics answers without any KV-cache metric (an engine the operator cannot read)."""
+
+    def __init__(self, owner: str, name: str) -> None:
+        registry = CollectorRegistry()
+        Gauge("some_engine_requests", "Something else.", registry=registry).set(3)
+        self.port = free_port()
+        self.server, _ = start_http_server(self.port, addr="127.0.0.1", registry=registry)
+        self.manifest = pod(name, self.port, ip="127.0.0.1") | {"apiVersion": "v1", "kind": "Pod"}
+        self.manifest["metadata"]["labels"] = selector_labels(owner)
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_ready_pod_exporting_no_kv_cache_metric_is_said_once():
+    silent = SilentPod("mute", "mute-a")
+    try:
+        async with emulated_operator(autoscale_seconds=0.05) as cluster:
+            await cluster.create(autoscaled("mute"))
+            await cluster.eventually(lambda: cluster.get("Deployment", "mute"))
+            await cluster.create(silent.manifest)
+            said = await cluster.eventually(lambda: [e for e in cluster.events("mute")
+                                                     if e["reason"] == "NoKVCacheMetric"])
+            assert said[0]["type"] == "Warning"
+            assert "pod mute-a serves /metrics without vllm:kv_cache_usage_perc or vllm:gpu_cache_usage_perc" in \
+                said[0]["message"]
+            pods = kmock.resource("", "v1", "pods")
+            ticks = len(list(cluster.emulator[kmock.action.LIST, pods]))
+            await cluster.eventually(lambda: len(list(cluster.emulator[kmock.action.LIST, pods])) >= ticks + 5)
+            assert len([e for e in cluster.events("mute") if e["reason"] == "NoKVCacheMetric"]) == 1  # once
+            assert (cluster.get("LLMDeployment", "mute").get("status") or {}).get("kvCacheUtilization") is None
+    finally:
+        silent.close()

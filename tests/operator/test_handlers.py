@@ -15,10 +15,10 @@ from typing import Any
 import kmock
 import pytest
 import pytest_asyncio
+from kube_emulator import Emulated, emulated_cluster, emulated_operator, running_operator
 from llmd_cases import TINY_CONFIG, load_example
 
 from kvpilot.operator.main import FINALIZER
-from kvpilot.operator.testing import Emulated, emulated_cluster, emulated_operator, running_operator
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -132,7 +132,8 @@ async def test_children_edited_or_deleted_by_hand_are_restored(cluster: Emulated
     assert restored["spec"]["template"] == desired["spec"]["template"]
     await cluster.eventually(lambda: "DriftRestored" in {e["reason"] for e in cluster.events("drift")})
     assert cluster.metric("kvpilot_operator_drift_restored_total", kind="Service") == restored_before + 1
-    assert cluster.metric("kvpilot_operator_drift_restored_total", kind="Deployment") >= 1
+    assert cluster.metric("kvpilot_operator_drift_restored_total", kind="Deployment") >= 1, [
+        (e["reason"], e["message"]) for e in cluster.events("drift")]
 
 
 @pytest.mark.parametrize(("name", "spec", "reason", "words"), [
@@ -173,13 +174,13 @@ async def test_a_spec_turned_impossible_leaves_the_children_alone(cluster: Emula
 
 
 async def test_api_faults_are_retried_until_it_converges(cluster: Emulated):
-    def posts(group: str, plural: str) -> kmock.View:  # this test's creations, counted from the first
-        return cluster.emulator["post", kmock.resource(group, "v1", plural)][
-            lambda request: request.data["metadata"]["name"] == "faults"]
+    def applies(group: str, plural: str) -> kmock.View:  # this test's applies, counted from the first
+        return cluster.emulator[kmock.resource(group, "v1", plural), kmock.name("faults")][
+            lambda request: request.method.value.upper() in ("PATCH", "POST")]
 
-    posts("apps", "deployments")[:1] << 500 << STATUS_500  # kmock stores it, then errs: the retry meets 409
-    posts("", "services")[:1] << 409 << STATUS_409
-    cluster.emulator.refuse("post", "poddisruptionbudgets", "faults", 503)  # not stored at all
+    applies("apps", "deployments")[:1] << 500 << STATUS_500  # kmock stores it, then errs: the retry re-applies
+    applies("", "services")[:1] << 409 << STATUS_409
+    cluster.emulator.refuse("patch", "poddisruptionbudgets", "faults", 503)  # not stored at all
     cluster.emulator.refuse("patch", "llmdeployments", "faults", 500)  # kopf's own write (it retries too)
     await cluster.create(from_example("smollm2", "faults"))
     await planned(cluster, "faults")

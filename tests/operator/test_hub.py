@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from kvpilot.operator.hub import Hub, HubError
-from kvpilot.runtime.memory.facts import from_hf_config
+from kvpilot.runtime.memory.facts import UnknownModel, from_hf_config
 
 REPO = "acme/tiny-llama"
 
@@ -63,7 +63,8 @@ def test_mixture_of_experts_checkpoint_is_refused(fake_hub, tiny_config):
 
 @pytest.mark.parametrize(("status", "message", "retryable"), [
     (None, "has no config.json at revision main: check spec.model.source", False),
-    (503, "HTTP 503 from the hub", True),
+    (503, "hub unreachable: .* answered HTTP 503; retrying with backoff", True),
+    (429, "hub unreachable: .* answered HTTP 429", True),
     (400, "HTTP 400 from the hub", False),
 ])
 def test_failures_say_what_to_do(fake_hub, status, message, retryable):
@@ -78,7 +79,7 @@ def test_unreachable_hub_is_retryable_and_points_at_architecture():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(HubError, match=r"cannot reach the hub .* set spec\.model\.architecture") as err:
+    with pytest.raises(HubError, match=r"hub unreachable: .*ConnectError.*set spec\.model\.architecture") as err:
         Hub(f"http://127.0.0.1:{port}", timeout=2).model(f"hf://{REPO}")
     assert err.value.retryable
 
@@ -86,3 +87,7 @@ def test_unreachable_hub_is_retryable_and_points_at_architecture():
 def test_source_must_name_org_and_model():
     with pytest.raises(HubError, match="is not hf://org/name"):
         Hub("http://unused").model("hf://just-a-name")
+
+
+def test_a_hub_outage_is_not_an_unknown_model():
+    assert not issubclass(HubError, UnknownModel)

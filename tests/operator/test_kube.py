@@ -1,4 +1,5 @@
-"""kube.py over real HTTP: the emulator for create-or-patch and discovery, raw sockets for network faults."""
+"""kube.py over real HTTP: the emulator for reads, errors and discovery, raw sockets for network faults
+(applying is in test_server_side_apply.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
+from kube_emulator import Emulated, emulated_cluster, kube_for_url
 
 from kvpilot.operator import kube as kube_module
-from kvpilot.operator.kube import CHILD_RESOURCES, ApiFault, Kube
-from kvpilot.operator.merge import LAST_APPLIED
-from kvpilot.operator.testing import Emulated, emulated_cluster
+from kvpilot.operator.kube import ApiFault
+from kvpilot.operator.resources import CHILD_RESOURCES
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+on_module_loop = pytest.mark.asyncio(loop_scope="module")  # async tests only: sync ones get no asyncio mark
 SERVICES = CHILD_RESOURCES["Service"]
 
 
@@ -26,32 +27,7 @@ async def cluster() -> AsyncIterator[Emulated]:
         yield emulated
 
 
-def service(name: str, selector: dict[str, str]) -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "ml"},
-            "spec": {"selector": selector, "ports": [{"name": "http", "port": 8000}]}}
-
-
-async def test_create_then_unchanged_then_patched(cluster: Emulated):
-    kube = cluster.kube
-    outcome, live = await asyncio.to_thread(kube.apply, service("a", {"app": "x", "gpu": "h100"}), None)
-    assert outcome == "created" and LAST_APPLIED in live["metadata"]["annotations"]
-    assert (await asyncio.to_thread(kube.apply, service("a", {"app": "x", "gpu": "h100"}), live))[0] == "unchanged"
-
-    await cluster.patch("Service", "a", {"metadata": {"annotations": {"team": "ml"}}})  # someone else's field
-    live = cluster.get("Service", "a")
-    outcome, patched = await asyncio.to_thread(kube.apply, service("a", {"app": "x"}), live)
-    assert outcome == "patched"
-    assert patched["spec"]["selector"] == {"app": "x"}  # the key we stopped rendering is gone
-    assert patched["metadata"]["annotations"]["team"] == "ml"  # theirs stays
-
-
-async def test_a_stale_cache_costs_one_read_not_a_failure(cluster: Emulated):
-    await asyncio.to_thread(cluster.kube.apply, service("b", {"app": "y"}), None)
-    assert (await asyncio.to_thread(cluster.kube.apply, service("b", {"app": "y"}), None))[0] == "unchanged"
-    assert (await asyncio.to_thread(cluster.kube.apply, service("b", {"app": "z"}), None))[0] == "patched"
-    assert cluster.get("Service", "b")["spec"]["selector"] == {"app": "z"}
-
-
+@on_module_loop
 async def test_missing_objects_and_discovery(cluster: Emulated):
     kube = cluster.kube
     assert await asyncio.to_thread(kube.get, SERVICES, "ml", "nope") is None
@@ -62,6 +38,7 @@ async def test_missing_objects_and_discovery(cluster: Emulated):
 
 @pytest.mark.parametrize(("status", "retryable"), [(500, True), (503, True), (429, True), (409, True),
                                                    (422, False), (403, False)])
+@on_module_loop
 async def test_http_errors_say_whether_a_retry_can_help(cluster: Emulated, status, retryable):
     name = f"faulty-{status}"  # a reaction's slice counts every matching request, so one path per case
     cluster.emulator["get", f"/api/v1/namespaces/ml/services/{name}"][:1] << status << {
@@ -96,7 +73,7 @@ def silent_server() -> Iterator[str]:
 
 def test_timeouts_are_retryable(silent_server: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(kube_module, "REQUEST_TIMEOUT", (1.0, 0.2))
-    kube = Kube.for_url(silent_server)
+    kube = kube_for_url(silent_server)
     with pytest.raises(ApiFault, match="Timeout") as err:
         kube.get(SERVICES, "ml", "x")
     assert err.value.retryable and err.value.status is None
@@ -107,7 +84,7 @@ def test_refused_connections_are_retryable():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    kube = Kube.for_url(f"http://127.0.0.1:{port}")
+    kube = kube_for_url(f"http://127.0.0.1:{port}")
     kube.api.configuration.retries = 0  # urllib3 would otherwise retry the connect itself first
     with pytest.raises(ApiFault) as err:
         kube.get(SERVICES, "ml", "x")

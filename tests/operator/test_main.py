@@ -11,15 +11,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from eventually import eventually
+from kube_emulator import emulated_cluster
 from llmd_cases import load_example
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvpilot.cli.main import build_parser
+from kvpilot.cli.main import build_parser, main
 from kvpilot.operator.main import OperatorConfig
-from kvpilot.operator.testing import emulated_cluster
 from kvpilot.runtime.models.parallel import free_port
-
-pytestmark = pytest.mark.asyncio
 
 
 def kubeconfig(path: Path, server: str) -> Path:
@@ -33,12 +32,15 @@ def kubeconfig(path: Path, server: str) -> Path:
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
-    (["operator"], OperatorConfig()),
+    (["operator"], OperatorConfig(peering=None)),  # by hand: standalone, it works on its own
     (["operator", "--standalone", "-n", "team-a", "--namespace", "team-b"],
      OperatorConfig(namespaces=["team-a", "team-b"], peering=None)),
-    (["operator", "--peering", "kvpilot-ha", "--priority", "7", "--liveness", ""],
-     OperatorConfig(peering="kvpilot-ha", priority=7, liveness=None)),
-    (["operator", "--metrics-port", "9090"], OperatorConfig(metrics_port=9090)),
+    (["operator", "--peering", "kvpilot-ha", "--priority", "7", "--liveness-port", "0"],
+     OperatorConfig(peering="kvpilot-ha", priority=7, liveness_port=None)),
+    (["operator", "--metrics-port", "9090"], OperatorConfig(metrics_port=9090, metrics_address="0.0.0.0")),
+    (["operator", "--metrics-address", "127.0.0.1", "--metrics-port", "9090", "--liveness-address", "::1",
+      "--liveness-port", "8181"],
+     OperatorConfig(metrics_address="127.0.0.1", metrics_port=9090, liveness_address="::1", liveness_port=8181)),
 ])
 def test_flags(argv, expected, monkeypatch):
     seen = []
@@ -47,21 +49,36 @@ def test_flags(argv, expected, monkeypatch):
     assert args.run(args) == 0 and seen == [expected]
 
 
+def test_the_liveness_url_kopf_gets():
+    assert OperatorConfig().liveness_url == "http://0.0.0.0:8080/healthz"
+    assert OperatorConfig(liveness_address="::1", liveness_port=81).liveness_url == "http://[::1]:81/healthz"
+    assert OperatorConfig(liveness_port=None).liveness_url is None
+
+
+def test_standalone_and_peering_exclude_each_other(capsys):
+    assert main(["operator", "--standalone", "--peering", "x"]) == 2
+    assert "--peering: not allowed with argument --standalone" in capsys.readouterr().err
+
+
 def samples(exposition: str) -> dict[tuple[str, frozenset], float]:
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(exposition) for s in family.samples}
 
 
+@pytest.mark.asyncio
 async def test_the_command_serves_liveness_metrics_and_reconciles(tmp_path: Path):
     async with emulated_cluster() as cluster:
         config = kubeconfig(tmp_path / "kubeconfig", str(cluster.emulator.url).rstrip("/"))
-        liveness = f"http://127.0.0.1:{free_port()}/healthz"
-        metrics_port = free_port()
+        liveness_port, metrics_port = free_port(), free_port()
+        liveness = f"http://127.0.0.1:{liveness_port}/healthz"
         log = tmp_path / "operator.log"  # a file, not a pipe: an undrained pipe would block the operator
         process = await asyncio.create_subprocess_exec(
             # every namespace: kopf's observer of named namespaces needs a namespace list kmock cannot serve
-            sys.executable, "-m", "kvpilot.cli.main", "operator", "--standalone", "--log-format", "json",
-            "--liveness", liveness, "--metrics-port", str(metrics_port), env={**os.environ, "KUBECONFIG": str(config)},
+            # no peering flag: what a user starting it by hand types
+            sys.executable, "-m", "kvpilot.cli.main", "operator", "--log-format", "json",
+            "--liveness-address", "127.0.0.1", "--liveness-port", str(liveness_port),
+            "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
+            env={**os.environ, "KUBECONFIG": str(config)},
             stdout=asyncio.subprocess.DEVNULL, stderr=log.open("w"))
         try:
             async with aiohttp.ClientSession() as session:
@@ -72,17 +89,18 @@ async def test_the_command_serves_liveness_metrics_and_reconciles(tmp_path: Path
                     except aiohttp.ClientError:
                         return False
 
-                deadline = asyncio.get_running_loop().time() + 30
-                while not await alive():
+                async def alive_or_exited() -> bool:
                     assert process.returncode is None, log.read_text()[-2000:]
-                    assert asyncio.get_running_loop().time() < deadline, "no liveness endpoint"
-                    await asyncio.sleep(0.05)
+                    return await alive()
+
+                await eventually(alive_or_exited, 30, "the liveness endpoint answers")
             manifest = load_example("smollm2")
             await cluster.create(manifest)
             await cluster.eventually(lambda: cluster.get("Deployment", "smollm2"), 30, log.name)
             await cluster.eventually(lambda: (cluster.get("LLMDeployment", "smollm2") or {}).get("status", {})
                                      .get("plan"), 30, log.name)
             assert '"message": "[ml/smollm2] Planned: fp32 weights' in log.read_text()  # json, object-prefixed
+            assert "standalone: this operator acts alone" in log.read_text()
             async with aiohttp.ClientSession() as session, \
                     session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
                 assert response.status == 200

@@ -80,15 +80,16 @@ def test_bad_model_paths_are_explained(tmp_path):
     with pytest.raises(UnknownModel, match=r"no config.json and 0 .gguf files"):
         resolve_model_path(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(UnsupportedOption, match=r"architecture 'GPT2LMHeadModel'.*not supported"):
+    with pytest.raises(UnsupportedOption, match=r"architecture 'GPT2LMHeadModel' is not supported: supported"):
         load_model(str(tmp_path), torch.float32, "cpu")
 
 
-def test_sliding_window_beyond_max_model_len_is_refused(tmp_path):
+def test_a_field_the_runtime_does_not_honour_is_refused_at_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["MistralForCausalLM"], "sliding_window": 4096, "max_position_embeddings": 32768}))
-    with pytest.raises(UnsupportedOption, match=r"sliding-window attention over 4096 tokens.*set max_model_len to "
-                                                r"at most 4096 \(asked: 32768\)"):
+        "architectures": ["LlamaForCausalLM"], **SMALL, "hidden_act": "gelu_pytorch_tanh", "moe_experts": 8}))
+    with pytest.raises(UnsupportedOption, match=rf"{tmp_path.name}: config field moe_experts=8 .*not honoured"):
         load_model(str(tmp_path), torch.float32, "cpu")
-    with pytest.raises(UnsupportedOption, match=r"asked: 8192"):
-        load_model(str(tmp_path), torch.float32, "cpu", max_positions=8192)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], **SMALL, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}))
+    with pytest.raises(UnsupportedOption, match=r"past 256 tokens.*asked: 512"):
+        load_model(str(tmp_path), torch.float32, "cpu", max_positions=512)

@@ -1,10 +1,15 @@
-"""A live kvpilot server on a real socket (uvicorn in a thread) over the real SmolLM2 model."""
+"""Live kvpilot servers on real sockets (uvicorn in a thread) over the real SmolLM2 model.
+
+The model and its `LLMEngine` load once per session; each server gets its own app (and async
+engine, bound to its own event loop), so a test that needs other limits builds a fresh server
+(`serve`) instead of changing a live one."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -30,6 +35,7 @@ class Live:
     url: str
     app: object
     engine: AsyncLLMEngine
+    server: uvicorn.Server
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
@@ -39,14 +45,23 @@ class Live:
 
 
 @pytest.fixture(scope="session")
-def live() -> Iterator[Live]:
+def llm_engine() -> LLMEngine:
     loaded = load_model(None, torch.float32, "cpu", MAX_MODEL_LEN)
     config = EngineConfig(device="cpu", num_kv_blocks=NUM_KV_BLOCKS, max_model_len=MAX_MODEL_LEN,
                           max_num_seqs=16, max_num_batched_tokens=512)
-    engine = AsyncLLMEngine(LLMEngine(config, loaded=loaded))
-    plan = memory_plan(loaded.facts, engine.engine.config)
-    app = build_app(engine, ServerConfig(MODEL), lambda: memory_figures(engine.engine, plan))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    return LLMEngine(config, loaded=loaded)
+
+
+@contextlib.contextmanager
+def running_server(llm_engine: LLMEngine, config: ServerConfig,
+                   server_class: Callable[..., uvicorn.Server] | None = None, **uvicorn_options) -> Iterator[Live]:
+    """A fresh app over `llm_engine`, served until the block ends. `server_class(uvicorn_config, app)`
+    builds the server instead of plain uvicorn (serve.DrainingServer)."""
+    engine = AsyncLLMEngine(llm_engine)
+    plan = memory_plan(llm_engine.loaded.facts, llm_engine.config)
+    app = build_app(engine, config, lambda: memory_figures(llm_engine, plan))
+    uv_config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **uvicorn_options)
+    server = server_class(uv_config, app) if server_class else uvicorn.Server(uv_config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -55,9 +70,24 @@ def live() -> Iterator[Live]:
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield Live(f"http://127.0.0.1:{port}", app, engine)
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield Live(f"http://127.0.0.1:{port}", app, engine, server)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live(llm_engine: LLMEngine) -> Iterator[Live]:
+    with running_server(llm_engine, ServerConfig(MODEL)) as server:
+        yield server
+
+
+@pytest.fixture
+def serve(llm_engine: LLMEngine) -> Iterator[Callable[..., Live]]:
+    """`serve(ServerConfig(...))`: a fresh server with other limits, stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda config, **kw: stack.enter_context(running_server(llm_engine, config, **kw))
 
 
 @pytest.fixture

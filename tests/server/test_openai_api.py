@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
+
+from kvpilot.runtime.server.app import ServerConfig
 
 from .conftest import MAX_MODEL_LEN, MODEL
 
@@ -163,47 +166,38 @@ def test_bad_json_is_400(http):
     assert "JSON" in body["message"]
 
 
-def test_queue_full_is_429_with_retry_after(live, http):
-    config = live.app.state.config
-    config.max_waiting = 0
-    try:
+def test_queue_full_is_429_with_retry_after(serve):
+    full = serve(ServerConfig(MODEL, max_waiting=0))
+    with httpx.Client(base_url=full.url, timeout=60) as http:
         response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 2})
-        _error(response, 429)
-        assert response.headers["retry-after"] == "1"
-        with pytest.raises(openai.RateLimitError):
-            chat(live, max_tokens=2)
-    finally:
-        config.max_waiting = 256
+    _error(response, 429)
+    assert response.headers["retry-after"] == "1"
+    with pytest.raises(openai.RateLimitError):
+        chat(full, max_tokens=2)
 
 
-def test_api_key(live, http):
-    config = live.app.state.config
-    config.api_key = "s3cret"
-    try:
+def test_api_key(serve):
+    guarded = serve(ServerConfig(MODEL, api_key="s3cret"))
+    with httpx.Client(base_url=guarded.url, timeout=60) as http:
         body = _error(http.get("/v1/models"), 401)
         assert "API key" in body["message"]
         with pytest.raises(openai.AuthenticationError):
-            live.client().models.list()
-        ok = openai.OpenAI(base_url=f"{live.url}/v1", api_key="s3cret", max_retries=0).models.list()
+            guarded.client().models.list()
+        ok = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="s3cret", max_retries=0).models.list()
         assert ok.data[0].id == MODEL
         assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
-    finally:
-        config.api_key = None
 
 
-def test_body_limit_is_413(live, http):
-    config = live.app.state.config
-    config.max_body_bytes = 2000
-    try:
-        big = {"model": MODEL, "prompt": "x " * 2000, "max_tokens": 1}
+def test_body_limit_is_413(serve):
+    small = serve(ServerConfig(MODEL, max_body_bytes=2000))
+    big = {"model": MODEL, "prompt": "x " * 2000, "max_tokens": 1}
+    with httpx.Client(base_url=small.url, timeout=60) as http:
         _error(http.post("/v1/completions", json=big), 413)
 
         def chunks():
             yield json.dumps(big).encode()
 
         _error(http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
-    finally:
-        config.max_body_bytes = 8 << 20
 
 
 @pytest.mark.parametrize(("field", "value", "words"), [

@@ -1,11 +1,12 @@
-"""The real operator against kmock's Kubernetes emulator, for the tests and `bench/operator.py`.
+"""The real operator against kmock's Kubernetes emulator, for the tests and `bench/operator_scale.py`.
 
 Like `kopf.testing`: the emulator serves HTTP in the caller's event loop, kopf runs in its own thread
 (it cancels tasks it did not start), and the helpers poll the emulator's objects with short timeouts.
-Needs the dev dependencies (kmock); nothing in the operator imports this module.
+A test double: it lives under tests/ and needs the dev dependencies (kmock); no product module imports it.
 
 The emulator stores what it is sent and fills in no metadata; `Emulator` adds what a real API server
-would (uid, generation, creationTimestamp), because owner references and the indexes need uids.
+would (uid, generation, creationTimestamp), because owner references and the indexes need uids, and
+server-side apply with field managers (server_side_apply.py), which the operator writes its children with.
 """
 
 from __future__ import annotations
@@ -21,18 +22,23 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import attrs
 import kmock
 import kopf
+import kubernetes
+import server_side_apply as ssa
+import yaml
+from eventually import POLL_SECONDS, eventually
 
 from kvpilot.operator.handlers import build_registry
 from kvpilot.operator.hub import Hub
-from kvpilot.operator.kube import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, SECRETS, Kube, Resource
+from kvpilot.operator.kube import APPLY_PATCH, Kube
 from kvpilot.operator.main import AUTOSCALE_SECONDS, RESYNC_SECONDS, configure
-from kvpilot.operator.reconcile import Operator
+from kvpilot.operator.reconcile import OperatorContext
+from kvpilot.operator.resources import CHILD_RESOURCES, LLMDEPLOYMENTS, PODS, SECRETS, Resource
 from kvpilot.operator.spec import API_GROUP
 
 NAMESPACE = "ml"
-POLL_SECONDS = 0.02
 START_TIMEOUT_SECONDS = 20.0
 T = TypeVar("T")
 RESOURCES = {LLMDEPLOYMENTS.kind: LLMDEPLOYMENTS, SECRETS.kind: SECRETS, PODS.kind: PODS, **CHILD_RESOURCES}
@@ -44,6 +50,8 @@ class Emulator(kmock.KubernetesEmulator):
     names one (a merge patch carrying metadata.resourceVersion, a JSON patch's `test` op: 409 / 422).
     Lists report the latest resourceVersion and a watch from it skips the objects the list returned
     (kmock alone replays them all, so kopf would handle each object twice from a stale copy).
+    Server-side apply (`application/apply-patch+yaml`) with field managers, force and conflicts, and the
+    field ownership of other writes, in `metadata.managedFields` (see server_side_apply.py).
 
     `keep_history = False` forgets each request once answered: kmock matches every request against its
     whole history (quadratic), which a benchmark's thousands of requests cannot afford. Tests keep it
@@ -74,18 +82,64 @@ class Emulator(kmock.KubernetesEmulator):
         return None
 
     async def _handle(self, request: kmock.Request) -> Any:
+        original = request
         try:
             if refusal := self._refused(request):
                 raise kmock.KubernetesError(refusal.status, "Refused", f"refused by the test ({refusal.status})")
             if request.resource is None or request.action not in (kmock.action.CREATE, kmock.action.UPDATE):
                 return await super()._handle(request)
             async with self._writes:  # check-then-write must not interleave
+                created_by_apply = False
+                if request.headers.get("Content-Type", "").startswith(APPLY_PATCH):
+                    request, created_by_apply = self._server_side_apply(request)
+                    # kmock's reactions match requests in its history: the translated one takes its place.
+                    index = next(i for i, seen in enumerate(self._requests) if seen is original)
+                    self._requests[index] = request
+                else:
+                    self._record_update(request)
                 self._stamp(request)
-                return await super()._handle(request)
+                response = await super()._handle(request)
+                if created_by_apply:
+                    response.set_status(201)  # as the API server answers an apply that created the object
+                return response
         finally:
             if not self.keep_history:
-                index = next(i for i, seen in enumerate(self._requests) if seen is request)
+                index = next(i for i, seen in enumerate(self._requests) if seen in (original, request))
                 del self._requests[index]
+
+    def _stored(self, request: kmock.Request) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return copy.deepcopy(self.objects[key].raw)
+
+    def _server_side_apply(self, request: kmock.Request) -> tuple[kmock.Request, bool]:
+        """An apply as a plain create or merge patch the store understands (server_side_apply.py)."""
+        manager = request.params.get("fieldManager")
+        if not manager:
+            raise kmock.KubernetesError(422, "Invalid", "PATCH of type apply requires fieldManager")
+        applied = request.data if isinstance(request.data, dict) else yaml.safe_load(request.text)
+        live = self._stored(request)
+        try:
+            result = ssa.apply(live, applied, manager, force=request.params.get("force") == "true")
+        except ssa.Conflict as err:
+            raise kmock.KubernetesError(409, "Conflict", f"Apply failed with conflicts: {err}") from None
+        if live is None:
+            result["metadata"].setdefault("namespace", request.namespace)
+            return attrs.evolve(request, action=kmock.action.CREATE, method="POST", data=result), True
+        return attrs.evolve(request, data=ssa.diff_patch(live, result)), False
+
+    def _record_update(self, request: kmock.Request) -> None:
+        """A create or merge patch of an object (not a subresource): the fields it changes move to its
+        manager (`?fieldManager=`, else the client's name from its User-Agent), in managedFields."""
+        if request.subresource is not None or not isinstance(request.data, dict):
+            return  # JSON patches (kopf's own annotations and finalizers) are not tracked
+        manager = request.params.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
+        live = self._stored(request) if request.action == kmock.action.UPDATE else None
+        if request.action == kmock.action.UPDATE and live is None:
+            return  # the emulator answers 404
+        after = ssa.merge_patch(live or {}, request.data)
+        request.data.setdefault("metadata", {})["managedFields"] = ssa.record_update(live, after, manager)
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         answer = await super()._serve_list(request)
@@ -139,6 +193,11 @@ class Refusal:
     times: int
 
 
+def kube_for_url(url: str) -> Kube:
+    """The operator's client for a plain-HTTP API endpoint with no auth (the emulator)."""
+    return Kube.for_configuration(kubernetes.client.Configuration(host=url))
+
+
 def _declare(emulator: kmock.KubernetesEmulator, resource: Resource, subresources: set[str]) -> None:
     emulator.resources[f"{resource.api_version}/{resource.plural}"] = kmock.ResourceInfo(
         kind=resource.kind, singular=resource.kind.lower(), namespaced=True, subresources=subresources,
@@ -152,7 +211,7 @@ class Emulated:
     emulator: Emulator
     kube: Kube
     namespace: str = NAMESPACE
-    operator: Operator | None = None  # set while `running_operator` runs one on this cluster
+    operator: OperatorContext | None = None  # set while `running_operator` runs one on this cluster
 
     def metric(self, name: str, **labels: str) -> float:
         """A sample of the running operator's metrics (0 when it has none yet)."""
@@ -198,15 +257,8 @@ class Emulated:
         return await self._call("DELETE", RESOURCES[kind].path(self.namespace, name))
 
     async def eventually(self, probe: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
-        """Poll `probe` until it returns something truthy; fail with its last answer after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not within {timeout}s: {what or probe} (last: {value!r})")
-            await asyncio.sleep(POLL_SECONDS)
+        """tests/eventually.py's `eventually`, kept here so a test reads `cluster.eventually(...)`."""
+        return await eventually(probe, timeout, what)
 
 
 @asynccontextmanager
@@ -225,7 +277,7 @@ async def emulated_cluster(*, service_monitors: bool = False, optional_apis: boo
         for kind, resource in CHILD_RESOURCES.items():
             if optional.get(kind, True) and resource.group not in ("", "apps", "policy", "autoscaling"):
                 _declare(emulator, resource, {"status"})
-        kube = Kube.for_url(str(emulator.url).rstrip("/"))
+        kube = kube_for_url(str(emulator.url).rstrip("/"))
         try:
             yield Emulated(emulator, kube, namespace)
         finally:
@@ -250,7 +302,7 @@ async def running_operator(cluster: Emulated, *, hub_endpoint: str | None = None
     watched = kmock.resource(API_GROUP, LLMDEPLOYMENTS.version, LLMDEPLOYMENTS.plural)
     watches_before = len(list(cluster.emulator[kmock.action.WATCH, watched]))
     stop, ready = threading.Event(), threading.Event()
-    cluster.operator = Operator(kube=cluster.kube, hub=Hub(hub_endpoint))
+    cluster.operator = OperatorContext(kube=cluster.kube, hub=Hub(hub_endpoint))
     memo = kopf.Memo(operator=cluster.operator)
     thread = threading.Thread(target=kopf.run, daemon=True, name="kopf", kwargs=dict(
         registry=registry, settings=settings, memo=memo, namespaces=[cluster.namespace], standalone=True,

@@ -1,0 +1,172 @@
+"""kvpilot serve against vLLM serve, in one run, on the same machine, weights and requests.
+
+The workload: the 32 chat questions of bench/quantization.py sent at once as streaming
+/v1/chat/completions requests over HTTP, greedy, `ignore_eos` + `min_tokens` = `max_tokens` so both
+servers produce the same number of tokens. Both serve the embedded SmolLM2-135M-Instruct as the same
+HF directory (bench/vllm_peer.py makes it from the GGUF). Each server is started, warmed with one
+round of the workload (shorter outputs), then measured `--rounds` times; then it is stopped and the next one
+starts, so the two never share the CPU.
+
+Counted the same way for both, from what the stream carries:
+- tokens: each chunk's `logprobs.content` has one entry per token it carries (logprobs are asked
+  for so a chunk that merges several tokens is counted right); their sum must equal `usage`'s
+  completion_tokens, else the round fails;
+- TTFT: request sent -> first chunk holding a token; ITL: the gaps between successive tokens (a
+  chunk of k tokens gives k - 1 zero gaps after the gap before it);
+- output tok/s: all completion tokens / wall time of the round.
+One JSON line per (dtype, server, round), then one `vs_vllm_ratio` line per dtype (medians).
+Where vLLM is not installed, one line says so and the bench exits 0.
+
+    python bench/vs_vllm.py --dtypes fp32 bf16 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from quantization import QUESTIONS
+from vllm_peer import DEFAULT_VLLM_PYTHON, embedded_hf_dir, vllm_command, vllm_env, vllm_missing, vllm_version
+
+from kvpilot.runtime.models.parallel import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "smollm2"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def _one(client: httpx.AsyncClient, url: str, question: str, output_len: int) -> dict:
+    body = {"model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": output_len,
+            "min_tokens": output_len, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 0}
+    start = time.perf_counter()
+    times: list[float] = []
+    usage = None
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", []):
+                tokens = len(((choice.get("logprobs") or {}).get("content")) or [])
+                times += [now] * tokens
+    if usage is None or usage["completion_tokens"] != len(times):
+        raise RuntimeError(f"counted {len(times)} streamed tokens, usage says {usage}")
+    return {"start": start, "times": times, "prompt_tokens": usage["prompt_tokens"]}
+
+
+async def _round(url: str, requests: int, output_len: int) -> dict:
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(requests)]
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=requests + 4)) as client:
+        began = time.perf_counter()
+        results = await asyncio.gather(*(_one(client, url, q, output_len) for q in questions))
+        wall = time.perf_counter() - began
+    ttft = [r["times"][0] - r["start"] for r in results]
+    itl = [b - a for r in results for a, b in itertools.pairwise(r["times"])]
+    output_tokens = sum(len(r["times"]) for r in results)
+    return {"requests": requests, "prompt_tokens": sum(r["prompt_tokens"] for r in results),
+            "output_tokens": output_tokens, "output_tok_s": round(output_tokens / wall, 1),
+            "ttft_p50_s": round(_percentile(ttft, 0.5), 3), "ttft_p99_s": round(_percentile(ttft, 0.99), 3),
+            "itl_p50_ms": round(1000 * _percentile(itl, 0.5), 1), "itl_p99_ms": round(1000 * _percentile(itl, 0.99), 1),
+            "wall_s": round(wall, 2)}
+
+
+def _start(command: list[str], url: str, env: dict | None, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command[:4]} exited with {proc.returncode}; its log: {log}")
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"{command[:4]} did not become ready in 900 s; its log: {log}")
+
+
+def kvpilot_command(model_dir: Path, port: int, dtype: str, max_model_len: int, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "kvpilot.runtime", "serve", "--model", str(model_dir), "--served-model-name",
+            NAME, "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len), *extra]
+
+
+def _serve_and_measure(name: str, command: list[str], env: dict | None, port: int, args) -> list[dict]:
+    url = f"http://127.0.0.1:{port}"
+    log = Path(args.log_dir) / f"{name}.log"
+    proc = _start(command, url, env, log)
+    try:
+        asyncio.run(_round(url, args.requests, args.warm_output_len))  # warm: every batch shape, every code path
+        return [asyncio.run(_round(url, args.requests, args.output_len)) for _ in range(args.rounds)]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=87)
+    parser.add_argument("--rounds", type=int, default=2, help="measured rounds per server, after one warm round")
+    parser.add_argument("--warm-output-len", type=int, default=16, help="tokens per request of the warm round")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON)
+    parser.add_argument("--vllm-threads", type=int, help="OMP_NUM_THREADS for vLLM (default: vLLM's own choice)")
+    parser.add_argument("--kvpilot-arg", action="append", default=[], help="extra `kvpilot serve` argument")
+    parser.add_argument("--servers", nargs="+", default=["kvpilot", "vllm"], choices=["kvpilot", "vllm"])
+    parser.add_argument("--log-dir", default="/tmp")
+    args = parser.parse_args()
+    if "vllm" in args.servers:
+        missing = vllm_missing(args.vllm_python)
+        if missing:
+            print(json.dumps({"bench": "vs_vllm", "skipped": f"vLLM is not installed: {missing}"}), flush=True)
+            return
+        print(json.dumps({"bench": "vs_vllm", "vllm": vllm_version(args.vllm_python)}), flush=True)
+    model_dir = embedded_hf_dir()
+    for dtype in args.dtypes:
+        medians: dict[str, dict] = {}
+        for server in args.servers:
+            port = free_port()
+            if server == "kvpilot":
+                command, env = kvpilot_command(model_dir, port, dtype, args.max_model_len, args.kvpilot_arg), None
+            else:
+                command = vllm_command(args.vllm_python, model_dir, port, dtype, NAME, args.max_model_len)
+                env = vllm_env(threads=args.vllm_threads)
+            rows = _serve_and_measure(f"{server}-{dtype}", command, env, port, args)
+            for i, row in enumerate(rows):
+                print(json.dumps({"bench": "vs_vllm", "server": server, "dtype": dtype, "round": i, **row}), flush=True)
+            medians[server] = {k: statistics.median(r[k] for r in rows) for k in ("output_tok_s", "ttft_p50_s")}
+        if len(medians) == 2:
+            ours, peer = medians["kvpilot"], medians["vllm"]
+            print(json.dumps({"bench": "vs_vllm_ratio", "dtype": dtype,
+                              "output_tok_s_ratio": round(ours["output_tok_s"] / peer["output_tok_s"], 2),
+                              "ttft_p50_ratio_vllm_over_kvpilot": round(peer["ttft_p50_s"] / ours["ttft_p50_s"], 2),
+                              "kvpilot": ours, "vllm": peer}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
