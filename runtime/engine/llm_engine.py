@@ -13,7 +13,7 @@ import torch
 from kvpilot.runtime.engine.block_manager import BlockManager
 from kvpilot.runtime.engine.config import EngineConfig
 from kvpilot.runtime.engine.detokenizer import IncrementalDetokenizer
-from kvpilot.runtime.engine.json_mode import token_texts
+from kvpilot.runtime.engine.guidance import Guidance
 from kvpilot.runtime.engine.kv_cache import expected_kv_bytes
 from kvpilot.runtime.engine.model_runner import ModelRunner
 from kvpilot.runtime.engine.outputs import EngineStats, RequestOutput
@@ -57,7 +57,8 @@ class LLMEngine:
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        sampler = Sampler(self.eos_token_ids, generator, self._token_texts)
+        self.guidance = Guidance(self.tokenizer, self.facts.vocab_size, self.eos_token_ids)
+        sampler = Sampler(self.eos_token_ids, generator, self.guidance)
         self.runner = ModelRunner(self.loaded.model, self.facts, config, sampler, self.parallel)
         self.requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
         self.prompt_tokens_total = 0
@@ -82,9 +83,6 @@ class LLMEngine:
             self.workers.raise_failure()
         self.parallel.broadcast(dataclasses.asdict(config.for_model(loaded.facts)))  # the workers' limits
         return loaded
-
-    def _token_texts(self) -> list[str]:
-        return token_texts(self.tokenizer, self.facts.vocab_size)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do for one process). The engine is unusable after."""
@@ -130,6 +128,8 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, prompt_token_ids, params, self.config.block_size, generator)
+        if params.structured is not None:
+            seq.matcher = self.guidance.matcher(params.structured)  # GrammarError (a ValueError) names the fault
         self.scheduler.add(seq)
         self.requests[request_id] = (seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
                                                                  params.include_stop_str_in_output))
@@ -185,6 +185,8 @@ class LLMEngine:
             return "stop"  # the stop token's text is part of the output only when asked for
         if detok.append(token_id, check_stop=may_stop):
             return "stop"
+        if seq.matcher is not None and seq.matcher.is_stopped():
+            return "stop"  # the grammar is complete and admits nothing more
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
             return "length"
         return None

@@ -1,19 +1,18 @@
 """From the last position's logits of every sampled sequence to one token each, in a few batched
 tensor ops: stop-token masking (min_tokens), penalties, greedy argmax, temperature, top-k / top-p /
 min-p, and sampling by the exponential race (argmax of p / q, q ~ Exp(1)), which lets a request with
-a seed draw its q from its own generator while the rest share the engine's. JSON-mode rows take the
-best-scoring token the JSON grammar accepts (json_mode.py) instead of the plain argmax."""
+a seed draw its q from its own generator while the rest share the engine's. Rows under a grammar
+(structured output, engine/guidance.py) get the grammar's token mask first, greedy and sampled alike."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import NamedTuple
 
 import torch
 
-from kvpilot.runtime.engine.json_mode import feed
+from kvpilot.runtime.engine.guidance import Guidance, apply_bitmask
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
 
@@ -88,18 +87,12 @@ class SampleResult(NamedTuple):
     errors: list[str | None]
 
 
-JSON_FIRST_CANDIDATES = 64  # JSON mode tries a row's best 64 tokens before sorting all of them
-
-
 class Sampler:
-    def __init__(self, eos_token_ids: Seq[int], generator: torch.Generator,
-                 token_texts: Callable[[], list[str]] | None = None) -> None:
-        """`token_texts`: each token id's text, made on the first JSON-mode request (a pass over the
-        vocabulary); None: JSON mode is refused."""
+    def __init__(self, eos_token_ids: Seq[int], generator: torch.Generator, guidance: Guidance | None = None) -> None:
+        """`guidance`: the grammar engine for structured-output rows; None: such rows are refused."""
         self.eos_token_ids = list(eos_token_ids)
         self.generator = generator
-        self._make_token_texts = token_texts
-        self._token_texts: list[str] | None = None
+        self.guidance = guidance
 
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [len(seqs), vocab] -> one token per sequence, and its logprobs where asked."""
@@ -107,19 +100,17 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         apply_min_tokens(logits, seqs, self.eos_token_ids)
         apply_penalties(logits, seqs)
+        guided = [i for i, seq in enumerate(seqs) if seq.matcher is not None]
+        if guided:
+            self._apply_grammars(logits, guided, seqs)
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
-        race = None
         if sampled:
             race = self._race(logits[sampled], [seqs[i] for i in sampled])
             tokens[sampled] = race.argmax(dim=-1)
         token_list = tokens.tolist()
-        for i, seq in enumerate(seqs):
-            if seq.json_state is not None:
-                passes = [(logits[i], float("-inf"))]  # by likelihood, ignoring truncation: the fallback
-                if i in sampled:  # a race score of 0 is a token top-k / top-p / min-p cut away
-                    passes.insert(0, (race[sampled.index(i)], 0.0))
-                token_list[i] = self._json_pick(passes, seq)
+        for i in guided:
+            seqs[i].matcher.consume_token(token_list[i])
         logprobs = [None if raw_logprobs is None or seq.params.logprobs is None
                     else self.logprob(raw_logprobs[i], token_list[i], seq.params.logprobs)
                     for i, seq in enumerate(seqs)]
@@ -129,7 +120,6 @@ class Sampler:
         """`self(logits, seqs)`, but one request cannot fail the others: when the batch fails, each row
         is sampled alone, and only the rows that fail alone get an error. When every row fails alone
         (and there is more than one), the fault is the engine's, not a request's: it is raised."""
-        json_states = [seq.json_state for seq in seqs]  # the batch may have advanced some before failing
         try:
             tokens, logprobs = self(logits, seqs)
             return SampleResult(list(tokens), logprobs, [None] * len(seqs))
@@ -139,7 +129,6 @@ class Sampler:
                                batch_error)
             result = SampleResult([], [], [])
             for row, seq in enumerate(seqs):
-                seq.json_state = json_states[row]
                 try:
                     (token,), (logprob,) = self(logits[row : row + 1], [seq])
                     result.token_ids.append(token)
@@ -171,36 +160,17 @@ class Sampler:
                 race[row].exponential_(generator=seq.generator)
         return probs / race
 
-    def _json_pick(self, passes: list[tuple[torch.Tensor, float]], seq: Sequence) -> int:
-        """The best-scoring token (scores above the floor, pass by pass) that keeps the output a JSON
-        object's prefix; stop tokens once the object is whole. Advances the sequence's JSON state."""
-        if self._token_texts is None:
-            if self._make_token_texts is None:
-                raise ValueError("JSON mode needs the tokenizer's token texts, and this sampler has none")
-            self._token_texts = self._make_token_texts()
-        stops = set(stop_token_ids(seq.params, self.eos_token_ids))
-        state = seq.json_state
-        if state.complete:  # the object is whole: stop now rather than pad it with whitespace
-            logits = passes[-1][0]
-            allowed = {t: float(logits[t]) for t in stops if t < logits.shape[0]}
-            allowed = {t: score for t, score in allowed.items() if score > float("-inf")}  # min_tokens bans them
-            if allowed:
-                return max(allowed, key=allowed.__getitem__)
-        for ranked, floor in passes:
-            ranked = ranked.float().cpu()  # one transfer, then plain Python
-            for k in (JSON_FIRST_CANDIDATES, ranked.shape[0]):  # the best few nearly always hold one
-                values, order = ranked.topk(min(k, ranked.shape[0]))
-                for score, token in zip(values.tolist(), order.tolist(), strict=True):
-                    if score <= floor:
-                        break
-                    if token in stops:
-                        continue
-                    text = self._token_texts[token] if token < len(self._token_texts) else ""
-                    after = feed(state, text) if text else None
-                    if after is not None:
-                        seq.json_state = after
-                        return token
-        raise ValueError(f"request {seq.request_id!r}: no token continues the JSON output")
+    def _apply_grammars(self, logits: torch.Tensor, rows: list[int], seqs: Seq[Sequence]) -> None:
+        """Mask the guided rows to their grammars' next tokens (one bitmask for the batch). A row left with
+        nothing (min_tokens banning the end the grammar demands) gets its end back: the grammar wins."""
+        if self.guidance is None:
+            raise ValueError("structured output needs a grammar engine, and this sampler has none")
+        apply_bitmask(logits, rows, self.guidance.bitmask([seqs[i].matcher for i in rows]))
+        index = torch.tensor(rows, device=logits.device)
+        dead = torch.isinf(logits[index]).all(dim=-1).tolist()
+        for row, is_dead in zip(rows, dead, strict=True):
+            if is_dead and self.eos_token_ids:
+                logits[row, self.eos_token_ids[0]] = 0.0
 
     @staticmethod
     def logprob(logprobs: torch.Tensor, token_id: int, top_n: int, with_rank: bool = False) -> TokenLogprob:

@@ -10,6 +10,28 @@ MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 
 
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What the output must match, as vLLM's `structured_outputs` names it: exactly one of a JSON schema
+    (serialized), any JSON object, a regex, a list of choices, or a grammar (Lark or GBNF)."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    lenient: bool = False  # json: schema keywords the grammar engine does not implement are ignored, not refused
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured outputs need exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {given or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("structured outputs: choice must list at least one string")
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -26,7 +48,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: none; n: the sampled token's logprob and the top n
-    json_object: bool = False  # the output is one JSON object (runtime/json_mode.py)
+    structured: StructuredOutputs | None = None  # the output follows a grammar (engine/guidance.py)
     include_stop_str_in_output: bool = False  # vLLM's extra: keep the stop string (or stop token) in the text
     prompt_logprobs: int | None = None  # vLLM's extra: each prompt token's logprob and the top n (no prefix cache)
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from kvpilot.runtime.engine.json_mode import START, JsonState
 from kvpilot.runtime.engine.sampling import SamplingParams
 
 
@@ -56,8 +55,9 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
-        # JSON mode: where the output stands in the JSON grammar (the sampler advances it).
-        self.json_state: JsonState | None = START if params.json_object else None
+        # Structured output: the request's llguidance matcher (engine/guidance.py); the sampler masks with it
+        # and advances it by each token drawn.
+        self.matcher: Any | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvpilot.runtime.contract import HEALTH_PATH, METRICS_PATH, READY_PATH
 from kvpilot.runtime.engine.client import EngineClient
-from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.engine.sampling import SamplingParams, StructuredOutputs
 from kvpilot.runtime.server.metrics import MemoryFigures, ServerMetrics, gpu_memory_info
 from kvpilot.runtime.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from kvpilot.runtime.server.protocol import (
@@ -32,6 +32,7 @@ from kvpilot.runtime.server.protocol import (
     error_json,
 )
 from kvpilot.runtime.server.serving import ApiError, Job, OpenAIServing
+from kvpilot.runtime.server.tool_parser import ChatTools, chat_tools
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 128k-token prompt is ~0.5 MiB of text; 8 MiB leaves room for token ids
 RETRY_AFTER_SECONDS = 1
@@ -126,20 +127,21 @@ def build_app(engine: EngineClient, config: ServerConfig, memory: Callable[[], M
                            "rate_limit_error")
 
     def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
-                        index: int) -> SamplingParams:
+                        index: int, structured: StructuredOutputs | None = None) -> SamplingParams:
         try:
-            return body.sampling_params(max_tokens, logprobs, index)
+            return body.sampling_params(max_tokens, logprobs, index, structured)
         except ValueError as err:  # a value valid alone but not with the room left (min_tokens, ...)
             raise ApiError(400, str(err)) from None
 
     def stream(body: CompletionRequest | ChatCompletionRequest, request_id: str, jobs: list[Job],
-               chat: bool) -> StreamingResponse | None:
+               chat: bool, tools: ChatTools | None = None) -> StreamingResponse | None:
         """The response as a stream when asked for one; admitted first, so a refusal is a 400."""
         gen.admit(request_id, jobs)
         if not body.stream:
             return None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(gen.stream(request_id, jobs, include_usage, chat), media_type="text/event-stream")
+        return StreamingResponse(gen.stream(request_id, jobs, include_usage, chat, tools),
+                                 media_type="text/event-stream")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -162,16 +164,20 @@ def build_app(engine: EngineClient, config: ServerConfig, memory: Callable[[], M
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         admit(body.model)
-        prompt_ids = gen.encode_chat(body.messages)
+        try:
+            tools = chat_tools(body, body.structured(), getattr(gen.tokenizer, "chat_template", None))
+        except ValueError as err:
+            raise ApiError(400, str(err), param="tool_choice") from None
+        prompt_ids = gen.encode_chat(body.messages, tools.tools)
         max_tokens = gen.check_length(len(prompt_ids), body.requested_max_tokens())
-        jobs = [Job(i, prompt_ids, sampling_params(body, max_tokens, body.num_logprobs(), i),
+        jobs = [Job(i, prompt_ids, sampling_params(body, max_tokens, body.num_logprobs(), i, tools.structured),
                     prompt_logprobs=body.prompt_logprobs is not None) for i in range(body.n)]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streaming = stream(body, request_id, jobs, chat=True)
+        streaming = stream(body, request_id, jobs, chat=True, tools=tools)
         if streaming is not None:
             return streaming
         choices = await gen.collect(request, request_id, jobs)
-        return _json(gen.chat_response(request_id, jobs, choices))
+        return _json(gen.chat_response(request_id, jobs, choices, tools))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:

@@ -2,7 +2,8 @@
 
 Unknown fields are ignored, as OpenAI's own server does for forward compatibility; wrong types
 and out-of-range values are 400 errors that name the field, and so are the known fields this server
-does not run (tools, logit_bias, a response_format JSON schema, ...: NOT_RUN, RESPONSE_FORMATS).
+does not run (logit_bias, best_of, ...: NOT_RUN). Structured output and tool calling fields are
+validated in structured.py and tools.py.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from kvpilot.runtime.engine.sampling import MAX_SEED, SamplingParams
+from kvpilot.runtime.engine.sampling import MAX_SEED, SamplingParams, StructuredOutputs
 from kvpilot.runtime.server import admission
+from kvpilot.runtime.server.structured import StructuredRequest
+from kvpilot.runtime.server.tools import ToolRequest
 
 
 class ErrorBody(BaseModel):
@@ -30,13 +33,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-# response_format: text and json_object run (json_mode.py); a JSON schema does not.
-RESPONSE_FORMATS = ("text", "json_object")
 # OpenAI fields that change what comes back and that this server does not run: a request using one is
 # refused with a 400 naming it, never answered as if the field were absent. Values meaning "off" pass.
 NOT_RUN = {
-    "tools": ("tool calling", (None, [])),
-    "tool_choice": ("tool calling", (None, "none")),
     "functions": ("function calling", (None, [])),
     "function_call": ("function calling", (None, "none")),
     "logit_bias": ("logit_bias", (None, {})),
@@ -45,7 +44,7 @@ NOT_RUN = {
 }
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(StructuredRequest):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
@@ -68,11 +67,8 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     logit_bias: Any = None
     best_of: Any = None
     suffix: Any = None
@@ -84,15 +80,6 @@ class _SamplingRequest(BaseModel):
         if value not in off:
             raise ValueError(f"{feature} is not supported by this server; send the request without "
                              f"{info.field_name}")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, value: Any) -> Any:
-        kind = value.get("type") if isinstance(value, dict) else value
-        if value is not None and kind not in RESPONSE_FORMATS:
-            raise ValueError(f"type {kind!r} is not supported by this server: use one of {', '.join(RESPONSE_FORMATS)}"
-                             " (json_schema is not run)")
         return value
 
     # --- request isolation (#16): checks across fields; each lives in admission.py ---------------
@@ -113,24 +100,22 @@ class _SamplingRequest(BaseModel):
     def engine_prompt_logprobs(self) -> int | None:
         return self.prompt_logprobs
 
-    @property
-    def json_object(self) -> bool:
-        return isinstance(self.response_format, dict) and self.response_format.get("type") == "json_object"
-
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
-        """Engine parameters for choice number `seed_offset` of `n` (each choice its own seed)."""
+    def sampling_params(self, max_tokens: int, logprobs: int | None, seed_offset: int = 0,
+                        structured: StructuredOutputs | None = None) -> SamplingParams:
+        """Engine parameters for choice number `seed_offset` of `n` (each choice its own seed); `structured`:
+        the output constraint when the server decided it (tool calling), else the request's own."""
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, seed=None if self.seed is None else self.seed + seed_offset,
             stop=self.stop_list(), stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logprobs=logprobs, json_object=self.json_object,
+            logprobs=logprobs, structured=structured or self.structured(),
             include_stop_str_in_output=self.include_stop_str_in_output,
             prompt_logprobs=self.engine_prompt_logprobs(),
         )
@@ -164,6 +149,8 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -176,7 +163,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(ToolRequest, _SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

@@ -43,7 +43,8 @@ class CompletionResponse(_Response):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is only tool calls
+    tool_calls: list[dict] | None = None  # tool_parser.ToolCall.message() each
 
 
 class ChatChoice(BaseModel):

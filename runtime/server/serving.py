@@ -26,6 +26,8 @@ from kvpilot.runtime.server.responses import (
     CompletionResponse,
     Usage,
 )
+from kvpilot.runtime.server.tool_parser import ChatTools
+from kvpilot.runtime.server.tools import Tool, render_chat
 
 
 class ApiError(Exception):
@@ -85,12 +87,13 @@ class OpenAIServing:
             raise ApiError(400, "prompt: must not be empty", param="prompt")
         return ids
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    def encode_chat(self, messages: list[ChatMessage], tools: list[Tool] | None = None) -> list[int]:
         try:
-            conversation = [{"role": m.role, "content": m.text()} for m in messages]
+            conversation = [{"role": m.role, "content": m.text(), "tool_calls": m.tool_calls,
+                             "tool_call_id": m.tool_call_id} for m in messages]
         except ValueError as err:
             raise ApiError(400, str(err), param="messages") from None
-        return list(self.engine.apply_chat_template(conversation))
+        return render_chat(self.tokenizer, conversation, tools or [])  # tools.py: tool turns, tool prompt
 
     def check_length(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """max_tokens to use; 400 naming both numbers when prompt + completion exceed the model length."""
@@ -176,9 +179,11 @@ class OpenAIServing:
             self._abort(ids, tasks)
         return [choices[job.index] for job in jobs]
 
-    async def stream(self, request_id: str, jobs: list[Job], include_usage: bool, chat: bool) -> AsyncIterator[str]:
+    async def stream(self, request_id: str, jobs: list[Job], include_usage: bool, chat: bool,
+                     tools: ChatTools | None = None) -> AsyncIterator[str]:
         """Server-sent events. Chunks are plain dicts through json.dumps, not the response models: per
-        token, the models cost about twice as much (bench/sse_chunks.py)."""
+        token, the models cost about twice as much (bench/sse_chunks.py). `tools`: tool calls in the
+        text become `delta.tool_calls`."""
         queue, ids, tasks = self._start(request_id, jobs)
         completion_tokens = 0
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -199,7 +204,9 @@ class OpenAIServing:
                     continue
                 choice = {"index": index, "finish_reason": out.finish_reason}
                 if chat:
-                    choice |= {"delta": {"content": out.new_text} if out.new_text else {},
+                    delta, choice["finish_reason"] = (tools or ChatTools.none()).delta(
+                        index, out.new_text, out.finish_reason)
+                    choice |= {"delta": delta,
                                "logprobs": chat_logprobs(out.logprobs, self.names) if out.logprobs else None}
                 else:
                     choice |= {"text": out.new_text, "logprobs": self._completion_logprobs(
@@ -246,12 +253,17 @@ class OpenAIServing:
                                       prompt_logprobs=self._prompt_logprobs(job, c))
                      for job, c in zip(jobs, choices, strict=True)])
 
-    def chat_response(self, request_id: str, jobs: list[Job], choices: list[Choice]) -> ChatCompletionResponse:
+    def chat_response(self, request_id: str, jobs: list[Job], choices: list[Choice],
+                      tools: ChatTools | None = None) -> ChatCompletionResponse:
+        answers = [(tools or ChatTools.none()).message(c.text, c.finish_reason) for c in choices]
         return ChatCompletionResponse(
             id=request_id, model=self.model_name, usage=Usage.of(_prompt_tokens(jobs), _completion_tokens(choices)),
-            choices=[ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
+            choices=[ChatChoice(index=c.index, message=ChatMessageOut(content=message["content"],
+                                                                      tool_calls=message.get("tool_calls")),
+                                finish_reason=reason,
                                 logprobs=chat_logprobs(c.logprobs, self.names) if c.logprobs else None)
-                     for c in choices], prompt_logprobs=self._prompt_logprobs(jobs[0], choices[0]))
+                     for c, (message, reason) in zip(choices, answers, strict=True)],
+            prompt_logprobs=self._prompt_logprobs(jobs[0], choices[0]))
 
 
 async def _wait_disconnect(request: Request) -> None:

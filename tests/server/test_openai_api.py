@@ -201,9 +201,7 @@ def test_body_limit_is_413(serve):
 
 
 @pytest.mark.parametrize(("field", "value", "words"), [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool calling"),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
-     "type 'json_schema'"),
+    ("functions", [{"name": "f", "parameters": {}}], "function calling"),
     ("logit_bias", {"50256": -100}, "logit_bias"),
 ])
 def test_fields_this_server_does_not_run_are_refused_not_ignored(http, field, value, words):
