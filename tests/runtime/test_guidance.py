@@ -54,7 +54,7 @@ def test_json_object_regex_and_choice(chat):
 
 
 def test_compiled_grammars_are_cached_and_requests_do_not_share_state(chat):
-    llm, prompt = chat
+    llm, _prompt = chat
     spec = StructuredOutputs(json=json.dumps(PERSON))
     first = llm.engine.guidance.matcher(spec)
     second = llm.engine.guidance.matcher(spec)
