@@ -102,7 +102,8 @@ def check_hf_config(config: Mapping[str, Any], max_model_len: int | None = None)
     for name, value in config.items():
         if name in ("quantization_config", "compression_config"):
             _check_quantization(value)
-        elif name not in honoured:
+        # transformers' own notes (_name_or_path, ...) and tokenizer ids (unk_token_id, ...) never change the maths
+        elif name not in honoured and not name.startswith("_") and not name.endswith(("_token_id", "_token_ids")):
             raise UnsupportedOption(f"config field {name}={_show(value)} ({arch}) is not honoured by this runtime: "
                                     "remove it if it does not change the model, or use another model")
     act = config.get("hidden_activation") or config.get("hidden_act") or "silu"

@@ -46,8 +46,8 @@ def test_every_field_transformers_writes_for_a_supported_family_is_known(arch):
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"of rope type 'yarn' lacks original_max_position"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, r"rope_type='dynamic' changes its frequencies past "
                                                                 r"256 tokens.*at most 256 \(asked: 512\)"),
-    ({"quantization_config": {"quant_method": "gptq", "bits": 4}},
-     r"quantization_config.quant_method='gptq' is not supported"),
+    ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+     r"quantization_config.quant_method='bitsandbytes' is not supported"),
     ({"layer_types": ["full_attention", "chunked_attention"]}, r"layer_types holds 'chunked_attention'"),
     ({"layer_types": ["full_attention"]}, r"layer_types has 1 entries for 2 layers"),
 ])
