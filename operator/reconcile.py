@@ -217,9 +217,13 @@ def restore_child(owner: Mapping[str, Any], child: Mapping[str, Any], deleted: b
 
     A spec the reconciler has not applied yet (its generation is not the status' observedGeneration:
     edited while the operator was down, or a moment ago) is no drift: the owner's own reconcile
-    applies it, once."""
+    applies it, once. The owner index can lag the reconcile's own status write by a moment (a child
+    deleted right after creation): a pending-looking owner is read again before it is believed."""
     if pending_spec_change(owner):
-        return [], None
+        meta = owner["metadata"]
+        owner = op.kube.get(LLMDEPLOYMENTS, meta.get("namespace") or child["metadata"]["namespace"], meta["name"])
+        if owner is None or pending_spec_change(owner):
+            return [], None
     try:
         deployment = parse(owner)
         desired = desired_children(owner, deployment, plan_for(deployment, op), op.render_options())
