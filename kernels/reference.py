@@ -32,13 +32,41 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 
+class _PerStep:
+    """What a step's metadata tensors imply (int64 indices, masks), derived once: every layer of a
+    forward passes the same tensors, so the first layer builds it and the others reuse it. Keyed on
+    the tensors themselves (held, so their ids stay theirs) and their in-place version counters, so
+    a new step's tensors, or an old tensor edited in place, rebuild it. Inference-mode tensors keep
+    no version counter: the engine makes its metadata tensors anew each step and never edits them."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple, object] | None = None
+
+    def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, build):  # noqa: ANN001, ANN202
+        entry = self._entry  # one read: a racing caller at worst rebuilds
+        if entry is not None:
+            key, value = entry
+            if key[1] == extra and len(key[0]) == len(tensors) and all(
+                    held is t and version == _version(t) for (held, version), t in zip(key[0], tensors)):
+                return value
+        value = build()
+        self._entry = ((tuple((t, _version(t)) for t in tensors), extra), value)
+        return value
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+_write_slots, _decode_layout, _prefill_layout = _PerStep(), _PerStep(), _PerStep()
+
+
 def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Scatter key/value [num_tokens, num_kv_heads, head_dim] into their slots, in place."""
-    slots = slot_mapping.long()
-    if bool((slots < 0).any()):  # padding tokens: drop them (a boolean mask costs more than this check)
-        keep = slots >= 0
-        slots, key, value = slots[keep], key[keep], value[keep]
+    slots, keep = _write_slots.get((slot_mapping,), (), lambda: _slots(slot_mapping))
+    if keep is not None:  # padding tokens: drop them
+        key, value = key[keep], value[keep]
     for cache, new, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
         if cache.dtype == FP8:
             new = (new.float() / scale).clamp(-FP8_MAX, FP8_MAX)
@@ -49,25 +77,19 @@ def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
             cache[slots // cache.shape[1], slots % cache.shape[1]] = new
 
 
-def gather_kv_padded(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, length: int,
-                     scale: float = 1.0) -> torch.Tensor:
-    """Every sequence's first `length` slots, [num_seqs, length, num_kv_heads, head_dim] in fp32.
-
-    Slots past a sequence's own context length hold whatever block 0 holds; callers mask them.
-    """
-    block_size = cache.shape[1]
-    num_blocks = -(-length // block_size)
-    table = block_tables[:, :num_blocks].long()
-    owned = torch.arange(num_blocks, device=table.device) * block_size < context_lens.long().unsqueeze(1)
-    table = torch.where(owned, table, 0)  # unused table entries are arbitrary: never index with them
-    out = cache.index_select(0, table.flatten()).view(*table.shape, -1, *cache.shape[2:])  # [S, nb, bs, KVH, D]
-    out = out.flatten(1, 2)[:, :length].float()
-    return out.mul_(scale) if cache.dtype == FP8 else out
+def _slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The int64 slots to write and, where some are -1 (padding), the mask of the kept tokens."""
+    slots = slot_mapping.long()
+    if not bool((slots < 0).any()):  # the usual case: a boolean mask costs more than this check
+        return slots, None
+    keep = slots >= 0
+    return slots[keep], keep
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                      scale: float, softcap: float | None = None) -> torch.Tensor:
-    """q [S, n, H, D], k/v [S, L, KVH, D], mask [S, n, L] (True = attend) -> [S, n, H, D] fp32."""
+                      scale: float, softcap: float | None = None, some_empty: bool = True) -> torch.Tensor:
+    """q [S, n, H, D], k/v [S, L, KVH, D], mask [S, n, L] (True = attend) -> [S, n, H, D] fp32.
+    `some_empty` False promises every query attends to something (no all-False mask row)."""
     if softcap:
         out = _softcapped_attention(q.float().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                     mask.unsqueeze(1), scale, softcap)
@@ -75,6 +97,8 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
     out = out.transpose(1, 2)
+    if not some_empty:
+        return out
     return torch.where(mask.any(-1)[..., None, None], out, 0.0)  # nothing to attend to: zeros, not NaN
 
 
@@ -94,18 +118,41 @@ def paged_attention_decode_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
                                k_scale: float = 1.0, v_scale: float = 1.0, window: int | None = None,
                                softcap: float | None = None) -> torch.Tensor:
     """One query token per sequence, query [num_seqs, H, D] -> [num_seqs, H, D] in query's dtype."""
-    max_len = int(context_lens.max()) if context_lens.numel() else 0
-    if max_len == 0:
+    layout = _decode_layout.get((block_tables, context_lens), (window, k_cache.shape[1]),
+                                lambda: _DecodeLayout(block_tables, context_lens, window, k_cache.shape[1]))
+    if layout.length == 0:
         return torch.zeros_like(query)
-    k = gather_kv_padded(k_cache, block_tables, context_lens, max_len, k_scale)
-    v = gather_kv_padded(v_cache, block_tables, context_lens, max_len, v_scale)
-    positions = torch.arange(max_len, device=query.device)
-    lens = context_lens.long().unsqueeze(1)
-    mask = positions < lens
-    if window is not None:  # the query sits at context_len - 1
-        mask &= positions >= lens - window
-    out = _masked_attention(query.unsqueeze(1), k, v, mask.unsqueeze(1), scale, softcap)
+    k, v = layout.gather(k_cache, k_scale), layout.gather(v_cache, v_scale)
+    out = _masked_attention(query.unsqueeze(1), k, v, layout.mask, scale, softcap, layout.some_empty)
     return out.squeeze(1).to(query.dtype)
+
+
+class _DecodeLayout:
+    """A decode batch's gather indices and attention mask, shared by every layer of a step."""
+
+    def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, window: int | None,
+                 block_size: int) -> None:
+        self.length = int(context_lens.max()) if context_lens.numel() else 0
+        if self.length == 0:
+            return
+        num_blocks = -(-self.length // block_size)
+        table = block_tables[:, :num_blocks].long()
+        lens = context_lens.long().unsqueeze(1)
+        owned = torch.arange(num_blocks, device=table.device) * block_size < lens
+        self.table = torch.where(owned, table, 0)  # unused table entries are arbitrary: never index with them
+        positions = torch.arange(self.length, device=table.device)
+        mask = positions < lens
+        if window is not None:  # the query sits at context_len - 1
+            mask &= positions >= lens - window
+        self.mask = mask.unsqueeze(1)  # [S, 1, L]
+        self.some_empty = bool((context_lens == 0).any())
+
+    def gather(self, cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """Every sequence's first `length` slots, [S, length, KVH, D] in fp32. Slots past a sequence's own
+        context length hold whatever block 0 holds: the mask hides them."""
+        out = cache.index_select(0, self.table.flatten()).view(*self.table.shape, -1, *cache.shape[2:])
+        out = out.flatten(1, 2)[:, : self.length].float()
+        return out.mul_(scale) if cache.dtype == FP8 else out
 
 
 def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -122,41 +169,55 @@ def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_ca
     blocks past each query block; a chunk after a cached prefix needs an explicit (offset) mask.
     """
     out = torch.zeros_like(query)
+    layout = _prefill_layout.get((block_tables, cu_seqlens_q, context_lens), (window, bool(softcap), k_cache.shape[1]),
+                                 lambda: _prefill_chunks(block_tables, cu_seqlens_q, context_lens, window,
+                                                         bool(softcap), k_cache.shape[1]))
+    for start, end, length, blocks, mask in layout:
+        k = _gather_one(k_cache, blocks, length, k_scale).transpose(0, 1).unsqueeze(0)
+        v = _gather_one(v_cache, blocks, length, v_scale).transpose(0, 1).unsqueeze(0)
+        q = query[start:end].float().transpose(0, 1).unsqueeze(0)
+        if softcap:
+            causal = mask[None, None] if mask is not None else None
+            attended = _softcapped_attention(q, k, v, causal, scale, softcap)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                                      enable_gqa=True)
+        out[start:end] = attended[0].transpose(0, 1)
+    return out
+
+
+def _prefill_chunks(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                    window: int | None, softcap: bool, block_size: int) -> list[tuple]:
+    """Per sequence with queries: (query start, query end, context length, its blocks as int64, the
+    mask or None where `is_causal` is exact), shared by every layer of a step."""
+    chunks = []
     starts = cu_seqlens_q.tolist()
     for i, length in enumerate(context_lens.tolist()):
         n = starts[i + 1] - starts[i]
         if n == 0 or length == 0:
             continue
-        k = gather_kv_ref(k_cache, block_tables[i], length, k_scale).transpose(0, 1).unsqueeze(0)
-        v = gather_kv_ref(v_cache, block_tables[i], length, v_scale).transpose(0, 1).unsqueeze(0)
-        q = query[starts[i] : starts[i + 1]].float().transpose(0, 1).unsqueeze(0)
+        blocks = block_tables[i, : -(-length // block_size)].long()
         # query j sits at position length - n + j and sees keys 0..that position; is_causal aligns top-left,
         # which is that only when the chunk is the whole context
-        whole = n == length and window is None and not softcap
         mask = None
-        if not whole:
-            mask = torch.ones(n, length, dtype=torch.bool, device=query.device).tril(length - n)
+        if not (n == length and window is None and not softcap):
+            mask = torch.ones(n, length, dtype=torch.bool, device=block_tables.device).tril(length - n)
             if window is not None:  # and nothing older than window - 1 tokens before the query
                 mask = mask.triu(length - n - window + 1)
-        if softcap:
-            causal = mask[None, None] if mask is not None else None
-            attended = _softcapped_attention(q, k, v, causal, scale, softcap)
-        else:
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=whole, scale=scale,
-                                                      enable_gqa=True)
-        out[starts[i] : starts[i + 1]] = attended[0].transpose(0, 1)
-    return out
+        chunks.append((starts[i], starts[i + 1], length, blocks, mask))
+    return chunks
+
+
+def _gather_one(cache: torch.Tensor, blocks: torch.Tensor, length: int, scale: float) -> torch.Tensor:
+    out = cache.index_select(0, blocks).flatten(0, 1)[:length].float()
+    return out.mul_(scale) if cache.dtype == FP8 else out
 
 
 # --- one sequence at a time: the oracle the batched references are tested against -------------
 
 def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor, length: int, scale: float = 1.0) -> torch.Tensor:
     """One sequence's first `length` cached tokens, [length, num_kv_heads, head_dim], in fp32."""
-    block_size = cache.shape[1]
-    num_blocks = (length + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:num_blocks].long())
-    out = blocks.flatten(0, 1)[:length].float()
-    return out.mul_(scale) if cache.dtype == FP8 else out
+    return _gather_one(cache, block_table[: -(-length // cache.shape[1])].long(), length, scale)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None,
