@@ -52,9 +52,11 @@ class LLMEngine:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             set_cpu_threads()
+        groups = config.kv_groups(self.facts)
         _check_device_memory(self.device, expected_kv_bytes(self.facts, config.num_kv_blocks, config.block_size,
-                                                            config.kv_torch_dtype, config.tensor_parallel_size))
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+                                                            config.kv_torch_dtype, groups, config.tensor_parallel_size))
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+                                          groups.windows)
         self.scheduler = Scheduler(config, self.block_manager)
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.guidance = Guidance(self.tokenizer, self.facts.vocab_size, self.eos_token_ids)

@@ -189,13 +189,15 @@ class LlamaModel(nn.Module):
             rotary.build_tables(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
-                v_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                v_caches: list[torch.Tensor], meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
+        """`meta`: one for every layer, or one per layer (layers of different windows keep different blocks)."""
         h = self.embed_tokens(input_ids)
         scale = self.variant.embedding_scale
         if scale is not None:  # Gemma multiplies by sqrt(hidden) rounded to the compute dtype, Granite by a float
             h = h * (torch.tensor(scale, dtype=h.dtype) if self.variant.embedding_scale_in_dtype else scale)
-        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
-            h = layer(positions, h, k_cache, v_cache, meta)
+        metas = meta if isinstance(meta, list) else [meta] * len(self.layers)
+        for layer, k_cache, v_cache, layer_meta in zip(self.layers, k_caches, v_caches, metas, strict=True):
+            h = layer(positions, h, k_cache, v_cache, layer_meta)
         return self.norm(h)
 
 
@@ -211,7 +213,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if facts.tie_word_embeddings else nn.Linear(facts.hidden_size, rows, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
-                v_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                v_caches: list[torch.Tensor], meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
         return self.model(input_ids, positions, k_caches, v_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
