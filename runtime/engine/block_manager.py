@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
 from kvpilot.runtime.engine.sequence import FREED_BLOCK, Sequence
-from kvpilot.runtime.memory.kv_groups import window_blocks
+from kvpilot.runtime.memory.kv_groups import blocks_per_sequence
 
 ROOT_HASH = 0  # the parent hash of every sequence's first block
 
@@ -127,9 +127,7 @@ class BlockManager:
         return len(cached) * self.block_size, len(cached), revived
 
     def blocks_for_sequence(self, num_tokens: int) -> int:
-        """The most blocks a sequence of up to `num_tokens` tokens holds at once (kv_groups.blocks_per_sequence)."""
-        whole = -(-num_tokens // self.block_size)
-        return sum(whole if w is None else min(whole, window_blocks(w, self.block_size)) for w in self.windows)
+        return blocks_per_sequence(self.windows, num_tokens, self.block_size)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: Seq[int] = ()) -> bool:
         return self.num_blocks_needed(seq, num_new_tokens, cached) <= self.num_free_blocks

@@ -48,11 +48,15 @@ class KVGroups:
         return [group for group, _ in self.layer_slots]
 
     def blocks_per_sequence(self, num_tokens: int, block_size: int) -> int:
-        """The most blocks one sequence of up to `num_tokens` tokens holds while it decodes: every
-        block of a full-attention group; in a windowed group, the blocks under the window of its
-        newest token (`window` positions span at most ceil((window - 1) / block_size) + 1 blocks)."""
-        whole = math.ceil(num_tokens / block_size)
-        return sum(whole if w is None else min(whole, window_blocks(w, block_size)) for w in self.windows)
+        return blocks_per_sequence(self.windows, num_tokens, block_size)
+
+
+def blocks_per_sequence(windows: Sequence[int | None], num_tokens: int, block_size: int) -> int:
+    """The most blocks one sequence of up to `num_tokens` tokens holds while it decodes, over groups of
+    `windows`: every block of a full-attention group; in a windowed group, the blocks under the window
+    of its newest token. The plan sizes by it, and the scheduler admits by it."""
+    whole = math.ceil(num_tokens / block_size)
+    return sum(whole if w is None else min(whole, window_blocks(w, block_size)) for w in windows)
 
 
 def window_blocks(window: int, block_size: int) -> int:
