@@ -21,7 +21,7 @@ from collections.abc import Sequence as Seq
 from kvpilot.runtime.engine.sequence import FREED_BLOCK, Sequence
 from kvpilot.runtime.memory.kv_groups import blocks_per_sequence
 
-ROOT_HASH = 0  # the parent hash of every sequence's first block
+ROOT_HASH = 0  # the parent hash of a sequence's first block, plus its rope offset (other rope, other K/V)
 
 
 class Block:
@@ -76,7 +76,7 @@ class BlockManager:
     def _hash_full_blocks(self, seq: Sequence) -> list[int]:
         """Extend `seq.block_hashes` over every full block of its tokens; hashes are computed once."""
         for i in range(len(seq.block_hashes), seq.num_tokens // self.block_size):
-            parent = seq.block_hashes[i - 1] if i else ROOT_HASH
+            parent = seq.block_hashes[i - 1] if i else ROOT_HASH + seq.rope_offset
             seq.block_hashes.append(chain_hash(parent, seq.block_tokens(i)))
         return seq.block_hashes
 

@@ -130,6 +130,7 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, prompt_token_ids, params, self.config.block_size, generator)
+        seq.rope_offset = self.loaded.model.rope_offset(len(prompt_token_ids) + params.max_tokens)
         if params.structured is not None:
             seq.matcher = self.guidance.matcher(params.structured)  # GrammarError (a ValueError) names the fault
         self.scheduler.add(seq)

@@ -87,7 +87,7 @@ class ModelRunner:
         for seq in batch.decodes:
             pos = seq.num_computed_tokens
             tokens.append(seq.token_ids[pos])
-            positions.append(pos)
+            positions.append(pos + seq.rope_offset)
             for group_slots, table in zip(slots, seq.block_tables, strict=True):
                 group_slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
             if pos + 1 == seq.num_tokens:
@@ -97,7 +97,7 @@ class ModelRunner:
         for seq, n in batch.prefills:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             tokens += seq.token_ids[start:end]
-            positions += range(start, end)
+            positions += range(start + seq.rope_offset, end + seq.rope_offset)
             for group_slots, table in zip(slots, seq.block_tables, strict=True):
                 group_slots += self._slots(table, start, end)
             self._prompt_rows(seq, start, end, len(tokens) - n, prompt_rows, prompt_targets)

@@ -55,6 +55,7 @@ class Sequence:
         self.num_freed_blocks: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks, computed once per block
         self.num_registered_blocks = 0  # leading blocks whose hash the block manager has recorded
+        self.rope_offset = 0  # added to its positions: which rotary rows it reads (the model's rope_offset)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []

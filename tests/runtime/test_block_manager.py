@@ -264,3 +264,16 @@ def test_prefix_caching_needs_one_group():
         BlockManager(8, BS, True, (None, 8))
     BlockManager(8, BS, False, (None, 8))
     BlockManager(8, BS, True, (8,))  # Mistral v0.1: one windowed group keeps its prefix cache
+
+
+def test_the_same_tokens_under_another_rope_share_no_block():
+    """A longrope sequence that may pass the original context reads the long factors' rotary rows
+    (rope_offset): its K/V differ from the same tokens' under the short factors."""
+    sched = make_scheduler(num_blocks=8, max_batched=32)
+    short = make_seq(list(range(10)), max_tokens=1)
+    sched.add(short)
+    run_step(sched, random.Random(0))
+    same, long = make_seq([*range(9), 99]), make_seq([*range(9), 99])
+    long.rope_offset = 64
+    assert len(sched.block_manager.find_cached_prefix(same)) == 2
+    assert sched.block_manager.find_cached_prefix(long) == []
