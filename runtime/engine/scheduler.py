@@ -65,10 +65,11 @@ class Scheduler:
                                  f"({max_tokens}) = {total} tokens exceeds max_model_len {self.max_model_len}")
         bm = self.block_manager
         blocks = bm.blocks_for_sequence(total)
+        tokens = bm.num_blocks // len(bm.windows) * bm.block_size  # for every layer
         if blocks > bm.num_blocks:
             raise AdmissionError(f"request {request_id!r}: prompt ({num_prompt_tokens} tokens) + max_tokens "
                                  f"({max_tokens}) = {total} tokens needs {blocks} KV blocks, but the whole KV cache "
-                                 f"holds {bm.num_blocks} blocks ({bm.num_blocks // len(bm.windows) * bm.block_size} tokens)")
+                                 f"holds {bm.num_blocks} blocks ({tokens} tokens)")
 
     def add(self, seq: Sequence) -> None:
         self.check_admission(seq.request_id, seq.num_prompt_tokens, seq.params.max_tokens)

@@ -13,7 +13,6 @@ import torch
 
 from kvpilot.runtime.engine.sampling import SamplingParams
 
-
 FREED_BLOCK = 0  # what a windowed group's freed table entry points at
 
 

@@ -4,6 +4,7 @@ by its window, and an engine built from such a plan holding exactly the sequence
 from __future__ import annotations
 
 import dataclasses
+
 import pytest
 
 from kvpilot.runtime.memory.devices import Device, GiB, gpu_from_catalog
