@@ -1,4 +1,11 @@
-"""The paged KV pool's bookkeeping: a free list, reference counts and the prefix cache.
+"""The paged KV pool's bookkeeping: a free list, reference counts, sliding windows and the prefix cache.
+
+Each KV group (memory/kv_groups.py) gives a sequence one block table; the tables grow together,
+one block each per `block_size` positions, from the one free list. After each step a windowed
+group frees the blocks wholly before the window of the sequence's next token (`free_outside_windows`):
+they go back to the pool, their table entries become FREED_BLOCK.
+
+The prefix cache runs with one group only (every layer in the same blocks).
 
 A full block is keyed by the chained hash of (parent block's hash, the block's tokens), so equal
 hashes mean equal prefixes. A new sequence takes the cached blocks of its longest cached prefix.
@@ -11,9 +18,10 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
-from kvpilot.runtime.engine.sequence import Sequence
+from kvpilot.runtime.engine.sequence import FREED_BLOCK, Sequence
+from kvpilot.runtime.memory.kv_groups import blocks_per_sequence
 
-ROOT_HASH = 0  # the parent hash of every sequence's first block
+ROOT_HASH = 0  # the parent hash of a sequence's first block, plus its rope offset (other rope, other K/V)
 
 
 class Block:
@@ -34,9 +42,14 @@ def chain_hash(parent_hash: int, token_ids: Seq[int]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 windows: Seq[int | None] = (None,)) -> None:
+        """`windows`: each KV group's sliding window in tokens (None: full attention)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a KV pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks} x {block_size}")
+        if not windows or (enable_prefix_caching and len(windows) > 1):
+            raise ValueError(f"the prefix cache needs exactly one KV group, got windows {list(windows)}")
+        self.windows = tuple(windows)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -52,6 +65,10 @@ class BlockManager:
         return len(self.free_block_ids) + len(self.evictable)
 
     @property
+    def has_windows(self) -> bool:
+        return any(w is not None for w in self.windows)
+
+    @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
@@ -59,7 +76,7 @@ class BlockManager:
     def _hash_full_blocks(self, seq: Sequence) -> list[int]:
         """Extend `seq.block_hashes` over every full block of its tokens; hashes are computed once."""
         for i in range(len(seq.block_hashes), seq.num_tokens // self.block_size):
-            parent = seq.block_hashes[i - 1] if i else ROOT_HASH
+            parent = seq.block_hashes[i - 1] if i else ROOT_HASH + seq.rope_offset
             seq.block_hashes.append(chain_hash(parent, seq.block_tokens(i)))
         return seq.block_hashes
 
@@ -83,7 +100,7 @@ class BlockManager:
         if not self.enable_prefix_caching or num_full <= seq.num_registered_blocks:
             return
         hashes = self._hash_full_blocks(seq)
-        for i in range(seq.num_registered_blocks, num_full):
+        for i in range(seq.num_registered_blocks, num_full):  # registered before a window frees them
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and hashes[i] not in self.hash_to_block_id:
                 block.hash, block.token_ids = hashes[i], tuple(seq.block_tokens(i))
@@ -93,10 +110,24 @@ class BlockManager:
     # --- allocation -----------------------------------------------------------------------------
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int, cached: Seq[int] = ()) -> int:
         """Free blocks that scheduling `num_new_tokens` more tokens of `seq` would take."""
-        computed = len(cached) * self.block_size if cached else seq.num_computed_tokens
-        held = len(cached) if cached else len(seq.block_table)
-        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # cached but free: leave the free pool
-        return max(0, seq.num_blocks_for(computed + num_new_tokens) - held) + revived
+        computed, held, revived = self._start(seq, cached)
+        return len(self.windows) * max(0, seq.num_blocks_for(computed + num_new_tokens) - held) + revived
+
+    def tokens_that_fit(self, seq: Sequence, wanted: int, cached: Seq[int] = ()) -> int:
+        """The most of `wanted` new tokens of `seq` the free blocks hold."""
+        computed, held, revived = self._start(seq, cached)
+        spare = (self.num_free_blocks - revived) // len(self.windows)  # new blocks for each group's table
+        return max(0, min(wanted, (held + spare) * self.block_size - computed))
+
+    def _start(self, seq: Sequence, cached: Seq[int]) -> tuple[int, int, int]:
+        """(computed tokens, table length, cached blocks to take back from the free pool) before allocating."""
+        if not cached:
+            return seq.num_computed_tokens, len(seq.block_table), 0
+        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        return len(cached) * self.block_size, len(cached), revived
+
+    def blocks_for_sequence(self, num_tokens: int) -> int:
+        return blocks_per_sequence(self.windows, num_tokens, self.block_size)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: Seq[int] = ()) -> bool:
         return self.num_blocks_needed(seq, num_new_tokens, cached) <= self.num_free_blocks
@@ -107,18 +138,21 @@ class BlockManager:
         if not self.can_allocate(seq, num_new_tokens, cached):
             raise RuntimeError(f"{seq!r}: {self.num_blocks_needed(seq, num_new_tokens, cached)} blocks needed "
                                f"for {num_new_tokens} tokens, {self.num_free_blocks} free")
-        if not seq.block_table:
+        if not seq.block_tables:
             if self.enable_prefix_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += len(cached) * self.block_size
             for block_id in cached:
                 self._take(block_id)
-            seq.block_table = list(cached)
+            seq.block_tables = [list(cached)] + [[] for _ in self.windows[1:]]
+            seq.num_freed_blocks = [0] * len(self.windows)
             seq.num_registered_blocks = len(cached)
             seq.num_computed_tokens = len(cached) * self.block_size
             seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
-        while len(seq.block_table) < seq.num_blocks_for(seq.num_computed_tokens + num_new_tokens):
-            seq.block_table.append(self._take_free())
+        wanted = seq.num_blocks_for(seq.num_computed_tokens + num_new_tokens)
+        for table in seq.block_tables:
+            while len(table) < wanted:
+                table.append(self._take_free())
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -138,24 +172,42 @@ class BlockManager:
         self.blocks[block_id].ref_count = 1
         return block_id
 
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.hash is None:
+                self.free_block_ids.append(block_id)
+            else:
+                self.evictable[block_id] = None
+
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks at once; the tail goes first, so it is evicted before the shared head."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is None:
-                    self.free_block_ids.append(block_id)
-                else:
-                    self.evictable[block_id] = None
-        seq.block_table = []
+        for group in range(len(seq.block_tables)):
+            for block_id in reversed(seq.held_blocks(group)):
+                self._release(block_id)
+        seq.block_tables, seq.num_freed_blocks = [], []
         seq.num_registered_blocks = 0
+
+    def free_outside_windows(self, seq: Sequence) -> None:
+        """Release the blocks of `seq`'s windowed groups that hold only positions before the window of
+        its next token (at `num_computed_tokens`): no layer of the group reads them again."""
+        for group, window in enumerate(self.windows):
+            if window is None or not seq.block_tables:
+                continue
+            table = seq.block_tables[group]
+            outside = min(len(table), max(0, seq.num_computed_tokens - window + 1) // self.block_size)
+            for i in range(seq.num_freed_blocks[group], outside):
+                self._release(table[i])
+                table[i] = FREED_BLOCK
+            seq.num_freed_blocks[group] = max(seq.num_freed_blocks[group], outside)
 
     def slot_usage(self, seqs: Seq[Sequence]) -> tuple[int, int]:
         """(slots in the blocks `seqs` hold, slots of those holding computed tokens); shared blocks count once."""
         filled: dict[int, int] = {}
         for seq in seqs:
-            for i, block_id in enumerate(seq.block_table):
-                used = min(self.block_size, max(0, seq.num_computed_tokens - i * self.block_size))
-                filled[block_id] = max(filled.get(block_id, 0), used)
+            for group, table in enumerate(seq.block_tables):
+                for i in range(seq.num_freed_blocks[group], len(table)):
+                    used = min(self.block_size, max(0, seq.num_computed_tokens - i * self.block_size))
+                    filled[table[i]] = max(filled.get(table[i], 0), used)
         return len(filled) * self.block_size, sum(filled.values())

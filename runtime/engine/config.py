@@ -7,17 +7,20 @@ as None from the model's facts and the memory plan, so the engine only ever read
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from kvpilot.kernels import ops
 from kvpilot.runtime.memory.facts import ModelFacts
+from kvpilot.runtime.memory.kv_groups import KVGroups, model_kv_groups
 from kvpilot.runtime.memory.quantization import DTYPE_ALIASES, WEIGHT_QUANT_MODES
 from kvpilot.runtime.memory.support import UnsupportedOption
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_BLOCK_SIZE = 16
+logger = logging.getLogger("kvpilot.runtime.engine.config")
 
 
 def _dtype_name(value: str) -> str:
@@ -150,8 +153,18 @@ class EngineConfig:
             num_kv_blocks = num_kv_blocks or plan.num_kv_blocks
             max_batched = max_batched or max(plan.max_batched_tokens, max_num_seqs or 0)
             max_num_seqs = max_num_seqs or min(plan.max_num_seqs, max_batched)
+        prefix_caching = self.enable_prefix_caching
+        if prefix_caching and model_kv_groups(facts, max_model_len).is_hybrid:
+            logger.info("prefix caching off: model=%s keeps layers of different sliding windows in separate "
+                        "block tables, and the prefix cache holds one", facts.name)
+            prefix_caching = False
         return dataclasses.replace(self, max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
-                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched)
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
+                                   enable_prefix_caching=prefix_caching)
+
+    def kv_groups(self, facts: ModelFacts) -> KVGroups:
+        """How the KV pool holds `facts`' layers (call on a complete config)."""
+        return model_kv_groups(facts, self.max_model_len or facts.max_position_embeddings)
 
 
 def _dtype_name_or_none(value: str) -> str | None:

@@ -52,9 +52,11 @@ class LLMEngine:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             set_cpu_threads()
+        groups = config.kv_groups(self.facts)
         _check_device_memory(self.device, expected_kv_bytes(self.facts, config.num_kv_blocks, config.block_size,
-                                                            config.kv_torch_dtype, config.tensor_parallel_size))
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+                                                            config.kv_torch_dtype, groups, config.tensor_parallel_size))
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+                                          groups.windows)
         self.scheduler = Scheduler(config, self.block_manager)
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.guidance = Guidance(self.tokenizer, self.facts.vocab_size, self.eos_token_ids)
@@ -128,6 +130,7 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, prompt_token_ids, params, self.config.block_size, generator)
+        seq.rope_offset = self.loaded.model.rope_offset(len(prompt_token_ids) + params.max_tokens)
         if params.structured is not None:
             seq.matcher = self.guidance.matcher(params.structured)  # GrammarError (a ValueError) names the fault
         self.scheduler.add(seq)

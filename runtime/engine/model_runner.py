@@ -25,11 +25,11 @@ class HostInputs:
 
     tokens: list[int]
     positions: list[int]
-    slots: list[int]
+    slots: list[list[int]]  # per KV group (memory/kv_groups.py)
     num_decodes: int
-    decode_block_tables: list[list[int]]
+    decode_block_tables: list[list[list[int]]]  # per KV group
     decode_context_lens: list[int]
-    prefill_block_tables: list[list[int]]
+    prefill_block_tables: list[list[list[int]]]  # per KV group
     prefill_cu_seqlens: list[int]
     prefill_context_lens: list[int]
     prefill_max_query_len: int
@@ -41,7 +41,7 @@ class HostInputs:
 class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
-    meta: AttentionMetadata
+    meta: AttentionMetadata | list[AttentionMetadata]  # one for every layer, or one per layer
     sample_indices: torch.Tensor
 
 
@@ -53,9 +53,9 @@ class StepResult:
     errors: list[str | None]  # a request whose own sampling failed (its token is None)
 
 
-def _block_tables(seqs: list[Sequence]) -> list[list[int]]:
+def _block_tables(seqs: list[Sequence], group: int) -> list[list[int]]:
     width = max((len(s.block_table) for s in seqs), default=0)
-    return [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+    return [s.block_tables[group] + [0] * (width - len(s.block_table)) for s in seqs]
 
 
 class ModelRunner:
@@ -65,19 +65,21 @@ class ModelRunner:
         self.model, self.facts, self.sampler, self.parallel = model, facts, sampler, parallel
         self.device = torch.device(config.device)
         self.block_size = config.block_size
+        self.kv_groups = config.kv_groups(facts)
         self.kv_cache: KVCache = allocate_kv_cache(facts, config.num_kv_blocks, config.block_size,
-                                                   config.kv_torch_dtype, self.device, parallel.size)
+                                                   config.kv_torch_dtype, self.device, self.kv_groups, parallel.size)
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
+    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def pack(self, batch: ScheduledBatch) -> tuple[HostInputs, list[Sequence], list[tuple[Sequence, int]]]:
         """The batch's tokens packed (decodes first, then prefill chunks), the sequences to sample, and
         the prompt tokens whose logprobs the prompt rows score."""
+        groups = range(self.kv_groups.num_groups)
         tokens: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        slots: list[list[int]] = [[] for _ in groups]
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         prompt_rows: list[int] = []
@@ -85,8 +87,9 @@ class ModelRunner:
         for seq in batch.decodes:
             pos = seq.num_computed_tokens
             tokens.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            positions.append(pos + seq.rope_offset)
+            for group_slots, table in zip(slots, seq.block_tables, strict=True):
+                group_slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
             if pos + 1 == seq.num_tokens:
                 sample_rows.append(len(tokens) - 1)
                 sample_seqs.append(seq)
@@ -94,17 +97,19 @@ class ModelRunner:
         for seq, n in batch.prefills:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             tokens += seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += self._slots(seq, start, end)
+            positions += range(start + seq.rope_offset, end + seq.rope_offset)
+            for group_slots, table in zip(slots, seq.block_tables, strict=True):
+                group_slots += self._slots(table, start, end)
             self._prompt_rows(seq, start, end, len(tokens) - n, prompt_rows, prompt_targets)
             cu_seqlens.append(cu_seqlens[-1] + n)
             prefill_lens.append(end)
             if end == seq.num_tokens:
                 sample_rows.append(len(tokens) - 1)
                 sample_seqs.append(seq)
+        prefilled = [seq for seq, _ in batch.prefills]
         host = HostInputs(
-            tokens, positions, slots, len(batch.decodes), _block_tables(batch.decodes),
-            [s.num_computed_tokens + 1 for s in batch.decodes], _block_tables([seq for seq, _ in batch.prefills]),
+            tokens, positions, slots, len(batch.decodes), [_block_tables(batch.decodes, g) for g in groups],
+            [s.num_computed_tokens + 1 for s in batch.decodes], [_block_tables(prefilled, g) for g in groups],
             cu_seqlens, prefill_lens, max((n for _, n in batch.prefills), default=0), sample_rows, prompt_rows)
         return host, sample_seqs, prompt_targets
 
@@ -123,18 +128,23 @@ class ModelRunner:
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-        meta = AttentionMetadata(
-            slot_mapping=tensor(host.slots, torch.int64),
+        decode_lens = tensor(host.decode_context_lens, torch.int32)
+        cu_seqlens = tensor(host.prefill_cu_seqlens, torch.int32)
+        prefill_lens = tensor(host.prefill_context_lens, torch.int32)
+        metas = [AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
             num_decode_tokens=host.num_decodes,
-            decode_block_tables=tensor(host.decode_block_tables, torch.int32),
-            decode_context_lens=tensor(host.decode_context_lens, torch.int32),
-            prefill_block_tables=tensor(host.prefill_block_tables, torch.int32),
-            prefill_cu_seqlens_q=tensor(host.prefill_cu_seqlens, torch.int32),
-            prefill_context_lens=tensor(host.prefill_context_lens, torch.int32),
+            decode_block_tables=tensor(decode_tables, torch.int32),
+            decode_context_lens=decode_lens,
+            prefill_block_tables=tensor(prefill_tables, torch.int32),
+            prefill_cu_seqlens_q=cu_seqlens,
+            prefill_context_lens=prefill_lens,
             decode_max_context_len=max(host.decode_context_lens, default=0),
             prefill_max_query_len=host.prefill_max_query_len,
             prefill_max_context_len=max(host.prefill_context_lens, default=0),
-        )
+        ) for slots, decode_tables, prefill_tables in zip(host.slots, host.decode_block_tables,
+                                                          host.prefill_block_tables, strict=True)]
+        meta = metas[0] if len(metas) == 1 else [metas[g] for g in self.kv_groups.layer_groups()]
         return StepInputs(tensor(host.tokens, torch.int64), tensor(host.positions, torch.int64), meta,
                           tensor(host.sample_rows + host.prompt_rows, torch.int64))
 

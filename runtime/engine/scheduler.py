@@ -6,8 +6,9 @@ Every step runs, in this order and within `max_num_batched_tokens`:
    the queue), down to the decoding sequence itself;
 2. the rest of the running prompts, chunked to the budget and to the free blocks;
 3. waiting sequences, oldest first, each with as much of its prompt as the budget leaves, as long
-   as the pool holds the chunk and fewer than `max_num_seqs` run. None after a preemption: the
-   pool is short already.
+   as the pool holds the chunk and fewer than `max_num_seqs` run (with sliding windows, as much of
+   the chunk as the pool holds: a windowed prompt can need more blocks at once than it ever keeps).
+   None after a preemption: the pool is short already.
 A request that could never fit (longer than `max_model_len`, or than the whole pool) is refused
 when it arrives, so no sequence waits forever and the queue never deadlocks.
 """
@@ -63,11 +64,12 @@ class Scheduler:
             raise AdmissionError(f"request {request_id!r}: prompt ({num_prompt_tokens} tokens) + max_tokens "
                                  f"({max_tokens}) = {total} tokens exceeds max_model_len {self.max_model_len}")
         bm = self.block_manager
-        blocks = -(-total // bm.block_size)
+        blocks = bm.blocks_for_sequence(total)
+        tokens = bm.num_blocks // len(bm.windows) * bm.block_size  # for every layer
         if blocks > bm.num_blocks:
             raise AdmissionError(f"request {request_id!r}: prompt ({num_prompt_tokens} tokens) + max_tokens "
                                  f"({max_tokens}) = {total} tokens needs {blocks} KV blocks, but the whole KV cache "
-                                 f"holds {bm.num_blocks} blocks ({bm.num_blocks * bm.block_size} tokens)")
+                                 f"holds {bm.num_blocks} blocks ({tokens} tokens)")
 
     def add(self, seq: Sequence) -> None:
         self.check_admission(seq.request_id, seq.num_prompt_tokens, seq.params.max_tokens)
@@ -104,9 +106,7 @@ class Scheduler:
         return None
 
     def _tokens_that_fit(self, seq: Sequence, wanted: int) -> int:
-        bm = self.block_manager
-        room = len(seq.block_table) * bm.block_size - seq.num_computed_tokens + bm.num_free_blocks * bm.block_size
-        return min(wanted, room)
+        return self.block_manager.tokens_that_fit(seq, wanted)
 
     def schedule(self) -> ScheduledBatch:
         batch, scheduled = ScheduledBatch(), set()
@@ -160,7 +160,9 @@ class Scheduler:
             seq = self.waiting[0]
             cached = bm.find_cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
-            if not bm.can_allocate(seq, num_new, cached):
+            if bm.has_windows:
+                num_new = bm.tokens_that_fit(seq, num_new, cached)
+            if not num_new or not bm.can_allocate(seq, num_new, cached):
                 break
             self.waiting.popleft()
             bm.allocate(seq, num_new, cached)
@@ -178,6 +180,7 @@ class Scheduler:
         for seq, num_new in batch.items():
             seq.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(seq)
+            self.block_manager.free_outside_windows(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 ready.append(seq)
         return ready

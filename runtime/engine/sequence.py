@@ -13,6 +13,8 @@ import torch
 
 from kvpilot.runtime.engine.sampling import SamplingParams
 
+FREED_BLOCK = 0  # what a windowed group's freed table entry points at
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -45,9 +47,14 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the first schedule
-        self.block_table: list[int] = []
+        # One block table per KV group (memory/kv_groups.py), all of one length: entry i holds
+        # positions i * block_size ..; a windowed group's first `num_freed_blocks[g]` entries are freed
+        # (FREED_BLOCK: a valid index the window masks, so the kernels' block arithmetic is unchanged)
+        self.block_tables: list[list[int]] = []
+        self.num_freed_blocks: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks, computed once per block
         self.num_registered_blocks = 0  # leading blocks whose hash the block manager has recorded
+        self.rope_offset = 0  # added to its positions: which rotary rows it reads (the model's rope_offset)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []
@@ -64,7 +71,16 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={len(self)}, computed={self.num_computed_tokens}, "
-                f"blocks={self.block_table}, {self.status.value})")
+                f"blocks={self.block_tables}, {self.status.value})")
+
+    @property
+    def block_table(self) -> list[int]:
+        """The first group's table (every layer's, unless layers of different windows split the pool)."""
+        return self.block_tables[0] if self.block_tables else []
+
+    def held_blocks(self, group: int) -> list[int]:
+        """The blocks `group`'s table holds (its freed entries left out)."""
+        return self.block_tables[group][self.num_freed_blocks[group]:]
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +116,6 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preempted: its blocks are gone, so every token (prompt and output) is computed again."""
         self.num_computed_tokens = 0
-        self.block_table = []
+        self.block_tables, self.num_freed_blocks = [], []
         self.num_registered_blocks = 0
         self.status = SequenceStatus.WAITING

@@ -15,7 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config
+from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config, layer_windows
 
 if TYPE_CHECKING:
     from kvpilot.runtime.memory.checkpoint import CheckpointQuantization
@@ -55,12 +55,16 @@ class ModelFacts:
     rms_norm_eps: float = 1e-5
     # A pre-quantized checkpoint's quantization_config (checkpoint.read_quantization); None: float weights
     checkpoint: CheckpointQuantization | None = field(default=None, compare=False)
+    # Each layer's sliding attention window (support.layer_windows); () when no layer has one
+    layer_windows: tuple[int | None, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size", "vocab_size", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model {self.name}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.layer_windows and len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"model {self.name}: {len(self.layer_windows)} layer windows for {self.num_layers} layers")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model {self.name}: num_heads ({self.num_heads}) must be a multiple "
                              f"of num_kv_heads ({self.num_kv_heads})")
@@ -134,6 +138,7 @@ def from_hf_config(config: dict[str, Any], name: str = "model") -> ModelFacts:
             rope_scaling=config.get("rope_scaling"),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
             checkpoint=read_quantization(config),
+            layer_windows=windows if any(windows := layer_windows(config)) else (),
         )
     except KeyError as err:
         raise UnknownModel(f"config of {name} lacks the field {err.args[0]!r}") from None

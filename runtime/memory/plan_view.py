@@ -40,10 +40,13 @@ def render_plan(plan: Plan, console: Console) -> None:
                                      f"(compute {plan.compute_dtype})")
     decision.add_row("parallelism", f"tensor parallel {plan.tensor_parallel}, {plan.nodes} node(s), "
                                     f"{plan.gpus_per_replica} GPU(s) per replica")
+    every_layer = " for every layer" if plan.kv_groups > 1 else ""
     decision.add_row("KV cache", f"{plan.num_kv_blocks} blocks x {plan.block_size} tokens = "
-                                 f"{plan.kv_capacity_tokens:,} tokens "
+                                 f"{plan.kv_capacity_tokens:,} tokens{every_layer} "
                                  f"({plan.kv_bytes_per_token:,} bytes/token per GPU)")
-    decision.add_row("capacity", f"{plan.kv_capacity_sequences} sequences at {plan.max_model_len:,} tokens; "
+    windows = (f"; sliding-window layers hold at most {' / '.join(f'{w:,}' for w in plan.sliding_windows)} tokens"
+               if plan.sliding_windows else "")
+    decision.add_row("capacity", f"{plan.kv_capacity_sequences} sequences at {plan.max_model_len:,} tokens{windows}; "
                                  f"max {plan.max_num_seqs} running, {plan.max_batched_tokens} tokens per step")
     console.print(decision)
 

@@ -29,6 +29,7 @@ from kvpilot.runtime.memory.budget import (
 from kvpilot.runtime.memory.checkpoint import checkpoint_weight_bytes_by_part
 from kvpilot.runtime.memory.devices import Device, GiB
 from kvpilot.runtime.memory.facts import ModelFacts
+from kvpilot.runtime.memory.kv_groups import kv_block_bytes, model_kv_groups
 from kvpilot.runtime.memory.quantization import (
     DTYPE_BYTES,
     QUANT_MODES,
@@ -123,7 +124,9 @@ class Plan:
     gpus_per_replica: int
     block_size: int
     num_kv_blocks: int
-    kv_bytes_per_token: int  # per GPU
+    kv_bytes_per_token: int  # per GPU, every layer
+    kv_block_bytes: int  # per GPU: one block of the pool (memory/kv_groups.py)
+    kv_blocks_per_sequence: int  # the most blocks a sequence of max_model_len tokens holds
     max_model_len: int
     max_num_seqs: int
     max_batched_tokens: int
@@ -131,15 +134,18 @@ class Plan:
     weights_by_part: dict[str, int]
     reasons: list[str] = field(default_factory=list)
     checkpoint: str | None = None  # a pre-quantized checkpoint's format (e.g. "gptq int4"); None: float
+    kv_groups: int = 1  # block tables per sequence: one per group of layers sharing a sliding window
+    sliding_windows: tuple[int, ...] = ()  # the windows shorter than max_model_len, in tokens
 
     @property
     def kv_capacity_tokens(self) -> int:
-        return self.num_kv_blocks * self.block_size
+        """Tokens the KV cache holds for every layer (sliding-window layers free theirs past the window)."""
+        return self.num_kv_blocks // self.kv_groups * self.block_size
 
     @property
     def kv_capacity_sequences(self) -> int:
         """Sequences at full `max_model_len` the KV cache holds at once."""
-        return self.num_kv_blocks // math.ceil(self.max_model_len / self.block_size)
+        return self.num_kv_blocks // self.kv_blocks_per_sequence
 
     def engine_options(self) -> dict[str, str | int]:
         """The plan as the runtime's `serve` options (flag -> value): pods get them as arguments and
@@ -170,8 +176,10 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
     overhead = non_torch_bytes(device, tp)
     margin = safety_margin_bytes(device, usable)
     per_token = kv_bytes_per_token(facts, kv_dtype, tp)
-    block_bytes = per_token * req.block_size
-    blocks_needed = math.ceil(max_model_len / req.block_size) * req.concurrency
+    groups = model_kv_groups(facts, max_model_len)
+    block_bytes = kv_block_bytes(facts, kv_dtype, req.block_size, groups, tp)
+    per_sequence = groups.blocks_per_sequence(max_model_len, req.block_size)
+    blocks_needed = per_sequence * req.concurrency
     budget = usable - weights - activations - overhead - margin
     blocks = max(0, budget // block_bytes)
     if device.kind == "cpu":
@@ -182,7 +190,9 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
         kv_dtype=kv_dtype, compute_dtype=compute, tensor_parallel=tp,
         nodes=math.ceil(tp / gpus_per_node), gpus_per_replica=tp if device.kind == "cuda" else 0,
         block_size=req.block_size, num_kv_blocks=blocks, kv_bytes_per_token=per_token,
-        max_model_len=max_model_len, max_num_seqs=max(1, min(limits.max_num_seqs, blocks)),
+        kv_block_bytes=block_bytes, kv_blocks_per_sequence=per_sequence, kv_groups=groups.num_groups,
+        sliding_windows=groups.sliding_windows, max_model_len=max_model_len,
+        max_num_seqs=max(1, min(limits.max_num_seqs, blocks)),
         max_batched_tokens=limits.max_batched_tokens,
         memory=MemoryBreakdown(device.memory_bytes, usable, weights, blocks * block_bytes,
                                activations, overhead, margin),
@@ -322,7 +332,13 @@ def _with_reasons(chosen: Plan, attempts: list, req: PlanRequest, widened: bool)
     if widened:
         reasons.append(f"one node of {req.gpus_per_node} GPUs cannot hold the model: "
                        f"spanning {chosen.nodes} nodes")
+    every_layer = " for every layer" if chosen.kv_groups > 1 else ""
     reasons.append(f"KV cache: {chosen.num_kv_blocks} blocks x {chosen.block_size} tokens = "
-                   f"{chosen.kv_capacity_tokens} tokens = {chosen.kv_capacity_sequences} sequences "
+                   f"{chosen.kv_capacity_tokens} tokens{every_layer} = {chosen.kv_capacity_sequences} sequences "
                    f"of {chosen.max_model_len} tokens (asked for {req.concurrency})")
+    if chosen.sliding_windows:
+        unbounded = chosen.kv_groups * math.ceil(chosen.max_model_len / chosen.block_size)
+        reasons.append(f"sliding-window layers hold at most {' / '.join(map(str, chosen.sliding_windows))} tokens "
+                       f"per sequence: one of {chosen.max_model_len} tokens takes {chosen.kv_blocks_per_sequence} "
+                       f"blocks ({chosen.kv_groups} block tables), not {unbounded}")
     return Plan(**{**chosen.__dict__, "reasons": reasons})

@@ -146,6 +146,12 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
         self.rotary_dim = rotary_dim or head_dim
         self.freq_factors = freq_factors
+        # longrope past its original context: rows [0, max_positions) hold the short factors' angles, rows
+        # [long_offset, 2 * max_positions) the long ones'; a sequence that may grow past `long_after`
+        # tokens reads position + long_offset (transformers picks the long factors for such a sequence)
+        original = int(scaling["original_max_position_embeddings"]) if _rope_type(scaling) == "longrope" else 0
+        self.long_after = original if 0 < original < max_positions else None
+        self.long_offset = max_positions if self.long_after else 0
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.build_tables(torch.empty(0).device)  # the default device: meta while the loader builds
@@ -154,10 +160,15 @@ class RotaryEmbedding(nn.Module):
         """The fp32 cos/sin of every position; rebuilt on the real device after meta-device construction."""
         if device.type == "meta":
             return
-        inv_freq, attention = rope_parameters(self.rotary_dim, self.theta, self.scaling, self.freq_factors, device,
-                                              self.max_positions)
-        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)
-        self.cos, self.sin = freqs.cos() * attention, freqs.sin() * attention
+        contexts = [self.long_after, self.max_positions] if self.long_after else [self.max_positions]
+        cos, sin = [], []
+        for context in contexts:  # longrope: the short factors' rows, then the long ones'
+            inv_freq, attention = rope_parameters(self.rotary_dim, self.theta, self.scaling, self.freq_factors,
+                                                  device, context)
+            freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)
+            cos.append(freqs.cos() * attention)
+            sin.append(freqs.sin() * attention)
+        self.cos, self.sin = torch.cat(cos), torch.cat(sin)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)

@@ -177,6 +177,8 @@ class LlamaModel(nn.Module):
                                  rope, rope_freq_factors, rotary_dim)
             for key, rope in ropes.items()})
         self.rotary = next(iter(self.rotaries.values()))
+        if len(self.rotaries) > 1 and any(r.long_after for r in self.rotaries.values()):
+            raise UnsupportedOption("longrope on some layers with another rope on others is not supported")
         self.embed_tokens = VocabParallelEmbedding(facts.vocab_size, facts.hidden_size, parallel)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(facts, variant, i, self.rotaries[variant.rope_key(i)] if variant.uses_rope(i) else None,
@@ -189,13 +191,15 @@ class LlamaModel(nn.Module):
             rotary.build_tables(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
-                v_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                v_caches: list[torch.Tensor], meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
+        """`meta`: one for every layer, or one per layer (layers of different windows keep different blocks)."""
         h = self.embed_tokens(input_ids)
         scale = self.variant.embedding_scale
         if scale is not None:  # Gemma multiplies by sqrt(hidden) rounded to the compute dtype, Granite by a float
             h = h * (torch.tensor(scale, dtype=h.dtype) if self.variant.embedding_scale_in_dtype else scale)
-        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
-            h = layer(positions, h, k_cache, v_cache, meta)
+        metas = meta if isinstance(meta, list) else [meta] * len(self.layers)
+        for layer, k_cache, v_cache, layer_meta in zip(self.layers, k_caches, v_caches, metas, strict=True):
+            h = layer(positions, h, k_cache, v_cache, layer_meta)
         return self.norm(h)
 
 
@@ -210,8 +214,15 @@ class LlamaForCausalLM(nn.Module):
         rows = self.model.embed_tokens.rows
         self.lm_head = None if facts.tie_word_embeddings else nn.Linear(facts.hidden_size, rows, bias=False)
 
+    def rope_offset(self, max_tokens: int) -> int:
+        """What a sequence that may grow to `max_tokens` tokens adds to its positions: longrope's long
+        factors' rows when it may pass the original context, else 0."""
+        rotary = self.model.rotary
+        return rotary.long_offset if rotary.long_after and max_tokens > rotary.long_after else 0
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
-                v_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                v_caches: list[torch.Tensor], meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
+        """`positions`: each token's row of the rotary tables (its position, plus `rope_offset`)."""
         return self.model(input_ids, positions, k_caches, v_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

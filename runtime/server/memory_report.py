@@ -38,7 +38,7 @@ def _process_gpu_bytes(device_index: int) -> int | None:
 def memory_figures(engine, plan: Plan) -> MemoryFigures:
     """`engine` is the running LLMEngine; `plan` the memory model's plan for its config."""
     config = engine.config
-    kv_planned = config.num_kv_blocks * config.block_size * plan.kv_bytes_per_token
+    kv_planned = config.num_kv_blocks * plan.kv_block_bytes
     planned = {"weights": plan.memory.weights, "kv_cache": kv_planned,
                "activations": plan.memory.activations, "other": plan.memory.overhead}
     weights = weight_bytes_held(engine.loaded.model)

@@ -101,9 +101,10 @@ def run_serve(args: argparse.Namespace) -> int:
     loaded = load_configured(config)
     if args.kv_memory:
         from kvpilot.runtime.engine.kv_cache import DTYPE_NAMES
-        from kvpilot.runtime.memory.quantization import kv_bytes_per_token
+        from kvpilot.runtime.memory.kv_groups import kv_block_bytes
 
-        per_block = args.block_size * kv_bytes_per_token(loaded.facts, DTYPE_NAMES[config.kv_torch_dtype])
+        per_block = kv_block_bytes(loaded.facts, DTYPE_NAMES[config.kv_torch_dtype], args.block_size,
+                                   config.kv_groups(loaded.facts))
         blocks = parse_quantity(args.kv_memory) // per_block
         if blocks < 1:
             raise UsageError(f"--kv-memory {args.kv_memory} holds no block of {per_block} bytes")

@@ -69,3 +69,45 @@ def test_triton_decode(device, options, num_splits):
     args = _decode_args(device)
     assert_close(paged_attention_decode(*args, num_splits=num_splits, **options),
                  paged_attention_decode_ref(*args, **options), torch.float32)
+
+
+def _with_freed_blocks(args: tuple, first_queries: list[int], window: int, poison: float) -> tuple:
+    """`args` as the engine's windowed layers see them: every table entry wholly before the window of a
+    sequence's first query points at one extra block (the engine's FREED_BLOCK) holding `poison`."""
+    query, k_cache, v_cache, tables, *rest = args
+    block_size, freed = k_cache.shape[1], k_cache.shape[0]
+    k_cache = torch.cat((k_cache, torch.full_like(k_cache[:1], poison)))
+    v_cache = torch.cat((v_cache, torch.full_like(v_cache[:1], poison)))
+    tables = tables.clone()
+    for i, first in enumerate(first_queries):
+        outside = max(0, first - window + 1) // block_size
+        tables[i, :outside] = freed
+    return (query, k_cache, v_cache, tables, *rest)
+
+
+@pytest.mark.parametrize("window", [4, 9, 16])
+def test_blocks_behind_the_window_are_never_read(device, window):
+    """The block manager frees a windowed layer's blocks wholly behind the window of its next query.
+    The Triton kernels never load them (NaN there changes nothing); the references gather them and
+    mask them out (any finite value there changes nothing: the engine's pool is zeroed, then written
+    with K/V only)."""
+    cpu = torch.device("cpu")
+    prefill, decode = _prefill_args(cpu), _decode_args(cpu)
+    firsts = [n - q for n, q in zip(CONTEXTS, Q_LENS, strict=True)]
+    want_prefill = paged_attention_prefill_ref(*prefill, window=window)
+    want_decode = paged_attention_decode_ref(*decode, window=window)
+    assert any(max(0, f - window + 1) >= 16 for f in firsts)  # some chunk has a block behind its window
+
+    finite_prefill = _with_freed_blocks(prefill, firsts, window, 1e4)
+    finite_decode = _with_freed_blocks(decode, [n - 1 for n in CONTEXTS], window, 1e4)
+    torch.testing.assert_close(paged_attention_prefill_ref(*finite_prefill, window=window), want_prefill)
+    torch.testing.assert_close(paged_attention_decode_ref(*finite_decode, window=window), want_decode)
+
+    nan_prefill = [t.to(device) if isinstance(t, torch.Tensor) else t
+                   for t in _with_freed_blocks(prefill, firsts, window, float("nan"))]
+    nan_decode = [t.to(device) if isinstance(t, torch.Tensor) else t
+                  for t in _with_freed_blocks(decode, [n - 1 for n in CONTEXTS], window, float("nan"))]
+    assert_close(paged_attention_prefill(*nan_prefill, window=window), want_prefill.to(device), torch.float32)
+    for num_splits in (1, 3):
+        assert_close(paged_attention_decode(*nan_decode, num_splits=num_splits, window=window),
+                     want_decode.to(device), torch.float32)

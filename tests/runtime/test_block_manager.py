@@ -1,5 +1,6 @@
 """The block manager and scheduler without a model: free list, reference counts, prefix caching,
-LRU eviction, preemption and admission, and invariants under hypothesis-generated workloads."""
+LRU eviction, preemption and admission, sliding-window groups freeing their old blocks, and
+invariants under hypothesis-generated workloads."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from kvpilot.runtime.engine.block_manager import BlockManager
 from kvpilot.runtime.engine.config import EngineConfig
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.engine.scheduler import AdmissionError, Scheduler
-from kvpilot.runtime.engine.sequence import Sequence, SequenceStatus
+from kvpilot.runtime.engine.sequence import FREED_BLOCK, Sequence, SequenceStatus
+from kvpilot.runtime.memory.kv_groups import window_blocks
 
 BS = 4
 
@@ -23,22 +25,27 @@ def make_seq(tokens: list[int], max_tokens: int = 4, request_id: str | None = No
 
 
 def make_scheduler(num_blocks: int, max_num_seqs: int = 4, max_batched: int = 16, max_model_len: int = 64,
-                   prefix_caching: bool = True) -> Scheduler:
+                   prefix_caching: bool = True, windows: tuple[int | None, ...] = (None,)) -> Scheduler:
     config = EngineConfig(device="cpu", block_size=BS, num_kv_blocks=num_blocks, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched)
-    return Scheduler(config, BlockManager(num_blocks, BS, prefix_caching))
+    return Scheduler(config, BlockManager(num_blocks, BS, prefix_caching, windows))
 
 
 def check_invariants(sched: Scheduler) -> None:
     bm = sched.block_manager
     owners = [0] * bm.num_blocks
     for seq in sched.running:
-        assert seq.status is SequenceStatus.RUNNING
-        assert len(seq.block_table) >= seq.num_blocks_for(seq.num_computed_tokens)
-        for block_id in seq.block_table:
-            owners[block_id] += 1
+        assert seq.status is SequenceStatus.RUNNING and len(seq.block_tables) == len(bm.windows)
+        for group, window in enumerate(bm.windows):
+            table, freed = seq.block_tables[group], seq.num_freed_blocks[group]
+            assert len(table) == len(seq.block_table) >= seq.num_blocks_for(seq.num_computed_tokens)
+            assert table[:freed] == [FREED_BLOCK] * freed and (window is not None or freed == 0)
+            if window is not None:  # nothing the next token's window reads is freed
+                assert freed * BS <= max(0, seq.num_computed_tokens - window + 1)
+            for block_id in seq.held_blocks(group):
+                owners[block_id] += 1
     for seq in sched.waiting:
-        assert seq.status is SequenceStatus.WAITING and seq.block_table == [] and seq.num_computed_tokens == 0
+        assert seq.status is SequenceStatus.WAITING and seq.block_tables == [] and seq.num_computed_tokens == 0
     free, evictable = list(bm.free_block_ids), list(bm.evictable)
     assert len(set(free)) == len(free) and not set(free) & set(evictable)
     for block in bm.blocks:
@@ -51,15 +58,26 @@ def check_invariants(sched: Scheduler) -> None:
     assert bm.num_free_blocks + sum(1 for b in bm.blocks if b.ref_count) == bm.num_blocks
 
 
+def check_windows_bounded(sched: Scheduler, seqs: list[Sequence]) -> None:
+    """A windowed group holds at most the blocks its window spans (ceil((window - 1) / BS) + 1, within
+    the ceil(window / BS) + 1 of vLLM's bound)."""
+    for seq in seqs:
+        for group, window in enumerate(sched.block_manager.windows):
+            if window is not None:
+                assert len(seq.held_blocks(group)) <= window_blocks(window, BS) <= -(-window // BS) + 1, seq
+
+
 def run_step(sched: Scheduler, rng: random.Random) -> list[Sequence]:
     """One engine step with a stand-in for the model: every sequence that is ready gets a token."""
     batch = sched.schedule()
+    check_windows_bounded(sched, batch.decodes)  # a prompt chunk may span more than the window, a decode never
     finished = []
     for seq in sched.postprocess(batch):
         seq.append_token(rng.randrange(8))
         if seq.num_output_tokens >= seq.params.max_tokens:
             sched.finish(seq, "length")
             finished.append(seq)
+    check_windows_bounded(sched, sched.running)
     return finished
 
 
@@ -147,14 +165,21 @@ operations = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(1, 14), st.i
                       min_size=20, max_size=80)
 
 
+# one group of every layer; Mistral v0.1 (every layer windowed); Gemma 2 (full / windowed); Gemma 3's
+# padded groups (one full, two windowed)
+WINDOWS = [(None,), (5,), (None, 6), (None, 9, 9)]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=operations, num_blocks=st.integers(3, 8), prefix_caching=st.booleans(), seed=st.integers(0, 99))
-def test_invariants_hold_and_nothing_leaks(ops, num_blocks, prefix_caching, seed):
+@given(ops=operations, num_blocks=st.integers(3, 12), prefix_caching=st.booleans(), seed=st.integers(0, 99),
+       windows=st.sampled_from(WINDOWS))
+def test_invariants_hold_and_nothing_leaks(ops, num_blocks, prefix_caching, seed, windows):
     rng = random.Random(seed)
+    prefix_caching = prefix_caching and len(windows) == 1  # the prefix cache needs one group
     sched = make_scheduler(num_blocks=num_blocks, max_num_seqs=4, max_batched=8, max_model_len=32,
-                           prefix_caching=prefix_caching)
+                           prefix_caching=prefix_caching, windows=windows)
     live: list[Sequence] = []
-    forced = 0
+    forced, window_freed = 0, False
     for op in ops:
         if op[0] == "add":
             _, prompt_len, max_tokens, family = op
@@ -164,7 +189,7 @@ def test_invariants_hold_and_nothing_leaks(ops, num_blocks, prefix_caching, seed
                 sched.add(seq)
                 live.append(seq)
             except AdmissionError:
-                assert -(-(prompt_len + max_tokens) // BS) > num_blocks
+                assert sched.block_manager.blocks_for_sequence(prompt_len + max_tokens) > num_blocks
         elif op[0] == "step":
             for seq in run_step(sched, rng):
                 live.remove(seq)
@@ -178,6 +203,7 @@ def test_invariants_hold_and_nothing_leaks(ops, num_blocks, prefix_caching, seed
                 sched.finish(seq, "abort" if op[0] == "abort" else "stop")
                 live.remove(seq)
         check_invariants(sched)
+        window_freed = window_freed or any(sum(seq.num_freed_blocks) for seq in sched.running)
     for _ in range(500):  # no deadlock: what is left always drains
         if not sched.has_unfinished:
             break
@@ -188,4 +214,66 @@ def test_invariants_hold_and_nothing_leaks(ops, num_blocks, prefix_caching, seed
     event(f"scheduler preempted: {sched.num_preemptions > forced}")
     bm = sched.block_manager
     event(f"prefix cache hit: {bm.prefix_cache_hits > 0}")
+    event(f"window freed a block: {window_freed}")
     assert bm.num_free_blocks == num_blocks and all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_a_windowed_group_frees_what_its_window_left_behind():
+    """Gemma 2's layout: a full-attention table and a window-8 table. The full one keeps every block;
+    the windowed one, however long the sequence, only the blocks under the window of its next token."""
+    sched = make_scheduler(num_blocks=20, max_batched=8, prefix_caching=False, windows=(None, 8))
+    bm = sched.block_manager
+    seq = make_seq(list(range(30)), max_tokens=10)
+    sched.add(seq)
+    rng = random.Random(0)
+    while seq.num_computed_tokens < 30:  # the prompt, chunked 8 tokens at a time
+        run_step(sched, rng)
+        check_invariants(sched)
+    full, windowed = seq.block_tables
+    assert len(seq.held_blocks(0)) == len(full) == 8
+    assert seq.num_freed_blocks == [0, 5] and windowed[:5] == [FREED_BLOCK] * 5  # positions 0..19 are behind 23..30
+    assert bm.num_free_blocks == 20 - 8 - 3
+    while not seq.is_finished:
+        run_step(sched, rng)
+        check_invariants(sched)
+    assert bm.num_free_blocks == 20 and all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_a_windowed_prompt_longer_than_the_free_blocks_is_admitted_chunk_by_chunk():
+    """The pool holds exactly one sequence at its peak (11 full + 3 windowed blocks); its 40-token prompt in
+    one chunk would take 10 + 10: it is admitted with what fits and finishes, nothing refused or stuck."""
+    sched = make_scheduler(num_blocks=14, max_batched=64, prefix_caching=False, windows=(None, 8))
+    seq = make_seq([1] * 40, max_tokens=4)
+    assert sched.block_manager.blocks_for_sequence(44) == 14
+    sched.add(seq)
+    first = sched.schedule()
+    assert first.prefills == [(seq, 28)]  # 7 + 7 blocks
+    sched.postprocess(first)
+    check_invariants(sched)
+    rng = random.Random(0)
+    for _ in range(20):
+        if seq.is_finished:
+            break
+        run_step(sched, rng)
+        check_invariants(sched)
+    assert seq.is_finished and sched.num_preemptions == 0 and sched.block_manager.num_free_blocks == 14
+
+
+def test_prefix_caching_needs_one_group():
+    with pytest.raises(ValueError, match=r"prefix cache needs exactly one KV group, got windows \[None, 8\]"):
+        BlockManager(8, BS, True, (None, 8))
+    BlockManager(8, BS, False, (None, 8))
+    BlockManager(8, BS, True, (8,))  # Mistral v0.1: one windowed group keeps its prefix cache
+
+
+def test_the_same_tokens_under_another_rope_share_no_block():
+    """A longrope sequence that may pass the original context reads the long factors' rotary rows
+    (rope_offset): its K/V differ from the same tokens' under the short factors."""
+    sched = make_scheduler(num_blocks=8, max_batched=32)
+    short = make_seq(list(range(10)), max_tokens=1)
+    sched.add(short)
+    run_step(sched, random.Random(0))
+    same, long = make_seq([*range(9), 99]), make_seq([*range(9), 99])
+    long.rope_offset = 64
+    assert len(sched.block_manager.find_cached_prefix(same)) == 2
+    assert sched.block_manager.find_cached_prefix(long) == []

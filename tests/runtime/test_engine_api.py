@@ -127,6 +127,8 @@ def test_kv_pool_bytes_equal_the_one_formula_and_the_plan(llm, loaded_model):
     unset = EngineConfig(device="cpu", max_model_len=2048)
     plan = memory_plan(facts, unset)
     assert unset.for_model(facts).num_kv_blocks == plan.num_kv_blocks
-    pool = allocate_kv_cache(facts, plan.num_kv_blocks, plan.block_size, torch.float32, "meta")  # no memory spent
+    groups = unset.kv_groups(facts)  # one group: every layer attends to its whole context
+    pool = allocate_kv_cache(facts, plan.num_kv_blocks, plan.block_size, torch.float32, "meta", groups)  # no memory
+    assert groups.num_groups == 1 and plan.kv_block_bytes == plan.block_size * per_token
     assert pool.nbytes == plan.num_kv_blocks * plan.block_size * per_token == plan.memory.kv_cache
     assert plan.kv_bytes_per_token == per_token
