@@ -23,7 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/eventually.py
+
 import httpx
+from eventually import eventually_sync
 
 from kvpilot.runtime.models.parallel import free_port
 
@@ -84,18 +87,21 @@ async def _load(url: str, model: str, rate: float, requests: int, max_tokens: in
 
 def _start(command: list[str], url: str) -> subprocess.Popen:
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
+
+    def ready() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{command} exited with {proc.returncode}")
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{command} did not become ready")
+        try:
+            return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        eventually_sync(ready, 300, f"{command} is ready", poll=0.5)
+    except AssertionError:
+        proc.kill()
+        raise RuntimeError(f"{command} did not become ready") from None
+    return proc
 
 
 def main() -> None:

@@ -32,7 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/eventually.py
+
 import httpx
+from eventually import eventually_sync
 from quantization import QUESTIONS
 from vllm_peer import DEFAULT_VLLM_PYTHON, embedded_hf_dir, vllm_command, vllm_env, vllm_missing, vllm_version
 
@@ -92,18 +95,21 @@ async def _round(url: str, requests: int, output_len: int) -> dict:
 def _start(command: list[str], url: str, env: dict | None, log: Path) -> subprocess.Popen:
     with log.open("w") as out:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
+
+    def ready() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{command[:4]} exited with {proc.returncode}; its log: {log}")
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"{command[:4]} did not become ready in 900 s; its log: {log}")
+        try:
+            return httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        eventually_sync(ready, 900, f"{command[:4]} answers /v1/models", poll=1)
+    except AssertionError:
+        proc.kill()
+        raise RuntimeError(f"{command[:4]} did not become ready in 900 s; its log: {log}") from None
+    return proc
 
 
 def kvpilot_command(model_dir: Path, port: int, dtype: str, max_model_len: int, extra: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from kvpilot.runtime.memory.quantization import COMPUTE_DTYPES, KV_DTYPES, WEIGHT_QUANT_MODES
 from kvpilot.runtime.usage import USER_ERRORS, Parser, UsageError, run_main
 
 
@@ -24,8 +25,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory", help="memory of a custom GPU, e.g. 48Gi")
     p.add_argument("--max-context", type=int)
     p.add_argument("--concurrency", type=int)
-    p.add_argument("--quantization", choices=["auto", "fp32", "bf16", "fp16", "fp8", "int8", "int4"])
-    p.add_argument("--kv-dtype", choices=["auto", "fp32", "bf16", "fp16", "fp8"])
+    p.add_argument("--quantization", choices=["auto", *COMPUTE_DTYPES, *WEIGHT_QUANT_MODES])
+    p.add_argument("--kv-dtype", choices=["auto", *KV_DTYPES])
     p.add_argument("--optimize", choices=["quality", "cost"])
     p.add_argument("--gpus-per-node", type=int)
     p.add_argument("--max-gpus", type=int, help="most GPUs per replica")

@@ -39,13 +39,13 @@ def target_device(spec: LLMDeploymentSpec) -> Device:
         limits = spec.runtime.resources.limits if spec.runtime.resources else {}
         memory = quantity_bytes(limits["memory"], "runtime.resources.limits.memory") if "memory" in limits \
             else DEFAULT_CPU_POD_MEMORY
-        return Device("cpu", memory, 0.0, False, kind="cpu")
+        return Device("cpu", memory, fp8=False, kind="cpu")
     if gpu.memory:
         base = gpu_from_catalog(gpu.type) if gpu.type else None
         memory = quantity_bytes(gpu.memory, "gpu.memory")
         if base is None:
-            return Device(f"custom-{gpu.memory}", memory, 0.0, gpu.fp8)
-        return Device(base.name, memory, base.bandwidth_gbps, base.fp8, base.bf16, base.product_label)
+            return Device(f"custom-{gpu.memory}", memory, fp8=gpu.fp8)
+        return Device(base.name, memory, fp8=base.fp8, bf16=base.bf16, product_label=base.product_label)
     return gpu_from_catalog(gpu.type or "")
 
 

@@ -2,8 +2,10 @@
 matchers of the batch fill one token bitmask together (in llguidance's threads), the sampler masks
 the logits with it before greedy or sampled picks, and each matcher then consumes its row's token.
 
-Grammars are compiled once per spec (an LRU of matchers, each request gets a deep copy), and the
-llguidance tokenizer (about a second to build from the HF one) is made on the first guided request.
+Grammars are compiled once per spec (an LRU of matchers, each request gets a deep copy). The
+llguidance tokenizer (about a second to build from the HF one, several on a busy machine) is made
+with the engine, at start-up: built on the first guided request, it stalled the step thread and every
+request running in it.
 """
 
 from __future__ import annotations
@@ -69,20 +71,13 @@ class Guidance:
     """One engine's grammar engine: its tokenizer view, compiled grammars, and the batch bitmask."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: Seq[int]) -> None:
-        self.hf_tokenizer, self.vocab_size, self.eos_token_ids = hf_tokenizer, vocab_size, list(eos_token_ids)
-        self._tokenizer: llguidance.LLTokenizer | None = None
+        self.vocab_size = vocab_size
+        started = time.perf_counter()
+        self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+        logger.info("grammar tokenizer ready in %.1f s", time.perf_counter() - started)
         self._compiled: OrderedDict[StructuredOutputs, LLMatcher] = OrderedDict()
         self._lock = threading.Lock()  # the server thread compiles (admission) while the step thread masks
         self._executor = llguidance.LLExecutor()
-
-    @property
-    def tokenizer(self) -> llguidance.LLTokenizer:
-        if self._tokenizer is None:
-            started = time.perf_counter()
-            self._tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size,
-                                                           eos_token=self.eos_token_ids)
-            logger.info("grammar tokenizer ready in %.1f s", time.perf_counter() - started)
-        return self._tokenizer
 
     def matcher(self, spec: StructuredOutputs) -> LLMatcher:
         """A fresh matcher for one request; `GrammarError` if the spec does not compile."""

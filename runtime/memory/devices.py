@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from kvpilot.runtime.memory.nvml import nvml
 
@@ -26,7 +26,7 @@ class UnknownDevice(ValueError):
 class Device:
     name: str
     memory_bytes: int
-    bandwidth_gbps: float  # HBM/GDDR bandwidth, GB/s
+    _: KW_ONLY  # the flags below are passed by name: `Device("l4", bytes, fp8=True)` reads as what it says
     fp8: bool  # native fp8 tensor cores (sm89+): fp8 weights and fp8 KV cache
     bf16: bool = True
     product_label: str | None = None  # the `nvidia.com/gpu.product` node label
@@ -49,30 +49,30 @@ GPU_CATALOG: dict[str, Device] = {
     for d in (
         # No published mem_get_info figure found: nvidia-smi's 143771 MiB (140.40 GiB) less 0.70 GiB,
         # more than the H100's measured driver reservation (0.46 GiB), so it errs low.
-        Device("h200-141gb", _gib(139.70), 4800, True, product_label="NVIDIA-H200"),
+        Device("h200-141gb", _gib(139.70), fp8=True, product_label="NVIDIA-H200"),
         # 79.19 GiB: llm-d-planner accuracy report, vLLM v0.19 on H100-80GB ("physical 79.19 GiB"),
         # https://github.com/llm-d-incubation/llm-d-planner/blob/main/accuracy/accuracy_report.md
-        Device("h100-80gb", _gib(79.19), 3350, True, product_label="NVIDIA-H100-80GB-HBM3"),
+        Device("h100-80gb", _gib(79.19), fp8=True, product_label="NVIDIA-H100-80GB-HBM3"),
         # Same 81559 MiB part as the SXM board (nvidia-smi), so the same CUDA total.
-        Device("h100-pcie-80gb", _gib(79.19), 2000, True, product_label="NVIDIA-H100-PCIe"),
+        Device("h100-pcie-80gb", _gib(79.19), fp8=True, product_label="NVIDIA-H100-PCIe"),
         # 79.15 GiB: kvpilot issue 13 (torch.cuda.mem_get_info on A100-SXM4-80GB).
-        Device("a100-80gb", _gib(79.15), 2039, False, product_label="NVIDIA-A100-SXM4-80GB"),
+        Device("a100-80gb", _gib(79.15), fp8=False, product_label="NVIDIA-A100-SXM4-80GB"),
         # 39.50 GiB: torch OOM message on one A100 40GB, https://github.com/TianheWu/CoSeR/issues/10
-        Device("a100-40gb", _gib(39.50), 1555, False, product_label="NVIDIA-A100-SXM4-40GB"),
+        Device("a100-40gb", _gib(39.50), fp8=False, product_label="NVIDIA-A100-SXM4-40GB"),
         # 44.42 GiB: torch OOM message on 8 x L40S, https://github.com/stepfun-ai/Step-Video-T2V/issues/8
-        Device("l40s", _gib(44.42), 864, True, product_label="NVIDIA-L40S"),
+        Device("l40s", _gib(44.42), fp8=True, product_label="NVIDIA-L40S"),
         # 21.99 GiB: kvpilot issue 13 (torch.cuda.mem_get_info on L4).
-        Device("l4", _gib(21.99), 300, True, product_label="NVIDIA-L4"),
+        Device("l4", _gib(21.99), fp8=True, product_label="NVIDIA-L4"),
         # 22.18 GiB: torch OOM message on an A10 (the A10G's 24 GB GDDR6 sibling, same 23028 MiB in
         # nvidia-smi), https://github.com/OpenBMB/MiniCPM-V/issues/640
-        Device("a10g", _gib(22.18), 600, False, product_label="NVIDIA-A10G"),
+        Device("a10g", _gib(22.18), fp8=False, product_label="NVIDIA-A10G"),
         # 14.56 GiB: torch OOM messages on Tesla T4 (14.56-14.58 reported),
         # https://github.com/Zheng-Chong/CatVTON/issues/133, https://github.com/AlphaGPU/leetgpu-challenges/issues/52
-        Device("t4", _gib(14.56), 320, False, bf16=False, product_label="Tesla-T4"),
+        Device("t4", _gib(14.56), fp8=False, bf16=False, product_label="Tesla-T4"),
         # 23.64 GiB: kvpilot issue 13; torch OOM message, https://github.com/ali-vilab/VGen/issues/104
-        Device("rtx-4090", _gib(23.64), 1008, True, product_label="NVIDIA-GeForce-RTX-4090"),
+        Device("rtx-4090", _gib(23.64), fp8=True, product_label="NVIDIA-GeForce-RTX-4090"),
         # 23.68 GiB: torch OOM message on an RTX 3090, https://github.com/3DTopia/OpenLRM/issues/42
-        Device("rtx-3090", _gib(23.68), 936, False, product_label="NVIDIA-GeForce-RTX-3090"),
+        Device("rtx-3090", _gib(23.68), fp8=False, product_label="NVIDIA-GeForce-RTX-3090"),
     )
 }
 # A GPU outside the catalog, found by pynvml: its nvidia-smi total less this share, the largest
@@ -111,8 +111,8 @@ def gpu_from_catalog(name: str) -> Device:
     return GPU_CATALOG[key]
 
 
-def custom_gpu(memory: str | int, fp8: bool = False, bandwidth_gbps: float = 0.0) -> Device:
-    return Device(f"custom-{memory}", parse_quantity(memory), bandwidth_gbps, fp8)
+def custom_gpu(memory: str | int, fp8: bool = False) -> Device:
+    return Device(f"custom-{memory}", parse_quantity(memory), fp8=fp8)
 
 
 def cpu_device() -> Device:
@@ -125,7 +125,7 @@ def cpu_device() -> Device:
                     available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return Device("cpu", min(available, total), 0.0, False, kind="cpu")
+    return Device("cpu", min(available, total), fp8=False, kind="cpu")
 
 
 def detect_gpu() -> tuple[Device, int] | None:
@@ -145,7 +145,7 @@ def detect_gpu() -> tuple[Device, int] | None:
         if known is not None:  # the catalog's CUDA total, not nvidia-smi's
             return known, count
         cuda_total = int(memory * (1 - NVML_UNALLOCATABLE_SHARE))
-        return Device(name, cuda_total, 0.0, fp8, bf16=major >= 8, product_label=label), count
+        return Device(name, cuda_total, fp8=fp8, bf16=major >= 8, product_label=label), count
 
 
 def local_device() -> tuple[Device, int]:

@@ -1,11 +1,13 @@
 """The LLMDeployment spec: defaults, validation messages that name the field, manifests."""
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from kvpilot.operator.planning import plan_deployment, target_device
-from kvpilot.operator.spec import SpecError, load_manifest, parse_manifest, parse_spec
+from kvpilot.operator.spec import KVDtype, Quantization, SpecError, load_manifest, parse_manifest, parse_spec
+from kvpilot.runtime.memory.quantization import COMPUTE_DTYPES, KV_DTYPES, WEIGHT_QUANT_MODES
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 MINIMAL = {"model": {"source": "hf://meta-llama/Llama-3.1-8B-Instruct"}, "gpu": {"type": "h100-80gb"}}
@@ -18,6 +20,13 @@ def test_defaults():
     assert spec.serving.optimize == "quality" and spec.replicas == 1
     assert spec.autoscaling.mode == "operator" and not spec.autoscaling.enabled
     assert spec.model.name == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_dtype_names_are_the_memory_models():
+    """The CRD's enums are literal (the schema is generated from them); they name what the memory model
+    and the engine know, no more and no less."""
+    assert sorted(get_args(Quantization)) == sorted(["auto", *COMPUTE_DTYPES, *WEIGHT_QUANT_MODES])
+    assert sorted(get_args(KVDtype)) == sorted(["auto", *KV_DTYPES])
 
 
 def test_camel_case_on_the_wire():

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import pytest_asyncio
+from eventually import eventually
 
 from kvpilot.runtime.engine.async_engine import AsyncLLMEngine
 from kvpilot.runtime.engine.config import EngineConfig
@@ -51,11 +52,9 @@ async def test_abort_ends_the_stream_and_frees_the_blocks(engine, tokenizer):
         if len(outs) == 3:
             engine.abort("long")
     assert outs[-1].finish_reason == "abort" and len(outs) == 4
-    for _ in range(200):  # an abort that lands mid-step is applied as soon as that step ends
-        if engine.stats().num_free_kv_blocks == 32:
-            break
-        await asyncio.sleep(0.01)
-    assert engine.stats().num_free_kv_blocks == 32 and engine.stats().num_running == 0
+    # an abort that lands mid-step is applied as soon as that step ends
+    await eventually(lambda: engine.stats().num_free_kv_blocks == 32, 10, "every KV block free")
+    assert engine.stats().num_running == 0
 
 
 async def test_leaving_the_stream_early_aborts_the_request(engine, tokenizer):
@@ -64,11 +63,8 @@ async def test_leaving_the_stream_early_aborts_the_request(engine, tokenizer):
     async for _ in stream:
         break
     await stream.aclose()
-    for _ in range(200):
-        if not engine.engine.has_unfinished_requests and engine.stats().num_free_kv_blocks == 32:
-            break
-        await asyncio.sleep(0.01)
-    assert not engine.engine.has_unfinished_requests
+    await eventually(lambda: not engine.engine.has_unfinished_requests and engine.stats().num_free_kv_blocks == 32,
+                     10, "the request aborted and its blocks free")
 
 
 async def test_admission_errors_reach_the_caller(engine):

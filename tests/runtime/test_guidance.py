@@ -7,6 +7,7 @@ import json
 import re
 
 import jsonschema
+import llguidance.hf
 import pytest
 import torch
 
@@ -61,6 +62,31 @@ def test_compiled_grammars_are_cached_and_requests_do_not_share_state(chat):
     assert first is not second and len(llm.engine.guidance._compiled) >= 1
     assert first.consume_token(llm.tokenizer.encode("{")[0])
     assert second.validate_tokens(llm.tokenizer.encode("{")) == 1  # untouched by the first one's token
+
+
+def test_the_grammar_tokenizer_is_built_at_start_up_so_a_first_guided_request_stalls_no_stream(loaded_model,
+                                                                                                   monkeypatch):
+    """Built by the first guided request, the llguidance tokenizer (seconds on a busy machine) stalled
+    the step that admitted it, and with it every running stream."""
+    llm = LLM(loaded=loaded_model, num_kv_blocks=64, max_model_len=512, device="cpu", max_num_batched_tokens=128)
+
+    def built_in_a_step(*_args, **_kwargs):
+        raise AssertionError("the grammar tokenizer was built after start-up, inside a step")
+
+    monkeypatch.setattr(llguidance.hf, "from_tokenizer", built_in_a_step)
+    engine, prompt = llm.engine, llm.apply_chat_template([{"role": "user", "content": "Describe a person."}])
+    engine.add_request("free", prompt, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    free_tokens = [len(out.new_token_ids) for out in engine.step()]
+    engine.add_request("guided", prompt, SamplingParams(max_tokens=40, temperature=0.0,
+                                                        structured=StructuredOutputs(json=json.dumps(PERSON))))
+    guided_text, steps = "", 0
+    while "guided" in engine.requests:
+        outputs = {out.request_id: out for out in engine.step()}
+        free_tokens.append(len(outputs["free"].new_token_ids))  # the free stream gets a token every step
+        guided_text += outputs["guided"].new_text
+        steps += 1
+    assert free_tokens == [1] * (steps + 1)
+    jsonschema.validate(json.loads(guided_text), PERSON)
 
 
 @pytest.mark.parametrize(("spec", "names"), [

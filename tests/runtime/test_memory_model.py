@@ -234,7 +234,7 @@ def test_bad_requests_name_the_value(bad):
 
 
 def test_cpu_plan_fits_the_host_and_caps_kv():
-    cpu = Device("cpu", 16 * GiB, 0.0, False, kind="cpu")
+    cpu = Device("cpu", 16 * GiB, fp8=False, kind="cpu")
     p = plan(from_catalog("smollm2-135m"), cpu, PlanRequest(max_context=2048, concurrency=4))
     assert (p.quantization, p.gpus_per_replica, p.tensor_parallel) == ("fp32", 0, 1)
     assert p.memory.kv_cache <= 4 * GiB + p.kv_bytes_per_token * p.block_size
@@ -257,7 +257,7 @@ MODELS = ["llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "mistral-7b-v0.3", "gem
        context=st.integers(256, 8192), concurrency=st.integers(1, 64), optimize=st.sampled_from(["quality", "cost"]),
        fp8=st.booleans())
 def test_no_plan_exceeds_utilization_of_any_gpu(model, memory_gib, util, context, concurrency, optimize, fp8):
-    gpu = Device("custom", memory_gib * GiB, 0.0, fp8)
+    gpu = Device("custom", memory_gib * GiB, fp8=fp8)
     req = PlanRequest(max_context=context, concurrency=concurrency, gpu_memory_utilization=util, optimize=optimize)
     try:
         p = plan(from_catalog(model), gpu, req)
@@ -274,7 +274,7 @@ def test_no_plan_exceeds_utilization_of_any_gpu(model, memory_gib, util, context
 def test_more_memory_never_yields_fewer_kv_blocks(model, quant, tp, small, extra):
     facts = from_catalog(model)
     req = PlanRequest(max_context=4096)
-    blocks = [size(facts, Device("g", gib * GiB, 0.0, True), req, quant, "bf16", tp, 8)[0].num_kv_blocks
+    blocks = [size(facts, Device("g", gib * GiB, fp8=True), req, quant, "bf16", tp, 8)[0].num_kv_blocks
               for gib in (small, small + extra)]
     assert blocks[0] <= blocks[1]
 

@@ -24,7 +24,7 @@ def planned(row: ReferencePoint) -> Plan:
         quantization = read_quantization({"quantization_config": CHECKPOINTS[row.checkpoint]})
         facts = dataclasses.replace(facts, checkpoint=quantization)
     if row.kv_dtype == "fp16":  # vLLM ran --dtype float16: the compute dtype of a GPU without bf16
-        device = Device(device.name, device.memory_bytes, device.bandwidth_gbps, device.fp8, bf16=False)
+        device = Device(device.name, device.memory_bytes, fp8=device.fp8, bf16=False)
     request = PlanRequest(max_context=row.max_context, max_batched_tokens=row.max_batched_tokens,
                           max_num_seqs=row.max_num_seqs, quantization=row.quantization, kv_dtype=row.kv_dtype,
                           gpu_memory_utilization=row.gpu_memory_utilization, block_size=row.block_size,

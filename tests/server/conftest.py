@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from eventually import eventually_sync
 
 from kvpilot.runtime.engine.async_engine import AsyncLLMEngine
 from kvpilot.runtime.engine.config import EngineConfig, memory_plan
@@ -64,11 +64,13 @@ def running_server(llm_engine: LLMEngine, config: ServerConfig,
     server = server_class(uv_config, app) if server_class else uvicorn.Server(uv_config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
+
+    def started() -> bool:
+        if not thread.is_alive():
+            raise RuntimeError("the test server's thread ended before it started")
+        return server.started
+
+    eventually_sync(started, 30, "the test server starts")
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield Live(f"http://127.0.0.1:{port}", app, engine, server)

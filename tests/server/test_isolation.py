@@ -8,6 +8,7 @@ import json
 
 import httpx
 import pytest
+from eventually import eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -74,12 +75,18 @@ async def _abuse(client: httpx.AsyncClient, fields: dict) -> int:
         return response.status_code
 
 
+def _all_running(live, innocent: list[asyncio.Task]) -> bool:
+    """The innocent streams are all in the engine (so the abuse arrives while they run)."""
+    assert not all(task.done() for task in innocent), "the innocent streams ended before the abuse was sent"
+    return live.engine.stats().num_running == len(INNOCENT_PROMPTS)
+
+
 def test_innocent_streams_finish_with_their_own_tokens_while_malformed_requests_arrive(live):
     async def scenario() -> tuple[list, list, list]:
         async with httpx.AsyncClient(base_url=live.url, timeout=300) as client:
             alone = [await _stream_text(client, _innocent(p)) for p in INNOCENT_PROMPTS]
             innocent = [asyncio.create_task(_stream_text(client, _innocent(p))) for p in INNOCENT_PROMPTS]
-            await asyncio.sleep(0.2)  # the innocent streams are in the engine when the abuse arrives
+            await eventually(lambda: _all_running(live, innocent), 60, "the innocent streams run in the engine")
             statuses = await asyncio.gather(*(_abuse(client, fields) for fields in MALFORMED))
             together = await asyncio.gather(*innocent)
             return alone, together, statuses

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
+from eventually import eventually_sync
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import MODEL, NUM_KV_BLOCKS
@@ -71,13 +71,12 @@ def test_32_streams_with_a_quarter_disconnecting_leave_the_pool_whole(live):
     assert all(reason == "length" for reason in results if reason is not None)
     assert max(usage_seen) > 0  # the pool was in use under load
 
-    deadline = time.monotonic() + 10  # aborts are applied by the engine thread right after its step
-    while True:
-        after = scrape(live.url)
-        idle = value(after, "vllm:num_requests_running") == 0 and value(after, "vllm:num_requests_waiting") == 0
-        if (idle and value(after, "kvpilot:kv_blocks_free") == NUM_KV_BLOCKS) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    def settled() -> dict | None:  # aborts are applied by the engine thread right after its step
+        metrics = scrape(live.url)
+        idle = value(metrics, "vllm:num_requests_running") == 0 and value(metrics, "vllm:num_requests_waiting") == 0
+        return metrics if idle and value(metrics, "kvpilot:kv_blocks_free") == NUM_KV_BLOCKS else None
+
+    after = eventually_sync(settled, 10, "no request left and every KV block free", poll=0.05)
     assert value(after, "kvpilot:kv_blocks_free") == value(after, "kvpilot:kv_blocks_total") == NUM_KV_BLOCKS
     assert value(after, "vllm:kv_cache_usage_perc") == 0
     finished = value(after, "vllm:request_success", "vllm:request_success_total", finished_reason="length")
