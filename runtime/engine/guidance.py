@@ -73,14 +73,23 @@ class Guidance:
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: Seq[int]) -> None:
         self.vocab_size = vocab_size
         started = time.perf_counter()
-        self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
-        logger.info("grammar tokenizer ready in %.1f s", time.perf_counter() - started)
+        self.tokenizer: llguidance.LLTokenizer | None = None
+        self.unavailable = ""  # why structured output cannot run with this tokenizer, when it cannot
+        try:
+            self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size,
+                                                          eos_token=list(eos_token_ids))
+            logger.info("grammar tokenizer ready in %.1f s", time.perf_counter() - started)
+        except ValueError as err:  # llguidance reads HF fast tokenizers only
+            self.unavailable = f"structured output is not available for this model's tokenizer ({err})"
+            logger.warning("%s", self.unavailable)
         self._compiled: OrderedDict[StructuredOutputs, LLMatcher] = OrderedDict()
         self._lock = threading.Lock()  # the server thread compiles (admission) while the step thread masks
         self._executor = llguidance.LLExecutor()
 
     def matcher(self, spec: StructuredOutputs) -> LLMatcher:
         """A fresh matcher for one request; `GrammarError` if the spec does not compile."""
+        if self.tokenizer is None:
+            raise GrammarError(self.unavailable)
         with self._lock:
             compiled = self._compiled.get(spec)
             if compiled is None:

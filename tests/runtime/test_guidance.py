@@ -11,7 +11,7 @@ import llguidance.hf
 import pytest
 import torch
 
-from kvpilot.runtime.engine.guidance import GrammarError, apply_bitmask, check
+from kvpilot.runtime.engine.guidance import GrammarError, Guidance, apply_bitmask, check
 from kvpilot.runtime.engine.llm import LLM
 from kvpilot.runtime.engine.sampling import SamplingParams, StructuredOutputs
 
@@ -127,3 +127,14 @@ def test_apply_bitmask_keeps_exactly_the_set_bits():
     for row, tokens in zip([0, 2], allowed, strict=True):
         finite = torch.isfinite(logits[row]).nonzero().flatten().tolist()
         assert finite == tokens
+
+
+def test_a_tokenizer_llguidance_cannot_read_refuses_guided_requests_not_the_engine():
+    """A model whose tokenizer is not an HF fast tokenizer still serves; a guided request to it is
+    refused by name (a 400 at the server) instead of failing the engine's start-up."""
+    class NotAFastTokenizer:
+        is_fast = False
+
+    guidance = Guidance(NotAFastTokenizer(), vocab_size=64, eos_token_ids=[0])
+    with pytest.raises(GrammarError, match="structured output is not available for this model's tokenizer"):
+        guidance.matcher(StructuredOutputs(regex="[0-9]+"))
