@@ -37,6 +37,8 @@ class Variant:
     ropes: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
     rope_layers: tuple[bool, ...] = ()  # SmolLM3: False where a layer has no rotary embedding
     partial_rotary_factor: float = 1.0
+    norm_topk_prob: bool = True  # MoE: renormalise the top-k router weights (Mixtral always; Qwen3-MoE if set)
+    router_weights_in_dtype: bool = False  # MoE: weigh the experts in the compute dtype (Qwen3-MoE), not fp32
 
     def window(self, layer: int) -> int | None:
         return self.windows[layer] if self.windows else None
@@ -74,6 +76,9 @@ def variant_from_config(config: dict[str, Any]) -> Variant:
     options["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", 1.0))
     if arch == "Qwen3ForCausalLM":
         options["qk_norm"] = "head"
+    elif arch == "Qwen3MoeForCausalLM":  # transformers' Qwen3MoeConfig defaults norm_topk_prob to false
+        options.update(qk_norm="head", norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                       router_weights_in_dtype=True)
     elif arch == "Olmo2ForCausalLM":
         options.update(qk_norm="full", norm_layout="post")
     elif arch == "GraniteForCausalLM":

@@ -1,0 +1,83 @@
+"""The mixture-of-experts MLP of Mixtral and Qwen3-MoE: a router picks `top_k` of `num_experts` gated
+MLPs for each token, and the token's output is their outputs weighted by the router.
+
+Routing follows HF transformers operation for operation: router logits in the compute dtype, softmax
+in fp32, top-k, then the k weights renormalised to sum to one (Mixtral always, Qwen3-MoE when
+`norm_topk_prob`). Mixtral weighs the experts' outputs with the fp32 weights, Qwen3-MoE casts them to
+the compute dtype first.
+
+Tokens are sorted by expert, each expert runs once on its tokens, and the weighted outputs are added
+back to their tokens. Under tensor parallelism every rank holds every expert's share of intermediate
+rows (vLLM's split) and the whole router, so every rank routes alike; the partial outputs are summed
+by one all-reduce for the whole block. Each expert is an ordinary pair of projections (fused
+gate/up, down), so weight-only quantization and checkpoint sharding treat it as any other MLP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvpilot.runtime.memory.facts import ModelFacts
+from kvpilot.runtime.models.layers import ACTIVATIONS
+from kvpilot.runtime.models.parallel import SINGLE, Parallel
+from kvpilot.runtime.models.variant import Variant
+
+
+class GatedMLP(nn.Module):
+    """act(x W_gate) * (x W_up) W_down on this rank's `intermediate_size` rows, no collective."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, variant: Variant) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = ACTIVATIONS[variant.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class MoEMLP(nn.Module):
+    def __init__(self, facts: ModelFacts, variant: Variant, parallel: Parallel = SINGLE) -> None:
+        super().__init__()
+        self.parallel = parallel
+        self.top_k, self.normalize = facts.num_experts_per_tok, variant.norm_topk_prob
+        self.weights_in_dtype = variant.router_weights_in_dtype
+        self.gate = nn.Linear(facts.hidden_size, facts.num_experts, bias=False)  # the router, whole on every rank
+        share = facts.moe_intermediate_size // parallel.size
+        self.experts = nn.ModuleList(GatedMLP(facts.hidden_size, share, variant) for _ in range(facts.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = route(self.gate(x), self.top_k, self.normalize)
+        if self.weights_in_dtype:
+            weights = weights.to(x.dtype)
+        return self.parallel.all_reduce(self._experts(x, weights, experts))
+
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Each expert once, on the tokens routed to it (sorted by expert), weighted and added back."""
+        out = torch.zeros_like(x)
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)  # positions in [tokens x top_k], grouped by expert
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        start = 0
+        for expert, count in zip(self.experts, counts, strict=True):
+            if count == 0:
+                continue
+            picked = order[start : start + count]
+            start += count
+            tokens = picked // self.top_k
+            y = expert(x[tokens]) * weights.reshape(-1)[picked, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 weights, expert ids), each [tokens, top_k]: softmax over the experts, the top k, then
+    renormalised over those k when `normalize`."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts

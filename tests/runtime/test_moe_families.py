@@ -1,0 +1,56 @@
+"""Mixture-of-experts families (Mixtral, Qwen3-MoE) as tiny random HF checkpoints (hidden 64, 2 layers,
+4 experts, top-2, GQA): HF transformers' greedy tokens and log-probabilities in fp32, batched with
+chunked prefill and through preemption; two ranks over gloo give the unsplit tokens; the bytes the
+model holds are the memory model's, to the byte, in fp32 and with quantized experts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from test_model_families import ENGINE, NEW_TOKENS, SMALL, WINDOW, assert_hf_greedy, build_checkpoint, family_tokenizer  # noqa: F401
+
+from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.loading.loader import load_model
+from kvpilot.runtime.memory.quantization import weight_bytes
+from kvpilot.runtime.models.moe import MoEMLP
+from kvpilot.runtime.server.memory_report import weight_bytes_held
+
+pytestmark = pytest.mark.slow
+EXPERTS = {"num_experts_per_tok": 2}
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+
+
+def moe_families() -> dict[str, Any]:
+    import transformers as t
+
+    return {
+        "mixtral-window": lambda: t.MixtralConfig(**SMALL, **EXPERTS, num_local_experts=4, sliding_window=WINDOW),
+        "qwen3-moe-renormalised": lambda: t.Qwen3MoeConfig(**SMALL, **EXPERTS, head_dim=32, num_experts=4,
+                                                           moe_intermediate_size=48, norm_topk_prob=True),
+        # norm_topk_prob false: the top-2 weights as the softmax gave them; layer 1 keeps a dense MLP
+        "qwen3-moe-dense-layer": lambda: t.Qwen3MoeConfig(**SMALL, **EXPERTS, head_dim=32, num_experts=4,
+                                                          moe_intermediate_size=48, norm_topk_prob=False,
+                                                          mlp_only_layers=[1]),
+    }
+
+
+@pytest.mark.parametrize("kind", list(moe_families()))
+def test_moe_family_matches_hf(kind, family_tokenizer, tmp_path):  # noqa: F811
+    reference, prompts = build_checkpoint(moe_families()[kind](), family_tokenizer, tmp_path)
+    assert max(len(p) for p in prompts) > 2 * WINDOW and min(map(len, prompts)) < WINDOW
+    llm = LLM(str(tmp_path), device="cpu", **ENGINE)
+    layers = llm.engine.loaded.model.model.layers
+    assert [isinstance(layer.mlp, MoEMLP) for layer in layers] == [True, not kind.endswith("dense-layer")]
+    assert_hf_greedy(reference, prompts, llm.generate(prompts, GREEDY))
+    assert llm.stats().num_preemptions > 0
+
+
+@pytest.mark.parametrize("kind", ["mixtral-window", "qwen3-moe-dense-layer"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_held_bytes_are_the_planned_bytes(kind, quantization, family_tokenizer, tmp_path):  # noqa: F811
+    build_checkpoint(moe_families()[kind](), family_tokenizer, tmp_path)
+    loaded = load_model(str(tmp_path), torch.float32, "cpu", quantization=quantization)
+    assert weight_bytes_held(loaded.model) == weight_bytes(loaded.facts, quantization or "fp32", "fp32")
