@@ -54,3 +54,21 @@ def test_held_bytes_are_the_planned_bytes(kind, quantization, family_tokenizer, 
     build_checkpoint(moe_families()[kind](), family_tokenizer, tmp_path)
     loaded = load_model(str(tmp_path), torch.float32, "cpu", quantization=quantization)
     assert weight_bytes_held(loaded.model) == weight_bytes(loaded.facts, quantization or "fp32", "fp32")
+
+
+@pytest.mark.parametrize("kind", ["mixtral-window", "qwen3-moe-dense-layer"])
+def test_two_ranks_give_the_unsplit_tokens(kind, family_tokenizer, tmp_path, monkeypatch):  # noqa: F811
+    """Two ranks over gloo: each holds half of every expert's rows and the whole router, routes alike,
+    and one all-reduce per MoE block sums the experts' halves."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # workers inherit the environment
+    _, prompts = build_checkpoint(moe_families()[kind](), family_tokenizer, tmp_path)
+    limits = {"device": "cpu", "num_kv_blocks": 16, "max_model_len": 64, "max_num_batched_tokens": 16}
+    expected = LLM(str(tmp_path), **limits).generate(prompts, GREEDY)
+    with LLM(str(tmp_path), tensor_parallel_size=2, **limits) as llm:
+        outputs = llm.generate(prompts, GREEDY)
+        engine = llm.engine
+        assert weight_bytes_held(engine.loaded.model) == weight_bytes(engine.facts, "fp32", "fp32", 2)
+    for want, got in zip(expected, outputs, strict=True):
+        assert got.token_ids == want.token_ids
+        for a, b in zip(want.logprobs, got.logprobs, strict=True):
+            assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
