@@ -7,10 +7,13 @@ in fp32, top-k, then the k weights renormalised to sum to one (Mixtral always, Q
 the compute dtype first.
 
 Tokens are sorted by expert, each expert runs once on its tokens, and the weighted outputs are added
-back to their tokens. Under tensor parallelism every rank holds every expert's share of intermediate
-rows (vLLM's split) and the whole router, so every rank routes alike; the partial outputs are summed
-by one all-reduce for the whole block. Each expert is an ordinary pair of projections (fused
-gate/up, down), so weight-only quantization and checkpoint sharding treat it as any other MLP.
+back to their tokens: `kvpilot.kernels.ops.fused_moe` (the Triton fused-MoE kernel on CUDA, its torch
+reference on the CPU) over the experts' weights stacked into one tensor each, or, for quantized
+experts, a loop of their quantized matmuls. Under tensor parallelism every rank holds every expert's
+share of intermediate rows (vLLM's split) and the whole router, so every rank routes alike; the
+partial outputs are summed by one all-reduce for the whole block. Each expert is an ordinary pair of
+projections (fused gate/up, down), so weight-only quantization and checkpoint sharding treat it as
+any other MLP.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvpilot.kernels import ops
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.models.layers import ACTIVATIONS
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
@@ -48,15 +52,36 @@ class MoEMLP(nn.Module):
         self.gate = nn.Linear(facts.hidden_size, facts.num_experts, bias=False)  # the router, whole on every rank
         share = facts.moe_intermediate_size // parallel.size
         self.experts = nn.ModuleList(GatedMLP(facts.hidden_size, share, variant) for _ in range(facts.num_experts))
+        self.fusable = variant.activation == "silu"  # the fused kernel's activation
+        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(self.gate(x), self.top_k, self.normalize)
         if self.weights_in_dtype:
             weights = weights.to(x.dtype)
-        return self.parallel.all_reduce(self._experts(x, weights, experts))
+        stacked = self._stacked()
+        out = self._experts(x, weights, experts) if stacked is None else ops.fused_moe(x, *stacked, weights, experts)
+        return self.parallel.all_reduce(out)
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every expert's gate/up weight in one [E, 2I, H] tensor and its down weight in one [E, H, I], made
+        at the first forward after loading; each expert's own parameters become views into them, so the
+        weights are held once (and the state dict is unchanged). None for quantized experts."""
+        first = self.experts[0].gate_up_proj
+        if not self.fusable or not isinstance(first, nn.Linear):
+            return None
+        if self._stack is None or self._stack[0].data_ptr() != first.weight.data_ptr():  # moved since: again
+            w13 = torch.stack([expert.gate_up_proj.weight.detach() for expert in self.experts])
+            w2 = torch.stack([expert.down_proj.weight.detach() for expert in self.experts])
+            for i, expert in enumerate(self.experts):
+                expert.gate_up_proj.weight = nn.Parameter(w13[i], requires_grad=False)
+                expert.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
+            self._stack = (w13, w2)
+        return self._stack
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Each expert once, on the tokens routed to it (sorted by expert), weighted and added back."""
+        """Each (quantized) expert once, on the tokens routed to it (sorted by expert), weighted and
+        added back: kvpilot.kernels.moe_reference.fused_moe_ref's loop, one module per expert."""
         out = torch.zeros_like(x)
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)  # positions in [tokens x top_k], grouped by expert
