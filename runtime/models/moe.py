@@ -64,9 +64,11 @@ class MoEMLP(nn.Module):
         return self.parallel.all_reduce(out)
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every expert's gate/up weight in one [E, 2I, H] tensor and its down weight in one [E, H, I], made
-        at the first forward after loading; each expert's own parameters become views into them, so the
-        weights are held once (and the state dict is unchanged). None for quantized experts."""
+        """Every expert's gate/up weight in one [E, 2I, H] tensor and its down weight in one [E, H, I]; each
+        expert's own parameters become views into them, so the weights are held once (and the state dict
+        is unchanged). The loader makes them once the weights are in (runtime/loading/loader.py: the
+        transient copy of one layer's experts falls before the KV cache is allocated); a model moved
+        since gets them again. None for quantized experts."""
         first = self.experts[0].gate_up_proj
         if not self.fusable or not isinstance(first, nn.Linear):
             return None
@@ -96,6 +98,13 @@ class MoEMLP(nn.Module):
             y = expert(x[tokens]) * weights.reshape(-1)[picked, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
+
+
+def stack_experts(model: nn.Module) -> None:
+    """Stack the experts of every MoE layer of a loaded model (MoEMLP._stacked)."""
+    for module in model.modules():
+        if isinstance(module, MoEMLP):
+            module._stacked()
 
 
 def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,10 @@ def test_held_bytes_are_the_planned_bytes(kind, quantization, family_tokenizer, 
     build_checkpoint(moe_families()[kind](), family_tokenizer, tmp_path)
     loaded = load_model(str(tmp_path), torch.float32, "cpu", quantization=quantization)
     assert weight_bytes_held(loaded.model) == weight_bytes(loaded.facts, quantization or "fp32", "fp32")
+    if quantization is None:  # the loader stacked each layer's experts for the fused kernel: views, held once
+        experts = loaded.model.model.layers[0].mlp.experts
+        storages = {e.gate_up_proj.weight.untyped_storage().data_ptr() for e in experts}
+        assert len(storages) == 1 and len(experts) == 4
 
 
 @pytest.mark.parametrize("kind", ["mixtral-window", "qwen3-moe-dense-layer"])
