@@ -42,6 +42,9 @@ ARCHITECTURES: dict[str, frozenset[str]] = {
     "MixtralForCausalLM": _LLAMA | {"num_local_experts", "num_experts_per_tok"},
     "Qwen3MoeForCausalLM": _LLAMA | {"num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
                                      "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob"},
+    "Qwen2MoeForCausalLM": _LLAMA | {"num_experts", "num_experts_per_tok", "moe_intermediate_size", "qkv_bias",
+                                     "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+                                     "norm_topk_prob"},
     "Gemma3ForCausalLM": _LLAMA | {"hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
                                    "final_logit_softcapping", "cache_implementation", "rope_local_base_freq",
                                    "sliding_window_pattern", "_sliding_window_pattern",
@@ -49,7 +52,7 @@ ARCHITECTURES: dict[str, frozenset[str]] = {
 }
 WINDOWED_ARCHITECTURES = ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
                           "SmolLM3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM",
-                          "Qwen3MoeForCausalLM")
+                          "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 # Fields that never change the forward pass of inference: ids, dropout, training and export settings,
 # generation defaults (the request's sampling parameters decide those here).
 BOOKKEEPING = frozenset({
@@ -214,6 +217,9 @@ def layer_windows(config: Mapping[str, Any]) -> tuple[int | None, ...]:
         elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):  # the layers from max_window_layers on
             first = int(config.get("max_window_layers", 28))
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+        elif arch == "Qwen2MoeForCausalLM":  # every other layer below max_window_layers
+            last = int(config.get("max_window_layers", 28))
+            types = ["sliding_attention" if (i + 1) % 2 and i < last else "full_attention" for i in range(layers)]
         elif arch == "SmolLM3ForCausalLM":  # the layers without rope
             types = ["full_attention" if rope else "sliding_attention" for rope in smollm3_rope_layers(config)]
         else:  # Mistral, Phi-3, Mixtral, Qwen3-MoE: every layer slides

@@ -1,10 +1,11 @@
-"""The mixture-of-experts MLP of Mixtral and Qwen3-MoE: a router picks `top_k` of `num_experts` gated
-MLPs for each token, and the token's output is their outputs weighted by the router.
+"""The mixture-of-experts MLP of Mixtral, Qwen3-MoE and Qwen2-MoE: a router picks `top_k` of
+`num_experts` gated MLPs for each token, and the token's output is their outputs weighted by the
+router (plus, in Qwen2-MoE, a shared expert every token takes, scaled by a sigmoid gate).
 
 Routing follows HF transformers operation for operation: router logits in the compute dtype, softmax
 in fp32, top-k, then the k weights renormalised to sum to one (Mixtral always, Qwen3-MoE when
-`norm_topk_prob`). Mixtral weighs the experts' outputs with the fp32 weights, Qwen3-MoE casts them to
-the compute dtype first.
+`norm_topk_prob`; Qwen2-MoE likewise). Mixtral weighs the experts' outputs with the fp32 weights,
+Qwen-MoE casts them to the compute dtype first.
 
 Tokens are sorted by expert, each expert runs once on its tokens, and the weighted outputs are added
 back to their tokens: `kvpilot.kernels.ops.fused_moe` (the Triton fused-MoE kernel on CUDA, its torch
@@ -52,6 +53,12 @@ class MoEMLP(nn.Module):
         self.gate = nn.Linear(facts.hidden_size, facts.num_experts, bias=False)  # the router, whole on every rank
         share = facts.moe_intermediate_size // parallel.size
         self.experts = nn.ModuleList(GatedMLP(facts.hidden_size, share, variant) for _ in range(facts.num_experts))
+        self.shared_expert: GatedMLP | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        if facts.shared_expert_intermediate_size:  # Qwen2-MoE: one more expert every token takes, gated
+            self.shared_expert = GatedMLP(facts.hidden_size, facts.shared_expert_intermediate_size // parallel.size,
+                                          variant)
+            self.shared_expert_gate = nn.Linear(facts.hidden_size, 1, bias=False)  # whole on every rank
         self.fusable = variant.activation == "silu"  # the fused kernel's activation
         self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -61,6 +68,8 @@ class MoEMLP(nn.Module):
             weights = weights.to(x.dtype)
         stacked = self._stacked()
         out = self._experts(x, weights, experts) if stacked is None else ops.fused_moe(x, *stacked, weights, experts)
+        if self.shared_expert is not None:  # linear in its partial sums: one all-reduce still sums the ranks
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.parallel.all_reduce(out)
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:

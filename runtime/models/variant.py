@@ -65,9 +65,11 @@ def variant_from_config(config: dict[str, Any]) -> Variant:
         "ropes": ropes,
     }
     bias = bool(config.get("attention_bias", False))
-    # Qwen2 hard-codes a bias on q/k/v only; the others put attention_bias on o_proj too (Phi-3 has none)
-    options["qkv_bias"] = True if arch == "Qwen2ForCausalLM" else bias
-    options["o_bias"] = bias and arch != "Qwen2ForCausalLM"
+    # Qwen2 hard-codes a bias on q/k/v only (Qwen2-MoE's qkv_bias, true unless set, says the same); the
+    # others put attention_bias on o_proj too (Phi-3 has none)
+    qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+    options["qkv_bias"] = bool(config.get("qkv_bias", True)) if qwen2 else bias
+    options["o_bias"] = bias and not qwen2
     options["mlp_bias"] = bool(config.get("mlp_bias", False))
     if len(ropes) > 1:  # Gemma 3: local and global layers rotate with their own base
         types = config.get("layer_types") or ["sliding_attention" if w else "full_attention" for w in windows]
@@ -79,6 +81,8 @@ def variant_from_config(config: dict[str, Any]) -> Variant:
     elif arch == "Qwen3MoeForCausalLM":  # transformers' Qwen3MoeConfig defaults norm_topk_prob to false
         options.update(qk_norm="head", norm_topk_prob=bool(config.get("norm_topk_prob", False)),
                        router_weights_in_dtype=True)
+    elif arch == "Qwen2MoeForCausalLM":
+        options.update(norm_topk_prob=bool(config.get("norm_topk_prob", False)), router_weights_in_dtype=True)
     elif arch == "Olmo2ForCausalLM":
         options.update(qk_norm="full", norm_layout="post")
     elif arch == "GraniteForCausalLM":

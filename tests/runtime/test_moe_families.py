@@ -1,4 +1,4 @@
-"""Mixture-of-experts families (Mixtral, Qwen3-MoE) as tiny random HF checkpoints (hidden 64, 2 layers,
+"""Mixture-of-experts families (Mixtral, Qwen3-MoE, Qwen2-MoE) as tiny random HF checkpoints (hidden 64, 2 layers,
 4 experts, top-2, GQA): HF transformers' greedy tokens and log-probabilities in fp32, batched with
 chunked prefill and through preemption; two ranks over gloo give the unsplit tokens; the bytes the
 model holds are the memory model's, to the byte, in fp32 and with quantized experts."""
@@ -34,6 +34,9 @@ def moe_families() -> dict[str, Any]:
         "qwen3-moe-dense-layer": lambda: t.Qwen3MoeConfig(**SMALL, **EXPERTS, head_dim=32, num_experts=4,
                                                           moe_intermediate_size=48, norm_topk_prob=False,
                                                           mlp_only_layers=[1]),
+        # a shared expert (with its sigmoid gate) beside the routed ones, q/k/v biases
+        "qwen2-moe-shared-expert": lambda: t.Qwen2MoeConfig(**SMALL, **EXPERTS, num_experts=4, moe_intermediate_size=48,
+                                                            shared_expert_intermediate_size=80),
     }
 
 
@@ -48,7 +51,7 @@ def test_moe_family_matches_hf(kind, family_tokenizer, tmp_path):  # noqa: F811
     assert llm.stats().num_preemptions > 0
 
 
-@pytest.mark.parametrize("kind", ["mixtral-window", "qwen3-moe-dense-layer"])
+@pytest.mark.parametrize("kind", ["mixtral-window", "qwen3-moe-dense-layer", "qwen2-moe-shared-expert"])
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_held_bytes_are_the_planned_bytes(kind, quantization, family_tokenizer, tmp_path):  # noqa: F811
     build_checkpoint(moe_families()[kind](), family_tokenizer, tmp_path)
@@ -60,7 +63,7 @@ def test_held_bytes_are_the_planned_bytes(kind, quantization, family_tokenizer, 
         assert len(storages) == 1 and len(experts) == 4
 
 
-@pytest.mark.parametrize("kind", ["mixtral-window", "qwen3-moe-dense-layer"])
+@pytest.mark.parametrize("kind", ["mixtral-window", "qwen3-moe-dense-layer", "qwen2-moe-shared-expert"])
 def test_two_ranks_give_the_unsplit_tokens(kind, family_tokenizer, tmp_path, monkeypatch):  # noqa: F811
     """Two ranks over gloo: each holds half of every expert's rows and the whole router, routes alike,
     and one all-reduce per MoE block sums the experts' halves."""

@@ -13,9 +13,9 @@ import pytest
 from kvpilot.cli.main import main
 from kvpilot.runtime.memory.budget import forward_peak_bytes
 from kvpilot.runtime.memory.devices import GiB
-from kvpilot.runtime.memory.facts import ModelFacts, _catalog, from_catalog, from_hf_config
+from kvpilot.runtime.memory.facts import _catalog, from_catalog, from_hf_config
 from kvpilot.runtime.memory.quantization import QUANT_MODES, weight_bytes, weight_bytes_by_part
-from kvpilot.runtime.memory.support import UnsupportedOption
+from kvpilot.runtime.memory.support import UnsupportedOption, layer_windows
 
 # `metadata.total_size` of each bf16 checkpoint's model.safetensors.index.json on the hub (the tensors'
 # bytes, headers excluded): huggingface.co/<repo>/blob/main/model.safetensors.index.json
@@ -42,17 +42,29 @@ def test_the_parts_of_qwen3_30b_a3b():
     assert parts["norms"] == (2 * 48 + 1) * 2048 + 48 * 2 * 128  # and the per-head q/k norms
 
 
+# Qwen/Qwen1.5-MoE-A2.7B-Chat's config.json (the fields that size it)
+QWEN15_MOE = {"architectures": ["Qwen2MoeForCausalLM"], "decoder_sparse_step": 1, "hidden_size": 2048,
+              "intermediate_size": 5632, "max_position_embeddings": 32768, "max_window_layers": 21,
+              "moe_intermediate_size": 1408, "num_attention_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
+              "num_hidden_layers": 24, "num_key_value_heads": 16, "shared_expert_intermediate_size": 5632,
+              "sliding_window": 32768, "tie_word_embeddings": False, "use_sliding_window": False,
+              "vocab_size": 151936, "norm_topk_prob": False}
+
+
 def test_qwen2_moe_shared_experts_are_counted():
     """Qwen1.5-MoE-A2.7B (the Qwen2-MoE family): 60 experts and one shared expert with a sigmoid gate per
-    layer; its index's total_size is 28,631,568,384 bytes (Qwen/Qwen1.5-MoE-A2.7B). The runtime does not
-    run the family, so its facts are given here, not read from a config the support list refuses."""
-    facts = ModelFacts(name="qwen1.5-moe-a2.7b", num_layers=24, hidden_size=2048, num_heads=16, num_kv_heads=16,
-                       head_dim=128, intermediate_size=5632, vocab_size=151936, max_position_embeddings=8192,
-                       qkv_bias=True, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
-                       shared_expert_intermediate_size=5632)
+    layer, q/k/v biases; its index's total_size is 28,631,568,384 bytes (Qwen/Qwen1.5-MoE-A2.7B)."""
+    facts = from_hf_config(QWEN15_MOE, name="qwen1.5-moe-a2.7b")
     assert weight_bytes(facts, "bf16", "bf16") == 28_631_568_384
     assert facts.params_by_part["mlp"] == 24 * 3 * 2048 * 5632  # the shared experts
     assert facts.params_by_part["router"] == 24 * (60 + 1) * 2048  # the router and the shared expert's gate
+    two = weight_bytes_by_part(facts, "bf16", "bf16", 2)
+    assert two["mlp"] * 2 == weight_bytes_by_part(facts, "bf16", "bf16")["mlp"]  # the shared expert splits too
+
+
+def test_qwen2_moe_windows_every_other_layer_below_max_window_layers():
+    config = {**QWEN15_MOE, "num_hidden_layers": 4, "use_sliding_window": True, "max_window_layers": 3}
+    assert layer_windows(config) == (32768, None, 32768, None)  # as transformers' Qwen2MoeConfig derives them
 
 
 @pytest.mark.parametrize("quant", sorted(QUANT_MODES))

@@ -20,7 +20,8 @@ CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "Mist
                   "GraniteForCausalLM": "GraniteConfig", "Olmo2ForCausalLM": "Olmo2Config",
                   "Phi3ForCausalLM": "Phi3Config", "SmolLM3ForCausalLM": "SmolLM3Config",
                   "Gemma2ForCausalLM": "Gemma2Config", "Gemma3ForCausalLM": "Gemma3TextConfig",
-                  "MixtralForCausalLM": "MixtralConfig", "Qwen3MoeForCausalLM": "Qwen3MoeConfig"}
+                  "MixtralForCausalLM": "MixtralConfig", "Qwen3MoeForCausalLM": "Qwen3MoeConfig",
+                  "Qwen2MoeForCausalLM": "Qwen2MoeConfig"}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
