@@ -16,7 +16,8 @@ Ready for one device call (under 5 minutes on an H100/H200, --budget-s bounds it
 - prefill: packed causal prefill, TFLOP/s vs scaled_dot_product_attention (flash) on the same shapes.
 - moe: the fused mixture-of-experts MLP (Qwen3-30B-A3B's layer: 128 experts, top-8, hidden 2048, 768
   rows) at 1-2048 tokens vs the per-expert loop of torch matmuls and vLLM's fused_experts if
-  installed: GPU and wall ms, TFLOP/s, the touched experts' weight bytes read / s.
+  installed: GPU and wall ms, TFLOP/s, the touched experts' weight bytes read / s; int8 experts through
+  the same kernel vs bf16 ones.
 - norm_rope: whether fused rms_norm / RoPE kernels would pay (issue #4, point 5), measured.
 Shapes: Llama-3.1-8B (32 query / 8 KV heads, head_dim 128, hidden 4096, MLP 14336). Cases that would
 not fit in memory or in the time budget are reported as skipped, not dropped.

@@ -6,6 +6,8 @@ Shapes:
 - w13: [num_experts, 2 * inter, hidden], each expert's gate rows then its up rows (the fused
   gate_up_proj of each expert, stacked); w2: [num_experts, hidden, inter] (down_proj, stacked).
 - topk_weights: [num_tokens, top_k] (fp32, or the compute dtype), topk_ids: [num_tokens, top_k] int.
+- int8 / fp8 experts: w13 and w2 in that dtype with one scale per output channel, w13_scale [E, 2I]
+  and w2_scale [E, H] (weight = q x scale, as kvpilot.kernels.quant_reference stores one linear).
 - out: [num_tokens, hidden] in x's dtype: sum over j of topk_weights[t, j] * expert_{ids[t, j]}(x[t]),
   expert_e(x) = (silu(x w_gate_e^T) * (x w_up_e^T)) w2_e^T.
 """
@@ -17,8 +19,10 @@ import torch.nn.functional as F
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """Tokens sorted by expert, each expert once on its tokens, the weighted outputs added back."""
+                  topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens sorted by expert, each expert once on its tokens, the weighted outputs added back; int8 /
+    fp8 experts (with their per-channel scales) dequantized to x's dtype first."""
     top_k = topk_ids.shape[1]
     out = torch.zeros_like(x)
     flat = topk_ids.reshape(-1)
@@ -31,10 +35,19 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         picked = order[start : start + count]
         start += count
         tokens = picked // top_k
-        gate, up = F.linear(x[tokens], w13[expert]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[expert]) * topk_weights.reshape(-1)[picked, None]
+        gate_up, down = w13[expert], w2[expert]
+        if w13_scale is not None and w2_scale is not None:  # only the experts in use are dequantized
+            gate_up = dequantize_experts(gate_up, w13_scale[expert], x.dtype)
+            down = dequantize_experts(down, w2_scale[expert], x.dtype)
+        gate, up = F.linear(x[tokens], gate_up).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down) * topk_weights.reshape(-1)[picked, None]
         out.index_add_(0, tokens, y.to(out.dtype))
     return out
+
+
+def dequantize_experts(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., N, K] int8 / fp8 with [..., N] scales -> the weights in `dtype` (quant_reference's formula)."""
+    return (qweight.float() * scale.float()[..., None]).to(dtype)
 
 
 def fused_moe_naive(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

@@ -126,10 +126,12 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The mixture-of-experts MLP: x [T, H] through the experts topk_ids [T, k] picked, weighed by
-    topk_weights [T, k] and summed -> [T, H]; w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I]."""
+    topk_weights [T, k] and summed -> [T, H]; w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I], in x's
+    dtype or int8 / fp8 with per-channel scales w13_scale [E, 2I], w2_scale [E, H]."""
     kernel = _triton(x.device, "fused_moe")
     if kernel is None:
-        return moe_reference.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
-    return kernel.fused_moe(x, w13, w2, topk_weights, topk_ids)
+        return moe_reference.fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    return kernel.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)

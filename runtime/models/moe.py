@@ -8,16 +8,18 @@ in fp32, top-k, then the k weights renormalised to sum to one (Mixtral always, Q
 Qwen-MoE casts them to the compute dtype first.
 
 Tokens are sorted by expert, each expert runs once on its tokens, and the weighted outputs are added
-back to their tokens: `kvpilot.kernels.ops.fused_moe` (the Triton fused-MoE kernel on CUDA, its torch
-reference on the CPU) over the experts' weights stacked into one tensor each, or, for quantized
-experts, a loop of their quantized matmuls. Under tensor parallelism every rank holds every expert's
-share of intermediate rows (vLLM's split) and the whole router, so every rank routes alike; the
-partial outputs are summed by one all-reduce for the whole block. Each expert is an ordinary pair of
-projections (fused gate/up, down), so weight-only quantization and checkpoint sharding treat it as
-any other MLP.
+back to their tokens: `kvpilot.kernels.ops.fused_moe` (the Triton fused-MoE kernel on CUDA, its
+torch reference on the CPU) over the experts' weights stacked into one tensor each (int8 / fp8
+experts with their scales), or, for int4 experts, a loop of their quantized matmuls. Under tensor
+parallelism every rank holds every expert's share of intermediate rows (vLLM's split) and the whole
+router, so every rank routes alike; the partial outputs are summed by one all-reduce for the whole
+block. Each expert is an ordinary pair of projections (fused gate/up, down), so weight-only
+quantization and checkpoint sharding treat it as any other MLP.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -26,6 +28,7 @@ from kvpilot.kernels import ops
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.models.layers import ACTIVATIONS
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
+from kvpilot.runtime.models.quantized import QuantizedLinear
 from kvpilot.runtime.models.variant import Variant
 
 
@@ -60,34 +63,40 @@ class MoEMLP(nn.Module):
                                           variant)
             self.shared_expert_gate = nn.Linear(facts.hidden_size, 1, bias=False)  # whole on every rank
         self.fusable = variant.activation == "silu"  # the fused kernel's activation
-        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stack: tuple[torch.Tensor, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(self.gate(x), self.top_k, self.normalize)
         if self.weights_in_dtype:
             weights = weights.to(x.dtype)
         stacked = self._stacked()
-        out = self._experts(x, weights, experts) if stacked is None else ops.fused_moe(x, *stacked, weights, experts)
+        if stacked is None:
+            out = self._experts(x, weights, experts)
+        else:  # (w13, w2) or (w13, w2, w13_scale, w2_scale)
+            out = ops.fused_moe(x, stacked[0], stacked[1], weights, experts, *stacked[2:])
         if self.shared_expert is not None:  # linear in its partial sums: one all-reduce still sums the ranks
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.parallel.all_reduce(out)
 
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every expert's gate/up weight in one [E, 2I, H] tensor and its down weight in one [E, H, I]; each
-        expert's own parameters become views into them, so the weights are held once (and the state dict
-        is unchanged). The loader makes them once the weights are in (runtime/loading/loader.py: the
+    def _stacked(self) -> tuple[torch.Tensor, ...] | None:
+        """The experts as the fused kernel takes them: gate/up weights in one [E, 2I, H] tensor, down
+        weights in one [E, H, I] (int8 / fp8 ones with their [E, 2I] and [E, H] scales). Each expert's
+        own tensors become views into them, so the weights are held once and the state dict is
+        unchanged. The loader makes them once the weights are in (runtime/loading/loader.py: the
         transient copy of one layer's experts falls before the KV cache is allocated); a model moved
-        since gets them again. None for quantized experts."""
+        since gets them again. None for int4 experts (they run as a loop of quantized matmuls)."""
         first = self.experts[0].gate_up_proj
-        if not self.fusable or not isinstance(first, nn.Linear):
+        if isinstance(first, nn.Linear):
+            held = first.weight
+        elif isinstance(first, QuantizedLinear) and first.weight.mode in ("int8", "fp8"):
+            held = first.qweight
+        else:
             return None
-        if self._stack is None or self._stack[0].data_ptr() != first.weight.data_ptr():  # moved since: again
-            w13 = torch.stack([expert.gate_up_proj.weight.detach() for expert in self.experts])
-            w2 = torch.stack([expert.down_proj.weight.detach() for expert in self.experts])
-            for i, expert in enumerate(self.experts):
-                expert.gate_up_proj.weight = nn.Parameter(w13[i], requires_grad=False)
-                expert.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
-            self._stack = (w13, w2)
+        if not self.fusable:
+            return None
+        if self._stack is None or self._stack[0].data_ptr() != held.data_ptr():  # moved since: again
+            self._stack = (_stack_float(self.experts) if isinstance(first, nn.Linear)
+                           else _stack_quantized(self.experts))
         return self._stack
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -107,6 +116,29 @@ class MoEMLP(nn.Module):
             y = expert(x[tokens]) * weights.reshape(-1)[picked, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
+
+
+def _stack_float(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+    w13 = torch.stack([expert.gate_up_proj.weight.detach() for expert in experts])
+    w2 = torch.stack([expert.down_proj.weight.detach() for expert in experts])
+    for i, expert in enumerate(experts):
+        expert.gate_up_proj.weight = nn.Parameter(w13[i], requires_grad=False)
+        expert.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
+    return w13, w2
+
+
+def _stack_quantized(experts: nn.ModuleList) -> tuple[torch.Tensor, ...]:
+    stacked = []
+    for name in ("gate_up_proj", "down_proj"):
+        linears = [getattr(expert, name) for expert in experts]
+        qweight = torch.stack([linear.qweight for linear in linears])
+        scale = torch.stack([linear.scale for linear in linears])
+        for i, linear in enumerate(linears):
+            linear.qweight, linear.scale = qweight[i], scale[i]
+            linear.weight = dataclasses.replace(linear.weight, qweight=qweight[i], scale=scale[i])
+        stacked.append((qweight, scale))
+    (w13, w13_scale), (w2, w2_scale) = stacked
+    return w13, w2, w13_scale, w2_scale
 
 
 def stack_experts(model: nn.Module) -> None:

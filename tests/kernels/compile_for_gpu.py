@@ -228,14 +228,18 @@ def matmul_variants(arch: int) -> list[Variant]:
 def moe_variants(arch: int) -> list[Variant]:
     """Qwen3-30B-A3B's expert shape (hidden 2048, 768 rows, top-8; 4 experts stand in for 128: the
     count changes no code) at decode (8 routed copies: 16-row blocks) and prefill (4096 copies)."""
-    def fused(tokens: int, dtype: torch.dtype) -> Callable[[], None]:
+    def fused(tokens: int, dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> Callable[[], None]:
         x = torch.zeros(tokens, 2048, dtype=dtype)
-        w13, w2 = torch.zeros(4, 2 * 768, 2048, dtype=dtype), torch.zeros(4, 2048, 768, dtype=dtype)
+        weight_dtype = weight_dtype or dtype
+        w13, w2 = torch.zeros(4, 2 * 768, 2048, dtype=weight_dtype), torch.zeros(4, 2048, 768, dtype=weight_dtype)
+        scales = (torch.ones(4, 2 * 768), torch.ones(4, 2048)) if weight_dtype != dtype else ()
         ids = torch.randint(0, 4, (tokens, 8))
-        return lambda: moe.fused_moe(x, w13, w2, torch.ones(tokens, 8), ids)
+        return lambda: moe.fused_moe(x, w13, w2, torch.ones(tokens, 8), ids, *scales)
 
-    return [Variant(f"moe t{tokens} top8 {str(dtype)[6:]}", fused(tokens, dtype), must_not_spill=dtype != FP32)
-            for tokens, dtype in [(1, BF16), (1, FP16), (512, BF16), (4, FP32)]]
+    cases = [(1, BF16, None), (1, FP16, None), (512, BF16, None), (4, FP32, None), (1, BF16, torch.int8),
+             (512, BF16, torch.int8)] + ([(1, BF16, FP8), (512, BF16, FP8)] if arch >= 89 else [])
+    return [Variant(f"moe t{tokens} top8 {str(dtype)[6:]}" + (f" {str(w)[6:]} experts" if w else ""),
+                    fused(tokens, dtype, w), must_not_spill=dtype != FP32) for tokens, dtype, w in cases]
 
 
 def write_variants(arch: int) -> list[Variant]:

@@ -123,16 +123,20 @@ def quantized(loaded: LoadedModel, mode: str) -> LoadedModel:
     return loaded
 
 
-def test_moe_engine_through_the_fused_moe_kernel_matches_the_reference_path(monkeypatch):
-    """A Mixtral-like model (4 experts of 48 rows, top-2) through the Triton fused-MoE kernel gives the
-    greedy tokens the torch reference gives."""
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_moe_engine_through_the_fused_moe_kernel_matches_the_reference_path(monkeypatch, quantization):
+    """A Mixtral-like model (4 experts of 48 rows, top-2), float or int8, through the Triton fused-MoE
+    kernel gives the greedy tokens the torch reference gives."""
     prompts = [[5], [3, 1, 4, 1, 5, 9, 2], list(range(10, 27))]
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48}
 
     def generate(device: str, use_kernels: bool) -> list[list[int]]:
-        llm = LLM(loaded=tiny_llama(device, **moe), device=device, dtype="fp32", block_size=8, num_kv_blocks=32,
-                  max_model_len=128, max_num_seqs=4, max_num_batched_tokens=24)
+        loaded = tiny_llama(device, **moe)
+        if quantization:
+            loaded = quantized(loaded, quantization)
+        llm = LLM(loaded=loaded, device=device, dtype="fp32", block_size=8, num_kv_blocks=32, max_model_len=128,
+                  max_num_seqs=4, max_num_batched_tokens=24, quantization=quantization)
         with interpreter(use_kernels and device == "cpu"):
             return [list(out.token_ids) for out in llm.generate(prompts, greedy)]
 

@@ -8,7 +8,8 @@ import torch
 
 from kvpilot.kernels import ops
 from kvpilot.kernels.fused_moe import fused_moe
-from kvpilot.kernels.moe_reference import align_by_expert, fused_moe_naive, fused_moe_ref
+from kvpilot.kernels.moe_reference import align_by_expert, dequantize_experts, fused_moe_naive, fused_moe_ref
+from kvpilot.kernels.quant_reference import quantize_fp8, quantize_int8
 
 REL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
@@ -48,6 +49,30 @@ def test_fp16_and_a_skewed_router(device):
         <= REL_TOL[torch.float16]
 
 
+def quantized_experts(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] float experts -> stacked qweight and per-channel scales, each expert as quant_reference
+    quantizes one linear."""
+    quantize = {"int8": lambda m: quantize_int8(m, torch.float32), "fp8": quantize_fp8}[mode]
+    experts = [quantize(e.float().cpu()) for e in w]
+    return (torch.stack([e.qweight for e in experts]).to(w.device),
+            torch.stack([e.scale for e in experts]).to(w.device))
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (11, 3)])
+def test_int8_and_fp8_experts(device, mode, tokens, top_k):
+    """Quantized experts (one scale per output channel) through the same kernel: as the reference of the
+    dequantized weights."""
+    x, w13, w2, weights, ids = routed(tokens, 5, top_k, 64, 40, torch.float32, device, tokens + 7)
+    (q13, s13), (q2, s2) = quantized_experts(w13, mode), quantized_experts(w2, mode)
+    actual = fused_moe(x, q13, q2, weights, ids, s13, s2)
+    expected = fused_moe_naive(x, dequantize_experts(q13, s13, x.dtype), dequantize_experts(q2, s2, x.dtype),
+                               weights, ids)
+    assert relative_error(actual, expected) <= REL_TOL[torch.float32]
+    assert relative_error(ops.fused_moe(x, q13, q2, weights, ids, s13, s2), expected) <= REL_TOL[torch.float32]
+    assert relative_error(actual, fused_moe_naive(x, w13, w2, weights, ids)) < 0.1  # and near the float experts
+
+
 @pytest.mark.parametrize("block_m", [16, 32])
 def test_blocks_larger_than_an_experts_tokens(device, block_m):
     x, w13, w2, weights, ids = routed(20, 4, 2, 32, 48, torch.float32, device, 11)
@@ -80,6 +105,7 @@ def test_align_groups_every_copy_once_in_blocks_of_one_expert(tokens, experts, t
     ({"w13": torch.zeros(4, 10, 32)}, "do not fit x's hidden size 32"),
     ({"ids": torch.zeros(6, 3, dtype=torch.int64)}, r"must both be \[6, top_k\]"),
     ({"block_m": 24}, "block_m 24 must be a power of two"),
+    ({"w13": torch.zeros(4, 64, 32, dtype=torch.int8)}, "int8 experts need w2 of the same dtype and both scales"),
 ])
 def test_bad_inputs_are_named(device, change, message):
     x, w13, w2, weights, ids = routed(6, 4, 2, 32, 32, torch.float32, device, 5)

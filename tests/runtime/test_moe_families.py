@@ -15,7 +15,7 @@ from kvpilot.runtime.engine.llm import LLM
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.loading.loader import load_model
 from kvpilot.runtime.memory.quantization import weight_bytes
-from kvpilot.runtime.models.moe import MoEMLP
+from kvpilot.runtime.models.moe import MoEMLP, route
 from kvpilot.runtime.server.memory_report import weight_bytes_held
 
 pytestmark = pytest.mark.slow
@@ -79,3 +79,17 @@ def test_two_ranks_give_the_unsplit_tokens(kind, family_tokenizer, tmp_path, mon
         assert got.token_ids == want.token_ids
         for a, b in zip(want.logprobs, got.logprobs, strict=True):
             assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize(("quantization", "fused"), [(None, True), ("int8", True), ("fp8", True), ("int4", False)])
+def test_experts_take_the_fused_path_where_it_runs_them(quantization, fused, family_tokenizer, tmp_path):  # noqa: F811
+    """Float, int8 and fp8 experts are stacked for the fused kernel (ops.fused_moe) and give what the loop
+    over the experts' own modules gives; int4 experts keep the loop."""
+    build_checkpoint(moe_families()["mixtral-window"](), family_tokenizer, tmp_path)
+    loaded = load_model(str(tmp_path), torch.float32, "cpu", quantization=quantization)
+    mlp = loaded.model.model.layers[1].mlp
+    assert (mlp._stacked() is not None) == fused
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        weights, ids = route(mlp.gate(x), mlp.top_k, mlp.normalize)
+        torch.testing.assert_close(mlp(x), mlp._experts(x, weights, ids), rtol=1e-5, atol=1e-5)
