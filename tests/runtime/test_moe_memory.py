@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from kvpilot.cli.main import main
 from kvpilot.runtime.memory.budget import forward_peak_bytes
@@ -127,3 +128,29 @@ def test_cost_plans_quantized_experts_on_one_gpu(capsys):
     assert (plan["quantization"], plan["tensor_parallel"]) == ("fp8", 1)
     assert plan["weights_by_part"]["experts"] == weight_bytes_by_part(from_catalog("mixtral-8x7b"), "fp8", "bf16")[
         "experts"]
+
+
+def test_a_gguf_mixture_of_experts_is_refused_in_one_line_not_planned_dense(tmp_path):
+    """A Mixtral GGUF says its experts only in `llama.expert_count`: named in the config, so the support
+    list refuses it at load as it would a config.json (the runtime loads MoE from safetensors)."""
+    import gguf
+    import numpy as np
+
+    from kvpilot.runtime.loading.loader import load_model
+
+    path = tmp_path / "tiny-moe.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((writer.add_block_count, 2), (writer.add_embedding_length, 64), (writer.add_head_count, 4),
+                       (writer.add_feed_forward_length, 96), (writer.add_head_count_kv, 2),
+                       (writer.add_context_length, 128), (writer.add_expert_count, 8),
+                       (writer.add_expert_used_count, 2)):
+        add(value)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["a", "b", "c"])
+    writer.add_tensor("token_embd.weight", np.zeros((3, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedOption, match=r"tiny-moe.gguf: config field num_local_experts=8 \(LlamaForCausal"):
+        load_model(str(path), torch.float32, "cpu")
