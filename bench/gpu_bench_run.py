@@ -48,12 +48,14 @@ class Sizes:
     hidden: int = HIDDEN
     copy_bytes: int = 2 * GiB
     check_seqs: int = 2  # sequences checked against the fp32 reference per decode case
+    moe_tokens: tuple[int, ...] = (1, 16, 64, 256, 2048)
+    moe_shape: tuple[int, int, int, int] = (128, 8, 2048, 768)  # Qwen3-30B-A3B: experts, top-k, hidden, rows
 
 
 DRY_RUN = Sizes(batches=(2,), contexts=(40,), sweep_cases=((2, 40),), decode_configs=((16, 4, 1), (32, 4, 1)),
                 matmul_configs=((16, 4, 1), (32, 4, 1)), flex_cases=(), prefill_cases=((2, 24, 0), (1, 8, 16)),
                 matmul_ms=(2,), matmul_shapes=(("tiny", 256, 48),), heads=(4, 2, 64), norm_tokens=(3,), hidden=256,
-                copy_bytes=1 << 20)
+                copy_bytes=1 << 20, moe_tokens=(3,), moe_shape=(4, 2, 64, 32))
 
 
 @dataclass

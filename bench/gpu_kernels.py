@@ -14,6 +14,10 @@ Ready for one device call (under 5 minutes on an H100/H200, --budget-s bounds it
 - matmul: int8 / int4 / fp8 weights at M = 1, 16, 64, 1024 vs bf16 torch.matmul (goal at M <= 16:
   int4 >= 2.5x, int8 >= 1.6x), GPU and wall time, each with its config.
 - prefill: packed causal prefill, TFLOP/s vs scaled_dot_product_attention (flash) on the same shapes.
+- moe: the fused mixture-of-experts MLP (Qwen3-30B-A3B's layer: 128 experts, top-8, hidden 2048, 768
+  rows) at 1-2048 tokens vs the per-expert loop of torch matmuls and vLLM's fused_experts if
+  installed: GPU and wall ms, TFLOP/s, the touched experts' weight bytes read / s; int8 experts through
+  the same kernel vs bf16 ones.
 - norm_rope: whether fused rms_norm / RoPE kernels would pay (issue #4, point 5), measured.
 Shapes: Llama-3.1-8B (32 query / 8 KV heads, head_dim 128, hidden 4096, MLP 14336). Cases that would
 not fit in memory or in the time budget are reported as skipped, not dropped.
@@ -38,7 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from gpu_bench_run import BLOCK_SIZE, DRY_RUN, TOLERANCE, GiB, Run, Sizes, paged_cache, ratio, rel_err
-from gpu_kernels_sections import bench_matmul, bench_norm_rope, bench_prefill, sweep_matmul
+from gpu_kernels_sections import bench_matmul, bench_moe, bench_norm_rope, bench_prefill, sweep_matmul
 
 FP8 = torch.float8_e4m3fn
 KV_DTYPES = (("bf16", torch.bfloat16), ("fp8", FP8))
@@ -247,7 +251,7 @@ def bench_decode_flex(run: Run, sizes: Sizes) -> None:
 
 # --- main ----------------------------------------------------------------------------------------
 
-SECTIONS = ("copy", "decode", "matmul", "prefill", "norm_rope", "decode_flex")
+SECTIONS = ("copy", "decode", "matmul", "prefill", "moe", "norm_rope", "decode_flex")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -300,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_matmul(run, sizes, {} if args.no_sweep else sweep_matmul(run, sizes))
     if "prefill" in sections:
         bench_prefill(run, sizes)
+    if "moe" in sections:
+        bench_moe(run, sizes)
     if "norm_rope" in sections:
         bench_norm_rope(run, sizes, copy_gbps)
     if "decode_flex" in sections and device.type == "cuda":

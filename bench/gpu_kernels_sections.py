@@ -1,5 +1,5 @@
-"""bench/gpu_kernels.py's sections beside decode: quantized matmul (with its config sweep), prefill and
-the fused rms_norm/RoPE decision. See gpu_kernels.py for what each
+"""bench/gpu_kernels.py's sections beside decode: quantized matmul (with its config sweep), prefill,
+the fused mixture-of-experts MLP and the fused rms_norm/RoPE decision. See gpu_kernels.py for what each
 reports; gpu_bench_run.py for the timing and the failure rules."""
 
 from __future__ import annotations
@@ -212,3 +212,75 @@ def bench_norm_rope(run: Run, sizes: Sizes, copy_gbps: float) -> None:
         run.free()
 
 
+
+
+# --- fused mixture of experts ----------------------------------------------------------------------
+
+def _vllm_fused_experts() -> Any:
+    """vLLM's fused MoE (its w13 is ours: [E, 2I, H], gate rows then up), or None when not installed."""
+    try:
+        from vllm.model_executor.layers.fused_moe import fused_experts
+    except Exception:  # not installed, or not importable in this environment
+        return None
+    return fused_experts
+
+
+def _int8_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> int8 weights and one fp32 scale per output channel (quant_reference's int8 layout)."""
+    scale = (w.float().abs().amax(-1) / 127.0).clamp(min=1e-8)
+    return (w.float() / scale[..., None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def _moe_case(run: Run, tokens: int, top_k: int, w13: torch.Tensor, w2: torch.Tensor,
+              float_experts: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Correctness against the fp32 reference (`float_experts`: w13 and w2 in fp32), speed against peers."""
+    from kvpilot.kernels.moe_reference import fused_moe_ref
+    from kvpilot.kernels.ops import fused_moe
+
+    experts, hidden, inter = w13.shape[0], w2.shape[1], w2.shape[2]
+    x = torch.randn(tokens, hidden, device=run.device, dtype=torch.bfloat16)
+    logits = torch.randn(tokens, experts, device=run.device)
+    weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    ms = run.time_ms(lambda: fused_moe(x, w13, w2, weights, ids))
+    loop_ms = run.time_ms(lambda: fused_moe_ref(x, w13, w2, weights, ids))
+    touched = int(ids.unique().numel())  # each expert's weights are read once per call at least
+    out = {"ms": round(ms, 4), **run.wall(lambda: fused_moe(x, w13, w2, weights, ids)),
+           "torch_loop_ms": round(loop_ms, 4), "speedup_vs_torch_loop": ratio(loop_ms, ms),
+           "experts_touched": touched,
+           "weight_GBps": round(touched * (w13[0].numel() + w2[0].numel()) * 2 / ms / 1e6, 1),
+           "TFLOPs": round(2 * tokens * top_k * 3 * inter * hidden / ms / 1e9, 2),
+           **rel_err(fused_moe(x, w13, w2, weights, ids), fused_moe_ref(x.float(), *float_experts, weights, ids))}
+    q13, s13 = _int8_experts(w13)
+    q2, s2 = _int8_experts(w2)
+    int8_ms = run.time_ms(lambda: fused_moe(x, q13, q2, weights, ids, s13, s2))
+    int8_err = rel_err(fused_moe(x, q13, q2, weights, ids, s13, s2),
+                       fused_moe_ref(x.float(), q13, q2, weights, ids, s13, s2))
+    out.update(int8_ms=round(int8_ms, 4), int8_speedup_vs_bf16=ratio(ms, int8_ms), int8_rel_err=int8_err["rel_err"])
+    vllm = _vllm_fused_experts()
+    if vllm is None:
+        out["vllm"] = "not installed"
+    else:
+        vllm_ms = run.time_ms(lambda: vllm(x, w13, w2, weights, ids.to(torch.int32)))
+        out.update(vllm_ms=round(vllm_ms, 4), speedup_vs_vllm=ratio(vllm_ms, ms))
+    return out
+
+
+def bench_moe(run: Run, sizes: Sizes) -> None:
+    """Qwen3-30B-A3B's MoE layer (bf16) at several token counts: the fused kernel vs the per-expert loop of
+    torch matmuls (the CPU path, HF's way) and vLLM's fused_experts when installed."""
+    experts, top_k, hidden, inter = sizes.moe_shape
+    w13 = torch.randn(experts, 2 * inter, hidden, device=run.device, dtype=torch.bfloat16) / hidden ** 0.5
+    w2 = torch.randn(experts, hidden, inter, device=run.device, dtype=torch.bfloat16) / inter ** 0.5
+    float_experts = (w13.float(), w2.float())
+    for tokens in sizes.moe_tokens:
+        record: dict[str, Any] = {"bench": "moe", "shape": f"E{experts} top{top_k} H{hidden} I{inter}",
+                                  "tokens": tokens}
+        if run.over_budget(0.95):
+            record["skipped"] = "time budget"
+        else:
+            run.guarded(record, lambda tokens=tokens: _moe_case(run, tokens, top_k, w13, w2, float_experts))
+            if "failed" not in record:
+                run.check(record, TOLERANCE["bf16"])
+        run.emit(record)
+    run.free()

@@ -12,8 +12,9 @@ Triton itself is imported lazily, on the first Triton dispatch: CPU users never 
 (With TRITON_INTERPRET=1 set before triton's import, Triton interprets even CUDA launches: slow but
 correct; GPU processes should not set it.)
 
-Shapes and layouts: `kvpilot.kernels.reference` (paged KV) and `kvpilot.kernels.quant_reference`
-(quantized weights). Shapes a kernel cannot take raise ValueError naming the limit.
+Shapes and layouts: `kvpilot.kernels.reference` (paged KV), `kvpilot.kernels.quant_reference`
+(quantized weights) and `kvpilot.kernels.moe_reference` (mixture of experts). Shapes a kernel
+cannot take raise ValueError naming the limit.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from typing import Literal
 
 import torch
 
-from kvpilot.kernels import quant_reference, reference
+from kvpilot.kernels import moe_reference, quant_reference, reference
 from kvpilot.kernels.quant_reference import QuantizedWeight, dequantize, quantize_fp8, quantize_int4, quantize_int8
 from kvpilot.kernels.support import check_kv_dtype_supported, check_weight_quantization_supported
 
 __all__ = [
     "QuantizedWeight", "backend", "check_kv_dtype_supported", "check_weight_quantization_supported", "dequantize",
-    "paged_attention_decode", "paged_attention_prefill",
+    "fused_moe", "paged_attention_decode", "paged_attention_prefill",
     "quantize_fp8", "quantize_int4", "quantize_int8", "quantized_matmul", "write_kv_cache",
 ]
 
@@ -122,3 +123,15 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     if kernel is None:
         return quant_reference.quantized_matmul_ref(x, weight, bias)
     return kernel.quantized_matmul(x, weight, bias)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The mixture-of-experts MLP: x [T, H] through the experts topk_ids [T, k] picked, weighed by
+    topk_weights [T, k] and summed -> [T, H]; w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I], in x's
+    dtype or int8 / fp8 with per-channel scales w13_scale [E, 2I], w2_scale [E, H]."""
+    kernel = _triton(x.device, "fused_moe")
+    if kernel is None:
+        return moe_reference.fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    return kernel.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)

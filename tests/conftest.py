@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
     _previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        for _name in ("paged_attention_decode", "paged_attention_prefill", "quantized_matmul", "write_kv_cache"):
+        for _name in ("fused_moe", "paged_attention_decode", "paged_attention_prefill", "quantized_matmul",
+                      "write_kv_cache"):
             importlib.import_module(f"kvpilot.kernels.{_name}")
     finally:
         if _previous is None:

@@ -63,6 +63,9 @@ class GGUFModel:
             "tie_word_embeddings": "output.weight" not in self.tensors,
             "attention_bias": "blk.0.attn_q.bias" in self.tensors,
         }
+        experts = self.field(f"{a}.expert_count")
+        if experts:  # a GGUF mixture of experts (Mixtral's): named, so the support list refuses it in one line
+            config["num_local_experts"] = int(experts)
         window = self.field(f"{a}.attention.sliding_window")
         if window:  # checked and honoured like a config.json's (memory/support.py)
             config["sliding_window"] = int(window)

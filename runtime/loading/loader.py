@@ -19,6 +19,7 @@ from kvpilot.runtime.loading.prequantized import Prequantized, checkpoint_quanti
 from kvpilot.runtime.memory.facts import ModelFacts, UnknownModel, from_hf_config
 from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config
 from kvpilot.runtime.models.llama import LlamaForCausalLM
+from kvpilot.runtime.models.moe import stack_experts
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
 from kvpilot.runtime.models.quantized import quantized_weight_names, quantizer
 from kvpilot.runtime.models.variant import Variant, variant_from_config
@@ -116,6 +117,7 @@ def build_model(facts: ModelFacts, weights: Iterator[tuple[str, torch.Tensor]], 
         prequantized.bind(model)
     model.load_weights(((name, tensor.to(device)) for name, tensor in bar),
                        prequantized or (quantizer(quantization, dtype) if quantization else None))
+    stack_experts(model)
     return model.eval()
 
 

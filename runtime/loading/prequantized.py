@@ -159,7 +159,8 @@ class Prequantized:
         return _concat(shares).to(weight.device)
 
     def _shape(self, module: str) -> tuple[int, int]:
-        lin = next(lin for lin in self.facts.layer_linears if lin.name == module.split(".")[-1])
+        layer = int(module.split(".")[2])  # model.layers.N.<block>.<linear>
+        lin = next(lin for lin in self.facts.linears(layer) if lin.name == module.split(".")[-1])
         return lin.out_features, lin.in_features
 
     def _local(self, module: str, weight: QuantizedWeight) -> QuantizedWeight:

@@ -65,11 +65,23 @@ def engine_limits(device: Device, max_batched_tokens: int | None, max_num_seqs: 
 
 def forward_peak_bytes(facts: ModelFacts, tp: int, tokens: int, compute_bytes: int) -> int:
     """One forward pass of `tokens` tokens: residual and normed hidden states, this GPU's share of
-    q/k/v and the attention output, gate/up/product of the MLP."""
+    q/k/v and the attention output, gate/up/product of the MLP (or of the experts, below)."""
     d = facts.head_dim
+    mlp = 3 * facts.intermediate_size // tp if facts.has_dense_mlp else 0
     per_token = (2 * facts.hidden_size + (2 * facts.num_heads + 2 * facts.num_kv_heads) * d // tp
-                 + 3 * facts.intermediate_size // tp)
+                 + max(mlp, moe_widths_per_token(facts, tp)))
     return tokens * per_token * compute_bytes
+
+
+def moe_widths_per_token(facts: ModelFacts, tp: int) -> int:
+    """An MoE layer's activations per token, in compute-dtype words, laid out as vLLM's fused MoE lays
+    them out: the router's logits and probabilities (fp32: two words each), then top-k copies of the
+    token, each with its expert's gate/up/product share and its output (summed back after), and the
+    shared expert's gate/up/product."""
+    if not facts.is_moe:
+        return 0
+    routed = facts.num_experts_per_tok * (3 * facts.moe_intermediate_size // tp + 2 * facts.hidden_size)
+    return 4 * facts.num_experts + routed + 3 * facts.shared_expert_intermediate_size // tp
 
 
 def activation_bytes(facts: ModelFacts, tp: int, limits: EngineLimits, compute_bytes: int,

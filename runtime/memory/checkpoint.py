@@ -203,15 +203,15 @@ def checkpoint_weight_bytes_by_part(facts: ModelFacts, checkpoint: CheckpointQua
     compute = DTYPE_BYTES[compute_dtype]
     quantized = held_linear_bytes if held else (lambda o, i, c, _: stored_linear_bytes(o, i, c.scheme))
     parts = {"attention": 0, "mlp": 0}
-    for layer in range(facts.num_layers):
-        for lin in facts.layer_linears:
+    for layer in range(facts.num_layers):  # dense layers only: ModelFacts refuses pre-quantized experts
+        for lin in facts.linears(layer):
             out_f, in_f = shard(lin, facts, tp)
             if checkpoint.quantizes(_module(layer, lin.name)):
                 n = quantized(out_f, in_f, checkpoint, compute)
             else:
                 n = out_f * in_f * compute
             n += out_f * compute if lin.bias else 0
-            parts["mlp" if lin.name.endswith(("gate_proj", "up_proj", "down_proj")) else "attention"] += n
+            parts[lin.part] += n
     rows = math.ceil(facts.vocab_size / tp)  # vocab-parallel
     parts["embeddings"] = rows * facts.hidden_size * compute
     if facts.tie_word_embeddings:

@@ -15,7 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config, layer_windows
+from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config, dense_mlp_layers, layer_windows, num_experts
 
 if TYPE_CHECKING:
     from kvpilot.runtime.memory.checkpoint import CheckpointQuantization
@@ -32,8 +32,15 @@ class Linear:
     name: str
     out_features: int
     in_features: int
-    split: str  # "column" (out split), "row" (in split) or "kv" (out split, replicated past kv heads)
+    split: str  # "column" (out split), "row" (in split), "kv" (out split, replicated past kv heads), "none"
     bias: bool = False
+    part: str = "attention"  # attention | mlp | experts | router: the plan's weights_by_part key
+    copies: int = 1  # experts: one matrix per routed expert
+
+    @property
+    def quantized(self) -> bool:
+        """Routers stay in the compute dtype (as vLLM keeps them): tiny, and they pick the experts."""
+        return self.part != "router"
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,16 @@ class ModelFacts:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = field(default=None, compare=False)
     rms_norm_eps: float = 1e-5
+    qk_norm_size: int = 0  # weights of one layer's q/k norms: 2 x head_dim per head (Qwen3, Gemma 3), q + kv (OLMo 2)
+    # Mixture of experts (0 experts: a dense model). Each MoE layer routes every token to
+    # num_experts_per_tok of num_experts gated MLPs of moe_intermediate_size; Qwen2-MoE adds one
+    # always-on shared expert with a sigmoid gate. dense_layers: the layers of an MoE model that keep
+    # a dense MLP of intermediate_size (Qwen-MoE's mlp_only_layers and decoder_sparse_step).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    dense_layers: tuple[int, ...] = ()
     # A pre-quantized checkpoint's quantization_config (checkpoint.read_quantization); None: float weights
     checkpoint: CheckpointQuantization | None = field(default=None, compare=False)
     # Each layer's sliding attention window (support.layer_windows); () when no layer has one
@@ -68,43 +85,88 @@ class ModelFacts:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model {self.name}: num_heads ({self.num_heads}) must be a multiple "
                              f"of num_kv_heads ({self.num_kv_heads})")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"model {self.name}: num_experts_per_tok must be in 1..{self.num_experts}, "
+                             f"got {self.num_experts_per_tok}")
+        if self.num_experts and self.moe_intermediate_size < 1:
+            raise ValueError(f"model {self.name}: moe_intermediate_size must be >= 1, got {self.moe_intermediate_size}")
+        if self.num_experts and self.checkpoint is not None:
+            raise UnsupportedOption(f"model {self.name}: pre-quantized mixture-of-experts checkpoints are not "
+                                    "supported yet: give the full-precision checkpoint and --quantization")
 
     @property
-    def layer_linears(self) -> tuple[Linear, ...]:
-        """The projections of one decoder layer (attention, then the SwiGLU MLP)."""
-        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        h, i = self.hidden_size, self.intermediate_size
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer not in self.dense_layers
+
+    @property
+    def has_dense_mlp(self) -> bool:
+        return not self.is_moe or any(0 <= i < self.num_layers for i in self.dense_layers)
+
+    @property
+    def tp_split_sizes(self) -> tuple[int, ...]:
+        """The MLP widths tensor parallelism splits into equal shares: the dense MLP's, each expert's."""
+        sizes = (self.intermediate_size,) if self.has_dense_mlp else ()
+        if self.is_moe:
+            sizes += (self.moe_intermediate_size,)
+        if self.shared_expert_intermediate_size:
+            sizes += (self.shared_expert_intermediate_size,)
+        return sizes
+
+    @property
+    def attention_linears(self) -> tuple[Linear, ...]:
+        q_out, kv_out, h = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.hidden_size
         return (
             Linear("q_proj", q_out, h, "column", self.qkv_bias),
             Linear("k_proj", kv_out, h, "kv", self.qkv_bias),
             Linear("v_proj", kv_out, h, "kv", self.qkv_bias),
             Linear("o_proj", h, q_out, "row"),
-            Linear("gate_proj", i, h, "column"),
-            Linear("up_proj", i, h, "column"),
-            Linear("down_proj", h, i, "row"),
         )
+
+    def mlp_linears(self, layer: int) -> tuple[Linear, ...]:
+        """A dense SwiGLU MLP; or the router, every expert's (each split by TP along its intermediate
+        rows, as vLLM splits them) and the shared expert with its gate."""
+        h = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return _gated_mlp("", self.intermediate_size, h, "mlp")
+        e, i, shared = self.num_experts, self.moe_intermediate_size, self.shared_expert_intermediate_size
+        linears = (Linear("gate", e, h, "none", part="router"), *_gated_mlp("experts.", i, h, "experts", e))
+        if shared:
+            linears += (*_gated_mlp("shared_expert.", shared, h, "mlp"),
+                        Linear("shared_expert_gate", 1, h, "none", part="router"))
+        return linears
+
+    def linears(self, layer: int) -> tuple[Linear, ...]:
+        """The projections of decoder layer `layer`: attention, then its MLP or experts."""
+        return self.attention_linears + self.mlp_linears(layer)
 
     @property
     def params_by_part(self) -> dict[str, int]:
-        attention = mlp = 0
-        for lin in self.layer_linears:
-            n = lin.out_features * lin.in_features + (lin.out_features if lin.bias else 0)
-            if lin.name.endswith(("gate_proj", "up_proj", "down_proj")):
-                mlp += n
-            else:
-                attention += n
+        parts = {"attention": 0, "mlp": 0, **({"experts": 0, "router": 0} if self.is_moe else {})}
+        for layer in range(self.num_layers):
+            for lin in self.linears(layer):
+                bias = lin.out_features if lin.bias else 0
+                parts[lin.part] += lin.copies * (lin.out_features * lin.in_features + bias)
         embeddings = self.vocab_size * self.hidden_size
+        norms = (self.norms_per_layer * self.num_layers + 1) * self.hidden_size + self.num_layers * self.qk_norm_size
         return {
+            **parts,
             "embeddings": embeddings,
-            "attention": attention * self.num_layers,
-            "mlp": mlp * self.num_layers,
-            "norms": (self.norms_per_layer * self.num_layers + 1) * self.hidden_size,
+            "norms": norms,
             "lm_head": 0 if self.tie_word_embeddings else embeddings,
         }
 
     @property
     def num_params(self) -> int:
         return sum(self.params_by_part.values())
+
+
+def _gated_mlp(prefix: str, intermediate: int, hidden: int, part: str, copies: int = 1) -> tuple[Linear, ...]:
+    return (Linear(f"{prefix}gate_proj", intermediate, hidden, "column", part=part, copies=copies),
+            Linear(f"{prefix}up_proj", intermediate, hidden, "column", part=part, copies=copies),
+            Linear(f"{prefix}down_proj", hidden, intermediate, "row", part=part, copies=copies))
 
 
 def from_hf_config(config: dict[str, Any], name: str = "model") -> ModelFacts:
@@ -132,16 +194,42 @@ def from_hf_config(config: dict[str, Any], name: str = "model") -> ModelFacts:
             vocab_size=int(config["vocab_size"]),
             max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=bool(config.get("attention_bias", arch.startswith("Qwen2"))),
+            qkv_bias=bool(config.get("qkv_bias", config.get("attention_bias", arch.startswith("Qwen2")))),
             norms_per_layer=4 if arch.startswith("Gemma2") else 2,
             rope_theta=float(config.get("rope_theta", 10000.0)),
             rope_scaling=config.get("rope_scaling"),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            qk_norm_size=_qk_norm_size(arch, heads, int(config.get("num_key_value_heads") or heads),
+                                       int(config.get("head_dim") or hidden // heads)),
+            **_moe_facts(config),
             checkpoint=read_quantization(config),
             layer_windows=windows if any(windows := layer_windows(config)) else (),
         )
     except KeyError as err:
         raise UnknownModel(f"config of {name} lacks the field {err.args[0]!r}") from None
+
+
+def _qk_norm_size(arch: str, heads: int, kv_heads: int, head_dim: int) -> int:
+    if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"):
+        return 2 * head_dim  # one RMSNorm over each head's channels, shared by the heads
+    if arch == "Olmo2ForCausalLM":
+        return (heads + kv_heads) * head_dim  # over the whole q and k projections
+    return 0
+
+
+def _moe_facts(config: dict[str, Any]) -> dict[str, Any]:
+    """The experts of a Mixtral / Qwen-MoE config (none for a dense one)."""
+    experts = num_experts(config)
+    if not experts:
+        return {}
+    arch = (config.get("architectures") or [""])[0]
+    layers = int(config["num_hidden_layers"])
+    # Mixtral's experts are intermediate_size wide; Qwen-MoE names the experts' width apart
+    width = config["intermediate_size"] if arch == "MixtralForCausalLM" else config["moe_intermediate_size"]
+    return {"num_experts": experts, "num_experts_per_tok": int(config["num_experts_per_tok"]),
+            "moe_intermediate_size": int(width),
+            "shared_expert_intermediate_size": int(config.get("shared_expert_intermediate_size") or 0),
+            "dense_layers": tuple(i for i, dense in enumerate(dense_mlp_layers(config, layers)) if dense)}
 
 
 def load_hf_config(path: str | Path) -> ModelFacts:

@@ -311,13 +311,26 @@ def plan(facts: ModelFacts, device: Device, req: PlanRequest) -> Plan:
         raise NoFit(f"{facts.name} does not fit on {device.name}: the best attempt, {_describe(best)}, "
                     f"misses by {shortfall / GiB:.2f} GiB per GPU for {req.concurrency} x "
                     f"{best.max_model_len} tokens of KV cache", shortfall)
-    return _with_reasons(chosen, attempts, req, widened)
+    return _with_reasons(facts, chosen, attempts, req, widened)
 
 
-def _with_reasons(chosen: Plan, attempts: list, req: PlanRequest, widened: bool) -> Plan:
+def _experts_reason(facts: ModelFacts, chosen: Plan) -> str:
+    tp, width = chosen.tensor_parallel, facts.moe_intermediate_size
+    split = (f"tensor parallel {tp} splits each expert's {width} intermediate rows into {width // tp} per GPU "
+             "(as vLLM does)" if tp > 1 else f"each expert {width} intermediate rows wide")
+    shared = " plus one shared expert" if facts.shared_expert_intermediate_size else ""
+    held = chosen.weights_by_part["experts"] / GiB
+    return (f"experts: {facts.num_experts} per MoE layer{shared}, all held ({held:.2f} GiB per GPU), "
+            f"{facts.num_experts_per_tok} routed per token (activations hold top-"
+            f"{facts.num_experts_per_tok} copies of each token); {split}")
+
+
+def _with_reasons(facts: ModelFacts, chosen: Plan, attempts: list, req: PlanRequest, widened: bool) -> Plan:
     reasons = [f"weights: {chosen.memory.weights / GiB:.2f} GiB per GPU in {chosen.quantization}; "
                f"usable memory {chosen.memory.usable / GiB:.2f} GiB "
                f"({req.gpu_memory_utilization:.0%} of {chosen.memory.total / GiB:.2f} GiB)"]
+    if facts.is_moe:
+        reasons.append(_experts_reason(facts, chosen))
     mem = chosen.memory
     reasons.append(f"kept out of the KV cache: activations {mem.activations / GiB:.2f} GiB (a step of "
                    f"{chosen.max_batched_tokens} tokens), non-torch {mem.overhead / GiB:.2f} GiB at TP "

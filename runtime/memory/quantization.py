@@ -50,8 +50,9 @@ DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float1
 
 
 def tp_compatible(facts: ModelFacts, tp: int) -> bool:
-    """TP must split the query heads evenly and either split or replicate the KV heads evenly."""
-    if tp < 1 or facts.num_heads % tp:
+    """TP must split the query heads evenly, either split or replicate the KV heads evenly, and split
+    the MLP's (each expert's) intermediate rows evenly."""
+    if tp < 1 or facts.num_heads % tp or any(size % tp for size in facts.tp_split_sizes):
         return False
     return facts.num_kv_heads % tp == 0 or tp % facts.num_kv_heads == 0
 
@@ -72,6 +73,8 @@ def shard(lin: Linear, facts: ModelFacts, tp: int) -> tuple[int, int]:
         return lin.out_features // tp, lin.in_features
     if lin.split == "row":
         return lin.out_features, lin.in_features // tp
+    if lin.split == "none":  # every rank holds it whole
+        return lin.out_features, lin.in_features
     return kv_heads_per_gpu(facts, tp) * facts.head_dim, lin.in_features
 
 
@@ -90,12 +93,12 @@ def weight_bytes_by_part(facts: ModelFacts, quant: str, compute_dtype: str, tp: 
     """Per-GPU bytes of each part of the model under `quant` and tensor parallelism `tp`."""
     mode = QUANT_MODES[quant]
     compute = DTYPE_BYTES[compute_dtype if mode.scale_bytes else quant]
-    parts = {"attention": 0, "mlp": 0}
-    for lin in facts.layer_linears:
-        out_f, in_f = shard(lin, facts, tp)
-        n = linear_bytes(out_f, in_f, mode, compute) + (out_f * compute if lin.bias else 0)
-        parts["mlp" if lin.name.endswith(("gate_proj", "up_proj", "down_proj")) else "attention"] += n
-    parts = {k: v * facts.num_layers for k, v in parts.items()}
+    parts = {"attention": 0, "mlp": 0, **({"experts": 0, "router": 0} if facts.is_moe else {})}
+    for layer in range(facts.num_layers):
+        for lin in facts.linears(layer):
+            out_f, in_f = shard(lin, facts, tp)
+            matrix = linear_bytes(out_f, in_f, mode, compute) if lin.quantized else out_f * in_f * compute
+            parts[lin.part] += lin.copies * (matrix + (out_f * compute if lin.bias else 0))
     embedding = math.ceil(facts.vocab_size / tp) * facts.hidden_size * compute  # vocab-parallel
     parts["embeddings"] = embedding
     parts["lm_head"] = 0 if facts.tie_word_embeddings else embedding

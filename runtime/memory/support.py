@@ -39,13 +39,20 @@ ARCHITECTURES: dict[str, frozenset[str]] = {
     "Gemma2ForCausalLM": _LLAMA | {"hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
                                    "final_logit_softcapping", "cache_implementation",
                                    "use_bidirectional_attention"},
+    "MixtralForCausalLM": _LLAMA | {"num_local_experts", "num_experts_per_tok"},
+    "Qwen3MoeForCausalLM": _LLAMA | {"num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                     "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob"},
+    "Qwen2MoeForCausalLM": _LLAMA | {"num_experts", "num_experts_per_tok", "moe_intermediate_size", "qkv_bias",
+                                     "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+                                     "norm_topk_prob"},
     "Gemma3ForCausalLM": _LLAMA | {"hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
                                    "final_logit_softcapping", "cache_implementation", "rope_local_base_freq",
                                    "sliding_window_pattern", "_sliding_window_pattern",
                                    "use_bidirectional_attention"},
 }
 WINDOWED_ARCHITECTURES = ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-                          "SmolLM3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+                          "SmolLM3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM",
+                          "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 # Fields that never change the forward pass of inference: ids, dropout, training and export settings,
 # generation defaults (the request's sampling parameters decide those here).
 BOOKKEEPING = frozenset({
@@ -63,6 +70,8 @@ BOOKKEEPING = frozenset({
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "tie_encoder_decoder",
     "add_cross_attention", "cross_attention_hidden_size", "_attn_implementation_autoset", "pruned_heads",
     "_sliding_window_pattern", "sliding_window_pattern",  # checked against layer_types below
+    # mixture-of-experts training: the load-balancing loss, and Mixtral's jitter (applied in training mode only)
+    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
 })
 
 # --- activations, rope, attention -----------------------------------------------------------------
@@ -208,9 +217,12 @@ def layer_windows(config: Mapping[str, Any]) -> tuple[int | None, ...]:
         elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):  # the layers from max_window_layers on
             first = int(config.get("max_window_layers", 28))
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+        elif arch == "Qwen2MoeForCausalLM":  # every other layer below max_window_layers
+            last = int(config.get("max_window_layers", 28))
+            types = ["sliding_attention" if (i + 1) % 2 and i < last else "full_attention" for i in range(layers)]
         elif arch == "SmolLM3ForCausalLM":  # the layers without rope
             types = ["full_attention" if rope else "sliding_attention" for rope in smollm3_rope_layers(config)]
-        else:  # Mistral, Phi-3: every layer slides
+        else:  # Mistral, Phi-3, Mixtral, Qwen3-MoE: every layer slides
             types = ["sliding_attention"] * layers
     return tuple(int(window) if t == "sliding_attention" else None for t in types)
 
@@ -222,6 +234,20 @@ def smollm3_rope_layers(config: Mapping[str, Any]) -> list[bool]:
         return [bool(x) for x in config["no_rope_layers"]]
     interval = int(config.get("no_rope_layer_interval") or 4)
     return [(i + 1) % interval != 0 for i in range(int(config.get("num_hidden_layers", 0)))]
+
+
+def num_experts(config: Mapping[str, Any]) -> int:
+    """Routed experts per MoE layer (Mixtral: num_local_experts; Qwen-MoE: num_experts, which
+    transformers 5 writes as num_local_experts); 0 for a dense model."""
+    return int(config.get("num_local_experts") or config.get("num_experts") or 0)
+
+
+def dense_mlp_layers(config: Mapping[str, Any], layers: int) -> list[bool]:
+    """Which layers of an MoE model keep a dense MLP, as transformers' Qwen-MoE decides: the layers in
+    mlp_only_layers, and all but every decoder_sparse_step-th one. Mixtral: none."""
+    only = set(config.get("mlp_only_layers") or ())
+    step = int(config.get("decoder_sparse_step") or 1)
+    return [i in only or (i + 1) % step != 0 for i in range(layers)]
 
 
 def _show(value: Any) -> str:

@@ -1,7 +1,8 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, Granite, OLMo 2, Phi-3/4, SmolLM2/3, Gemma 2/3):
-RMSNorm, RoPE, gated MLP, grouped-query attention, tied or untied embeddings. What a family changes
-(biases, activation, q/k norms, norm layout, multipliers, soft-capping, sliding windows, per-layer
-rope) is a `Variant` (models/variant.py). Attention and cache writes go through `kvpilot.kernels.ops`
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, Granite, OLMo 2, Phi-3/4, SmolLM2/3, Gemma 2/3,
+Mixtral, Qwen3-MoE): RMSNorm, RoPE, gated MLP or mixture of experts (models/moe.py), grouped-query
+attention, tied or untied embeddings. What a family changes (biases, activation, q/k norms, norm
+layout, multipliers, soft-capping, sliding windows, per-layer rope, routing) is a `Variant`
+(models/variant.py). Attention and cache writes go through `kvpilot.kernels.ops`
 only; q/k/v and gate/up are each one fused matmul.
 
 Under tensor parallelism (`parallel`, see runtime/parallel.py) each rank holds its heads, its
@@ -22,6 +23,7 @@ from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.memory.quantization import kv_heads_per_gpu, tp_compatible
 from kvpilot.runtime.memory.support import UnsupportedOption
 from kvpilot.runtime.models.layers import ACTIVATIONS, AttentionMetadata, GemmaRMSNorm, RMSNorm, RotaryEmbedding
+from kvpilot.runtime.models.moe import MoEMLP
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
 from kvpilot.runtime.models.quantized import quantized_weight_names, replace_with_quantized
 from kvpilot.runtime.models.variant import Variant
@@ -30,6 +32,8 @@ from kvpilot.runtime.models.variant import Variant
 PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                   "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 IGNORED_WEIGHTS = ("rotary_emb.inv_freq",)
+# Mixtral's checkpoint names -> the HF names of every other family (its w1/w3/w2 are gate/up/down)
+MIXTRAL_NAMES = {"block_sparse_moe": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def make_norm(variant: Variant, size: int, eps: float) -> RMSNorm:
@@ -118,7 +122,7 @@ class LlamaDecoderLayer(nn.Module):
                  parallel: Parallel = SINGLE) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(facts, variant, layer, rotary, parallel)
-        self.mlp = LlamaMLP(facts, variant, parallel)
+        self.mlp = MoEMLP(facts, variant, parallel) if facts.is_moe_layer(layer) else LlamaMLP(facts, variant, parallel)
         self.layout, self.residual_multiplier = variant.norm_layout, variant.residual_multiplier
         size, eps = facts.hidden_size, facts.rms_norm_eps
         if self.layout != "post":
@@ -276,12 +280,16 @@ class LlamaForCausalLM(nn.Module):
             raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
     def _unpacked(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Phi-3 checkpoints hold q/k/v and gate/up fused already: split them into the HF names, so that
-        tensor parallelism and quantization treat every checkpoint alike."""
+        """Every checkpoint in the HF names of the Llama family, so that tensor parallelism and
+        quantization treat them alike: Phi-3's fused q/k/v and gate/up split, Mixtral's experts renamed
+        (block_sparse_moe.experts.N.w1 -> mlp.experts.N.gate_proj)."""
         f = self.facts
         q, kv = f.num_heads * f.head_dim, f.num_kv_heads * f.head_dim
         for name, tensor in weights:
             parts = name.split(".")
+            if "block_sparse_moe" in parts:
+                parts = [MIXTRAL_NAMES.get(part, part) for part in parts]
+                name = ".".join(parts)
             if len(parts) >= 2 and parts[-2] == "qkv_proj":
                 for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.split((q, kv, kv)), strict=True):
                     yield ".".join([*parts[:-2], part, parts[-1]]), piece
@@ -294,7 +302,7 @@ class LlamaForCausalLM(nn.Module):
     def _shard_sizes(self, fused_name: str) -> tuple[int, ...]:
         if ".qkv_proj." in fused_name:
             return self.model.layers[0].self_attn.shard_sizes
-        return (self.model.layers[0].mlp.intermediate_size,) * 2
+        return (self.get_submodule(fused_name.rsplit(".", 2)[0]).intermediate_size,) * 2
 
     def _local_share(self, parts: list[str], tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a full checkpoint tensor (all of it without tensor parallelism)."""
@@ -310,8 +318,8 @@ class LlamaForCausalLM(nn.Module):
             heads = kv_heads_per_gpu(facts, p.size)
             first = p.rank * heads if facts.num_kv_heads >= p.size else p.rank * facts.num_kv_heads // p.size
             return tensor[first * head_dim : (first + heads) * head_dim]
-        if module in ("gate_proj", "up_proj"):
-            start, end = p.split(facts.intermediate_size)
+        if module in ("gate_proj", "up_proj"):  # a dense MLP's or an expert's intermediate rows
+            start, end = p.split(tensor.shape[0])
             return tensor[start:end]
         if module in ("o_proj", "down_proj") and kind == "weight":
             start, end = p.split(tensor.shape[1])
@@ -332,9 +340,10 @@ def check_shardable(facts: ModelFacts, tp: int, variant: Variant | None = None) 
     if variant is not None and variant.qk_norm == "full":
         raise UnsupportedOption(f"tensor parallelism is not supported for {variant.architecture}: its q/k norms "
                                 "span every head; run it with tensor parallel size 1")
-    if not tp_compatible(facts, tp) or facts.intermediate_size % tp:
+    if not tp_compatible(facts, tp):
+        widths = ", ".join(map(str, facts.tp_split_sizes))
         raise UnsupportedOption(f"tensor parallel size {tp} does not divide {facts.name}: {facts.num_heads} "
-                                f"heads, {facts.num_kv_heads} KV heads, intermediate size {facts.intermediate_size}")
+                                f"heads, {facts.num_kv_heads} KV heads, intermediate size {widths}")
 
 
 def _materialize(model: nn.Module, name: str, shape: torch.Size, like: torch.Tensor) -> nn.Parameter:

@@ -37,6 +37,8 @@ class Variant:
     ropes: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
     rope_layers: tuple[bool, ...] = ()  # SmolLM3: False where a layer has no rotary embedding
     partial_rotary_factor: float = 1.0
+    norm_topk_prob: bool = True  # MoE: renormalise the top-k router weights (Mixtral always; Qwen3-MoE if set)
+    router_weights_in_dtype: bool = False  # MoE: weigh the experts in the compute dtype (Qwen3-MoE), not fp32
 
     def window(self, layer: int) -> int | None:
         return self.windows[layer] if self.windows else None
@@ -63,9 +65,11 @@ def variant_from_config(config: dict[str, Any]) -> Variant:
         "ropes": ropes,
     }
     bias = bool(config.get("attention_bias", False))
-    # Qwen2 hard-codes a bias on q/k/v only; the others put attention_bias on o_proj too (Phi-3 has none)
-    options["qkv_bias"] = True if arch == "Qwen2ForCausalLM" else bias
-    options["o_bias"] = bias and arch != "Qwen2ForCausalLM"
+    # Qwen2 hard-codes a bias on q/k/v only (Qwen2-MoE's qkv_bias, true unless set, says the same); the
+    # others put attention_bias on o_proj too (Phi-3 has none)
+    qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+    options["qkv_bias"] = bool(config.get("qkv_bias", True)) if qwen2 else bias
+    options["o_bias"] = bias and not qwen2
     options["mlp_bias"] = bool(config.get("mlp_bias", False))
     if len(ropes) > 1:  # Gemma 3: local and global layers rotate with their own base
         types = config.get("layer_types") or ["sliding_attention" if w else "full_attention" for w in windows]
@@ -74,6 +78,11 @@ def variant_from_config(config: dict[str, Any]) -> Variant:
     options["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", 1.0))
     if arch == "Qwen3ForCausalLM":
         options["qk_norm"] = "head"
+    elif arch == "Qwen3MoeForCausalLM":  # transformers' Qwen3MoeConfig defaults norm_topk_prob to false
+        options.update(qk_norm="head", norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                       router_weights_in_dtype=True)
+    elif arch == "Qwen2MoeForCausalLM":
+        options.update(norm_topk_prob=bool(config.get("norm_topk_prob", False)), router_weights_in_dtype=True)
     elif arch == "Olmo2ForCausalLM":
         options.update(qk_norm="full", norm_layout="post")
     elif arch == "GraniteForCausalLM":

@@ -49,6 +49,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, mangle_type
 
 from kvpilot.kernels import _launch
+from kvpilot.kernels import fused_moe as moe
 from kvpilot.kernels import paged_attention_decode as decode
 from kvpilot.kernels import paged_attention_prefill as prefill
 from kvpilot.kernels import quantized_matmul as qmm
@@ -224,6 +225,23 @@ def matmul_variants(arch: int) -> list[Variant]:
     return out
 
 
+def moe_variants(arch: int) -> list[Variant]:
+    """Qwen3-30B-A3B's expert shape (hidden 2048, 768 rows, top-8; 4 experts stand in for 128: the
+    count changes no code) at decode (8 routed copies: 16-row blocks) and prefill (4096 copies)."""
+    def fused(tokens: int, dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> Callable[[], None]:
+        x = torch.zeros(tokens, 2048, dtype=dtype)
+        weight_dtype = weight_dtype or dtype
+        w13, w2 = torch.zeros(4, 2 * 768, 2048, dtype=weight_dtype), torch.zeros(4, 2048, 768, dtype=weight_dtype)
+        scales = (torch.ones(4, 2 * 768), torch.ones(4, 2048)) if weight_dtype != dtype else ()
+        ids = torch.randint(0, 4, (tokens, 8))
+        return lambda: moe.fused_moe(x, w13, w2, torch.ones(tokens, 8), ids, *scales)
+
+    cases = [(1, BF16, None), (1, FP16, None), (512, BF16, None), (4, FP32, None), (1, BF16, torch.int8),
+             (512, BF16, torch.int8)] + ([(1, BF16, FP8), (512, BF16, FP8)] if arch >= 89 else [])
+    return [Variant(f"moe t{tokens} top8 {str(dtype)[6:]}" + (f" {str(w)[6:]} experts" if w else ""),
+                    fused(tokens, dtype, w), must_not_spill=dtype != FP32) for tokens, dtype, w in cases]
+
+
 def write_variants(arch: int) -> list[Variant]:
     def cache_write(dtype: torch.dtype, kv_dtype: torch.dtype) -> Callable[[], None]:
         key = torch.zeros(3, 8, 128, dtype=dtype)
@@ -246,7 +264,7 @@ def target_gpu(arch: int) -> None:
 def run_arch(arch: int, full: bool, only: str, launches: list[Launch]) -> int:
     target_gpu(arch)
     failures = 0
-    for variant in attention_variants(arch, full) + matmul_variants(arch) + write_variants(arch):
+    for variant in attention_variants(arch, full) + matmul_variants(arch) + moe_variants(arch) + write_variants(arch):
         if only not in variant.label:
             continue
         launches.clear()
@@ -281,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
 
     launches: list[Launch] = []
     for module, kernels in ((decode, ("_decode_kernel", "_merge_kernel")), (prefill, ("_prefill_kernel",)),
-                            (write, ("_write_kv_kernel",)), (qmm, ("_qmm_kernel",))):
+                            (write, ("_write_kv_kernel",)), (qmm, ("_qmm_kernel",)),
+                            (moe, ("_moe_gate_up_kernel", "_moe_down_kernel"))):
         for name in kernels:
             setattr(module, name, Recorder(getattr(module, name), launches))
     failures = sum(run_arch(int(arch), options.full, options.only, launches) for arch in options.arch.split(","))

@@ -25,11 +25,12 @@ class NumberTokenizer:
         return " ".join(map(str, token_ids))
 
 
-def tiny_llama(device: str) -> LoadedModel:
+def tiny_llama(device: str, **moe: int) -> LoadedModel:
     """Two layers, 4 query heads on 2 KV heads of 16 dims (GQA), random weights large enough that the
-    greedy choice is well separated (logit gaps far above kernel rounding)."""
+    greedy choice is well separated (logit gaps far above kernel rounding); `moe`: ModelFacts' expert
+    fields (a Mixtral-like model)."""
     facts = ModelFacts(name="tiny-random-llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
-                       head_dim=16, intermediate_size=128, vocab_size=97, max_position_embeddings=128)
+                       head_dim=16, intermediate_size=128, vocab_size=97, max_position_embeddings=128, **moe)
     torch.manual_seed(0)
     model = LlamaForCausalLM(facts, max_positions=128)
     with torch.no_grad():
@@ -120,3 +121,35 @@ def quantized(loaded: LoadedModel, mode: str) -> LoadedModel:
         weight = model.get_parameter(name).detach()
         replace_with_quantized(model, name, weight, quantizer(mode, torch.float32))
     return loaded
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_moe_engine_through_the_fused_moe_kernel_matches_the_reference_path(monkeypatch, quantization):
+    """A Mixtral-like model (4 experts of 48 rows, top-2), float or int8, through the Triton fused-MoE
+    kernel gives the greedy tokens the torch reference gives."""
+    prompts = [[5], [3, 1, 4, 1, 5, 9, 2], list(range(10, 27))]
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48}
+
+    def generate(device: str, use_kernels: bool) -> list[list[int]]:
+        loaded = tiny_llama(device, **moe)
+        if quantization:
+            loaded = quantized(loaded, quantization)
+        llm = LLM(loaded=loaded, device=device, dtype="fp32", block_size=8, num_kv_blocks=32, max_model_len=128,
+                  max_num_seqs=4, max_num_batched_tokens=24, quantization=quantization)
+        with interpreter(use_kernels and device == "cpu"):
+            return [list(out.token_ids) for out in llm.generate(prompts, greedy)]
+
+    with interpreter(False):
+        expected = generate("cpu", use_kernels=False)
+    calls = {"fused_moe": 0}
+    module = importlib.import_module("kvpilot.kernels.fused_moe")
+    launcher = module.fused_moe
+
+    def counted(*args, **kwargs):
+        calls["fused_moe"] += 1
+        return launcher(*args, **kwargs)
+
+    monkeypatch.setattr(module, "fused_moe", counted)
+    assert generate(DEVICE, use_kernels=True) == expected
+    assert calls["fused_moe"] >= 2 * 4  # two MoE layers, a prefill and three decode steps

@@ -25,9 +25,9 @@ def test_dry_run_reports_every_section_with_its_correctness(tmp_path):
     assert lines == [json.loads(line) for line in result.stdout.splitlines()]
     benches = [line["bench"] for line in lines]
     assert set(benches) == {"copy", "decode_sweep", "decode_config_chosen", "decode", "matmul_sweep",
-                            "matmul_config_chosen", "matmul", "prefill", "norm_rope", "done"}
+                            "matmul_config_chosen", "matmul", "prefill", "moe", "norm_rope", "done"}
     for line in lines:
-        if line["bench"] in ("decode", "matmul", "prefill"):
+        if line["bench"] in ("decode", "matmul", "prefill", "moe"):
             assert line["ms"] > 0 and line["wall_ms"] > 0 and line["rel_err"] < line["tolerance"], line
             assert "failed" not in line, line
     chosen = {line["kv_dtype"]: line for line in lines if line["bench"] == "decode_config_chosen"}

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("compile_for_gpu.py")
-KERNELS = {"_decode_kernel", "_merge_kernel", "_prefill_kernel", "_write_kv_kernel", "_qmm_kernel"}
+KERNELS = {"_decode_kernel", "_merge_kernel", "_prefill_kernel", "_write_kv_kernel", "_qmm_kernel",
+           "_moe_gate_up_kernel", "_moe_down_kernel"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the kernel tests compile for the device")

@@ -1,5 +1,6 @@
 """The memory model: model facts, bytes per quantization mode, KV bytes per token, plans."""
 
+import dataclasses
 import json
 
 import pytest
@@ -144,8 +145,11 @@ def test_tensor_parallel_splits_weights():
 def test_tp_compatibility():
     facts = from_catalog("llama-3.1-70b")  # 64 heads, 8 KV heads
     assert [tp for tp in (1, 2, 3, 4, 8, 16, 128) if tp_compatible(facts, tp)] == [1, 2, 4, 8, 16]
-    smol = from_catalog("smollm2-135m")  # 9 heads, 3 KV heads
-    assert [tp for tp in (1, 2, 3, 4, 9) if tp_compatible(smol, tp)] == [1, 3, 9]
+    smol = from_catalog("smollm2-135m")  # 9 heads, 3 KV heads; 1536 MLP rows do not split 9 ways (the runtime refuses)
+    assert [tp for tp in (1, 2, 3, 4, 9) if tp_compatible(smol, tp)] == [1, 3]
+    qwen3_moe = from_catalog("qwen3-30b-a3b")  # 32 heads, 4 KV heads, experts 768 rows wide
+    assert [tp for tp in (1, 2, 4, 8, 16, 32) if tp_compatible(qwen3_moe, tp)] == [1, 2, 4, 8, 16, 32]
+    assert not tp_compatible(dataclasses.replace(qwen3_moe, moe_intermediate_size=760), 16)
 
 
 def test_quantities():

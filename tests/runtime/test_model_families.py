@@ -74,17 +74,21 @@ def families() -> dict[str, Any]:
 
 
 def build(kind: str, tokenizer: Any, path) -> tuple[Any, list[list[int]]]:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(families()[kind](), dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
-    reference.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    prompts = [tokenizer.encode(text) for text in TEXTS]
+    reference, prompts = build_checkpoint(families()[kind](), tokenizer, path)
     if kind.startswith("phi3-longrope"):  # HF picks longrope's factors by length: one of 26 tokens crosses 32
         prompts.append(prompts[2][:26])
     return reference, prompts
+
+
+def build_checkpoint(config: Any, tokenizer: Any, path) -> tuple[Any, list[list[int]]]:
+    """A random fp32 HF model of `config` saved at `path` with the tokenizer, and the prompts' ids."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    reference.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return reference, [tokenizer.encode(text) for text in TEXTS]
 
 
 def assert_hf_greedy(reference: Any, prompts: list[list[int]], outputs) -> None:

@@ -19,7 +19,9 @@ CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "Mist
                   "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config",
                   "GraniteForCausalLM": "GraniteConfig", "Olmo2ForCausalLM": "Olmo2Config",
                   "Phi3ForCausalLM": "Phi3Config", "SmolLM3ForCausalLM": "SmolLM3Config",
-                  "Gemma2ForCausalLM": "Gemma2Config", "Gemma3ForCausalLM": "Gemma3TextConfig"}
+                  "Gemma2ForCausalLM": "Gemma2Config", "Gemma3ForCausalLM": "Gemma3TextConfig",
+                  "MixtralForCausalLM": "MixtralConfig", "Qwen3MoeForCausalLM": "Qwen3MoeConfig",
+                  "Qwen2MoeForCausalLM": "Qwen2MoeConfig"}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -50,6 +52,7 @@ def test_every_field_transformers_writes_for_a_supported_family_is_known(arch):
      r"quantization_config.quant_method='bitsandbytes' is not supported"),
     ({"layer_types": ["full_attention", "chunked_attention"]}, r"layer_types holds 'chunked_attention'"),
     ({"layer_types": ["full_attention"]}, r"layer_types has 1 entries for 2 layers"),
+    ({"num_local_experts": 8}, r"num_local_experts=8 \(LlamaForCausalLM\) is not honoured"),  # experts: Mixtral's
 ])
 def test_what_the_runtime_does_not_run_is_refused_by_name(change, message):
     with pytest.raises(UnsupportedOption, match=message):
