@@ -133,7 +133,7 @@ def test_a_tokenizer_llguidance_cannot_read_refuses_guided_requests_not_the_engi
     """A model whose tokenizer is not an HF fast tokenizer still serves; a guided request to it is
     refused by name (a 400 at the server) instead of failing the engine's start-up."""
     class NotAFastTokenizer:
-        is_fast = False
+        """What the engine's detokenizer needs, nothing of transformers' PreTrainedTokenizerFast."""
 
     guidance = Guidance(NotAFastTokenizer(), vocab_size=64, eos_token_ids=[0])
     with pytest.raises(GrammarError, match="structured output is not available for this model's tokenizer"):
