@@ -25,9 +25,13 @@ explicitly) are the oracle tests hold them to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 import torch.nn.functional as F
 
+T = TypeVar("T")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
@@ -40,14 +44,14 @@ class _PerStep:
     no version counter: the engine makes its metadata tensors anew each step and never edits them."""
 
     def __init__(self) -> None:
-        self._entry: tuple[tuple, object] | None = None
+        self._entry: tuple[tuple, Any] | None = None
 
-    def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, build):  # noqa: ANN001, ANN202
+    def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, build: Callable[[], T]) -> T:
         entry = self._entry  # one read: a racing caller at worst rebuilds
         if entry is not None:
             key, value = entry
             if key[1] == extra and len(key[0]) == len(tensors) and all(
-                    held is t and version == _version(t) for (held, version), t in zip(key[0], tensors)):
+                    held is t and version == _version(t) for (held, version), t in zip(key[0], tensors, strict=True)):
                 return value
         value = build()
         self._entry = ((tuple((t, _version(t)) for t in tensors), extra), value)

@@ -15,7 +15,13 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config, dense_mlp_layers, layer_windows, num_experts
+from kvpilot.runtime.memory.support import (
+    UnsupportedOption,
+    check_hf_config,
+    dense_mlp_layers,
+    layer_windows,
+    num_experts,
+)
 
 if TYPE_CHECKING:
     from kvpilot.runtime.memory.checkpoint import CheckpointQuantization

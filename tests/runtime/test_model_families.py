@@ -144,7 +144,8 @@ def test_family_in_bf16_departs_from_hf_fp32_only_at_near_ties(kind, family_toke
     HF fp32's first choice or within a near-tie of it (scored by HF on kvpilot's own sequence)."""
     reference, prompts = build(kind, family_tokenizer, tmp_path)
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    llm = LLM(str(tmp_path), device="cpu", dtype="bf16", **{**ENGINE, "num_kv_blocks": 4 * WINDOWED_BLOCKS.get(kind, 4)})
+    blocks = 4 * WINDOWED_BLOCKS.get(kind, 4)
+    llm = LLM(str(tmp_path), device="cpu", dtype="bf16", **{**ENGINE, "num_kv_blocks": blocks})
     for prompt, out in zip(prompts, llm.generate(prompts, greedy), strict=True):
         assert len(out.token_ids) == NEW_TOKENS
         with torch.no_grad():
