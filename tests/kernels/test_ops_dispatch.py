@@ -29,6 +29,7 @@ def test_backend_follows_the_environment_at_call_time(monkeypatch):
 
 
 def _args(name: str, device: torch.device) -> tuple:
+    torch.manual_seed(0)
     kv = make_paged_kv([5, 20], 2, 64, 8, torch.float32, device)
     if name == "paged_attention_decode":
         return (torch.randn(2, 4, 64, device=device), kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.1)
@@ -71,7 +72,10 @@ def test_ops_run_the_triton_kernel_on_the_test_device(monkeypatch, device, name)
     with interpreter(False):
         reference_out = getattr(ops, name)(*(a.to("cpu") if hasattr(a, "to") else a for a in args))
     assert calls[0] == 1
-    assert_close(triton_out, reference_out, torch.float32)
+    if name == "quantized_matmul":  # 256-term fp32 dot products summed in another order: ~1e-5 apart
+        torch.testing.assert_close(triton_out, reference_out, rtol=1e-4, atol=1e-4)
+    else:
+        assert_close(triton_out, reference_out, torch.float32)
 
 
 @pytest.mark.parametrize("name", OPS)
