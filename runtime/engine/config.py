@@ -20,6 +20,7 @@ from kvpilot.runtime.memory.support import UnsupportedOption
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_BLOCK_SIZE = 16
+PREEMPTION_MODES = ("auto", "swap", "recompute")
 logger = logging.getLogger("kvpilot.runtime.engine.config")
 
 
@@ -52,6 +53,8 @@ class EngineConfig:
     max_num_seqs: int | None = None  # None: the memory plan's default for the device
     max_num_batched_tokens: int | None = None  # None: the memory plan's default
     enable_prefix_caching: bool = True
+    host_kv_blocks: int = 0  # blocks of the host KV tier (engine/host_kv.py); 0: no tier
+    preemption_mode: str = "auto"  # with a host tier: auto (the swap cost model decides) | swap | recompute
     gpu_memory_utilization: float = 0.90
     seed: int = 0  # for requests that set no seed of their own
 
@@ -86,6 +89,13 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.host_kv_blocks, int) or self.host_kv_blocks < 0:
+            raise ValueError(f"host_kv_blocks must be an integer >= 0, got {self.host_kv_blocks!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode {self.preemption_mode!r} is not one of {', '.join(PREEMPTION_MODES)}")
+        if self.host_kv_blocks and self.tensor_parallel_size > 1:
+            raise UnsupportedOption(f"a host KV tier ({self.host_kv_blocks} blocks) runs with tensor parallel 1 "
+                                    f"only, got {self.tensor_parallel_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if (self.max_num_seqs and self.max_num_batched_tokens
@@ -153,14 +163,14 @@ class EngineConfig:
             num_kv_blocks = num_kv_blocks or plan.num_kv_blocks
             max_batched = max_batched or max(plan.max_batched_tokens, max_num_seqs or 0)
             max_num_seqs = max_num_seqs or min(plan.max_num_seqs, max_batched)
-        prefix_caching = self.enable_prefix_caching
-        if prefix_caching and model_kv_groups(facts, max_model_len).is_hybrid:
-            logger.info("prefix caching off: model=%s keeps layers of different sliding windows in separate "
-                        "block tables, and the prefix cache holds one", facts.name)
-            prefix_caching = False
+        prefix_caching, host_blocks = self.enable_prefix_caching, self.host_kv_blocks
+        if (prefix_caching or host_blocks) and model_kv_groups(facts, max_model_len).is_hybrid:
+            logger.info("prefix caching and host KV tier off: model=%s keeps layers of different sliding windows "
+                        "in separate block tables, and they hold one", facts.name)
+            prefix_caching, host_blocks = False, 0
         return dataclasses.replace(self, max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
-                                   enable_prefix_caching=prefix_caching)
+                                   enable_prefix_caching=prefix_caching, host_kv_blocks=host_blocks)
 
     def kv_groups(self, facts: ModelFacts) -> KVGroups:
         """How the KV pool holds `facts`' layers (call on a complete config)."""

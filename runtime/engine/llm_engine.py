@@ -14,9 +14,10 @@ from kvpilot.runtime.engine.block_manager import BlockManager
 from kvpilot.runtime.engine.config import EngineConfig
 from kvpilot.runtime.engine.detokenizer import IncrementalDetokenizer
 from kvpilot.runtime.engine.guidance import Guidance
-from kvpilot.runtime.engine.kv_cache import expected_kv_bytes
+from kvpilot.runtime.engine.host_kv import HostBlockIndex, HostKVTier, SwapPolicy
+from kvpilot.runtime.engine.kv_cache import DTYPE_NAMES, expected_kv_bytes
 from kvpilot.runtime.engine.model_runner import ModelRunner
-from kvpilot.runtime.engine.outputs import EngineStats, RequestOutput
+from kvpilot.runtime.engine.outputs import EngineStats, HostTierStats, RequestOutput
 from kvpilot.runtime.engine.sampler import Sampler, stop_token_ids
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.engine.scheduler import AdmissionError, Scheduler
@@ -24,6 +25,8 @@ from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
 from kvpilot.runtime.engine.threads import set_cpu_threads
 from kvpilot.runtime.engine.workers import start_workers
 from kvpilot.runtime.loading.loader import LoadedModel, load_model
+from kvpilot.runtime.memory.host_tier import swap_cost
+from kvpilot.runtime.memory.kv_groups import kv_block_bytes
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
 from kvpilot.runtime.models.quantized import weight_quantization
 
@@ -55,22 +58,31 @@ class LLMEngine:
         groups = config.kv_groups(self.facts)
         _check_device_memory(self.device, expected_kv_bytes(self.facts, config.num_kv_blocks, config.block_size,
                                                             config.kv_torch_dtype, groups, config.tensor_parallel_size))
+        host_index = HostBlockIndex(config.host_kv_blocks) if config.host_kv_blocks else None
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
-                                          groups.windows)
-        self.scheduler = Scheduler(config, self.block_manager)
+                                          groups.windows, host_index)
+        swap = None
+        if host_index is not None:
+            block_bytes = kv_block_bytes(self.facts, DTYPE_NAMES[config.kv_torch_dtype], config.block_size, groups)
+            swap = SwapPolicy(config.preemption_mode, swap_cost(self.device.type), block_bytes, self.facts.num_layers)
+        self.scheduler = Scheduler(config, self.block_manager, swap)
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.guidance = Guidance(self.tokenizer, self.facts.vocab_size, self.eos_token_ids)
         sampler = Sampler(self.eos_token_ids, generator, self.guidance)
         self.runner = ModelRunner(self.loaded.model, self.facts, config, sampler, self.parallel)
+        self.host_tier = HostKVTier(self.runner.kv_cache.pool, config.host_kv_blocks) if host_index else None
         self.requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.prefill_tokens_total = 0  # tokens computed in prefill chunks (prefix-cache hits are not)
         logger.info("engine ready: model=%s device=%s dtype=%s weights=%s kv=%s kv_blocks=%d block_size=%d kv_mib=%.1f "
-                    "max_model_len=%d max_num_seqs=%d max_batched_tokens=%d prefix_caching=%s seconds=%.1f",
+                    "max_model_len=%d max_num_seqs=%d max_batched_tokens=%d prefix_caching=%s host_kv_blocks=%d "
+                    "host_kv_mib=%.1f seconds=%.1f",
                     self.facts.name, config.device, config.dtype, config.quantization or config.dtype,
                     config.kv_cache_dtype, config.num_kv_blocks, config.block_size,
                     self.runner.kv_cache.nbytes / MiB, config.max_model_len, config.max_num_seqs,
-                    config.max_num_batched_tokens, config.enable_prefix_caching, time.perf_counter() - started)
+                    config.max_num_batched_tokens, config.enable_prefix_caching, config.host_kv_blocks,
+                    self.host_tier.nbytes / MiB if self.host_tier else 0.0, time.perf_counter() - started)
 
     def _load_shard(self, config: EngineConfig) -> LoadedModel:
         """Rank 0's shard; raises what a worker's load raised (every rank reports before any runs)."""
@@ -154,10 +166,14 @@ class LLMEngine:
         """Schedule, run the model once, sample; one output for each request that got a token."""
         batch = self.scheduler.schedule()
         if batch.preempted:
-            logger.info("preempted %d sequences for recompute: %s", len(batch.preempted),
+            logger.info("preempted %d sequences (swapped: %s): %s", len(batch.preempted),
+                        [s.request_id for s in batch.preempted if s.swapped_blocks],
                         [s.request_id for s in batch.preempted])
+        if self.host_tier is not None:  # before the forward pass that overwrites the spilled blocks
+            self.host_tier.run(self.block_manager.take_copies())
         if batch.is_empty:
             return []
+        self.prefill_tokens_total += sum(n for _, n in batch.prefills)
         result = self.runner.run(batch)
         self.scheduler.postprocess(batch)
         outputs = []
@@ -213,7 +229,18 @@ class LLMEngine:
             num_free_kv_blocks=bm.num_free_blocks, kv_cache_usage=bm.usage, num_preemptions=sched.num_preemptions,
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
-            kv_slots_allocated=allocated, kv_slots_used=used)
+            kv_slots_allocated=allocated, kv_slots_used=used, prefill_tokens_total=self.prefill_tokens_total,
+            num_swap_preemptions=sched.num_swap_preemptions, host=self._host_stats())
+
+    def _host_stats(self) -> HostTierStats | None:
+        if self.host_tier is None:
+            return None
+        index, tier, bm = self.block_manager.host, self.host_tier, self.block_manager
+        return HostTierStats(
+            num_blocks=index.num_blocks, num_used_blocks=index.num_used, spilled_blocks=index.spilled_blocks,
+            restored_blocks=index.restored_blocks, swapped_out_blocks=index.swapped_out_blocks,
+            swapped_in_blocks=index.swapped_in_blocks, bytes_to_host=tier.bytes_to_host,
+            bytes_to_gpu=tier.bytes_to_gpu, cache_queries=bm.host_cache_queries, cache_hits=bm.host_cache_hits)
 
 
 def _check_device_memory(device: torch.device, kv_bytes: int) -> None:

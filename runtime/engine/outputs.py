@@ -29,6 +29,26 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class HostTierStats:
+    """The host KV tier (engine/host_kv.py): blocks, and what moved through it since start-up."""
+
+    num_blocks: int
+    num_used_blocks: int  # cached prefix blocks and swapped sequences' blocks
+    spilled_blocks: int  # evicted prefix blocks copied in
+    restored_blocks: int  # prefix blocks copied back for a prompt
+    swapped_out_blocks: int
+    swapped_in_blocks: int
+    bytes_to_host: int
+    bytes_to_gpu: int
+    cache_queries: int  # prompt tokens looked up in the tier (those the GPU pool missed)
+    cache_hits: int  # of those, tokens restored from it
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -42,3 +62,6 @@ class EngineStats:
     generation_tokens_total: int
     kv_slots_allocated: int = 0  # tokens the blocks held by running sequences could hold
     kv_slots_used: int = 0  # tokens whose K/V those blocks hold
+    prefill_tokens_total: int = 0  # prompt (and recomputed) tokens run through the model, cache hits left out
+    num_swap_preemptions: int = 0  # of num_preemptions, those swapped to the host tier
+    host: HostTierStats | None = None  # None: no host KV tier

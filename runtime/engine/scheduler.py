@@ -2,8 +2,9 @@
 
 Every step runs, in this order and within `max_num_batched_tokens`:
 1. every running sequence's decode (one token each), oldest first; when the pool has no block for
-   one, the newest running sequence is preempted by recompute (blocks freed, back to the head of
-   the queue), down to the decoding sequence itself;
+   one, the newest running sequence is preempted (blocks freed, back to the head of the queue), down
+   to the decoding sequence itself: by swap (its blocks to the host tier, back when it resumes) when
+   there is a host tier with room and the swap policy prefers it, else by recompute;
 2. the rest of the running prompts, chunked to the budget and to the free blocks;
 3. waiting sequences, oldest first, each with as much of its prompt as the budget leaves, as long
    as the pool holds the chunk and fewer than `max_num_seqs` run (with sliding windows, as much of
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 from kvpilot.runtime.engine.block_manager import BlockManager
 from kvpilot.runtime.engine.config import EngineConfig
+from kvpilot.runtime.engine.host_kv import SwapPolicy
 from kvpilot.runtime.engine.sequence import Sequence, SequenceStatus
 
 
@@ -47,7 +49,8 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, swap: SwapPolicy | None = None) -> None:
+        """`swap`: when a preempted sequence is swapped to the host tier (None: always recomputed)."""
         if not config.is_complete:
             raise ValueError("the scheduler needs a complete config: call EngineConfig.for_model first")
         self.max_model_len: int = config.max_model_len
@@ -57,6 +60,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_swap_preemptions = 0  # of those, swapped to the host tier
+        self.swap = swap
 
     def check_admission(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
         total = num_prompt_tokens + max_tokens
@@ -86,13 +91,21 @@ class Scheduler:
             self.block_manager.free(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+            self.block_manager.free(seq)  # a swapped-out sequence's host blocks
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
     def preempt(self, seq: Sequence, batch: ScheduledBatch | None = None) -> None:
-        """Preempt by recompute: free `seq`'s blocks now, put it first in the queue."""
+        """Free `seq`'s blocks now (swapped to the host tier, or to be recomputed), put it first in the queue."""
         self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.reset_for_recompute()
+        bm = self.block_manager
+        if (self.swap is not None and bm.can_swap_out(seq)
+                and self.swap.prefers_swap(len(seq.block_table), seq.num_computed_tokens)):
+            bm.swap_out(seq)
+            seq.status = SequenceStatus.WAITING
+            self.num_swap_preemptions += 1
+        else:
+            bm.free(seq)
+            seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         if batch is not None:
@@ -158,8 +171,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = bm.find_cached_prefix(seq)
-            num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
+            cached = bm.find_prefix(seq)
+            num_new = min(seq.num_uncomputed_tokens - len(cached) * bm.block_size, budget)
             if bm.has_windows:
                 num_new = bm.tokens_that_fit(seq, num_new, cached)
             if not num_new or not bm.can_allocate(seq, num_new, cached):

@@ -1,6 +1,7 @@
 """A request as the engine sees it: one `Sequence` that the scheduler, block manager and model runner
 all read. Its tokens are the prompt followed by the output so far; `num_computed_tokens` of them
-have their K/V in the cache (after a preemption by recompute it drops back to 0)."""
+have their K/V in the cache (after a preemption by recompute it drops back to 0; a preemption by swap
+keeps it, the K/V waiting in the host tier)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class Sequence:
         self.num_freed_blocks: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks, computed once per block
         self.num_registered_blocks = 0  # leading blocks whose hash the block manager has recorded
+        self.swapped_blocks: list[int] = []  # swapped out: the host-tier blocks its computed tokens wait in
         self.rope_offset = 0  # added to its positions: which rotary rows it reads (the model's rope_offset)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
