@@ -18,8 +18,10 @@ HOST_LINK_BYTES_PER_S = 25 * 10**9
 # On the CPU the "host link" is a memcpy inside one RAM: a few GB/s for one thread.
 CPU_COPY_BYTES_PER_S = 4 * 10**9
 # Prefill cost per token per layer. A GPU prefill of a 7-8B model (32 layers) runs ~10k tokens/s on
-# an A100/H100 at batch 1 (vLLM's prefill throughput), ~3 us per token per layer; a small model is
-# cheaper per layer, so this leans toward recompute on GPUs, where the choice is close.
+# an A100/H100 at batch 1 (vLLM's prefill throughput), ~3 us per token per layer. Both sides are linear
+# in tokens, so swap wins when a layer's K/V per token is under link x cost / 2 = 37 KB: every model in
+# bf16 over PCIe Gen4 (Llama-3-8B holds 4 KiB per token per layer); recompute wins over a slow link
+# (PCIe Gen3 x4, a shared NIC) or when the host tier is full.
 GPU_PREFILL_SECONDS_PER_TOKEN_LAYER = 3e-6
 # kvpilot's CPU prefill of SmolLM2-135M (30 layers) in fp32 on 2 cores: ~400 tokens/s, ~80 us per token
 # per layer: recompute on the CPU is always the slower choice.
