@@ -44,6 +44,9 @@ def memory_figures(engine, plan: Plan) -> MemoryFigures:
     weights = weight_bytes_held(engine.loaded.model)
     kv = engine.runner.kv_cache.nbytes
     measured = {"weights": weights, "kv_cache": kv}
+    if engine.host_tier is not None:  # host memory, whatever the device
+        planned["host_kv_cache"] = config.host_kv_blocks * plan.kv_block_bytes
+        measured["host_kv_cache"] = engine.host_tier.nbytes
     device = engine.device
     if device.type == "cuda":
         measured["activations"] = max(0, torch.cuda.max_memory_allocated(device) - weights - kv)

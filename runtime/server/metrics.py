@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvpilot.runtime.contract import KV_USAGE_METRIC, KV_USAGE_METRIC_OLD, RUNNING_METRIC, WAITING_METRIC
+from kvpilot.runtime.engine.outputs import HostTierStats
 from kvpilot.runtime.memory.nvml import nvml
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -57,12 +58,18 @@ class _EngineCollector(Collector):
                           "the Gateway API Inference Extension).", s.kv_cache_usage)
         yield self._gauge("kvpilot:kv_blocks_total", "KV-cache blocks allocated at start-up.", s.num_kv_blocks)
         yield self._gauge("kvpilot:kv_blocks_free", "KV-cache blocks free now.", s.num_free_kv_blocks)
-        yield self._counter("vllm:num_preemptions", "Sequences preempted (recomputed later).", s.num_preemptions)
+        yield self._counter("vllm:num_preemptions", "Sequences preempted (recomputed or swapped).", s.num_preemptions)
+        yield self._counter("kvpilot:num_swap_preemptions", "Preempted sequences swapped to the host KV tier "
+                            "instead of recomputed.", s.num_swap_preemptions)
         yield self._counter("vllm:prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total)
         yield self._counter("vllm:generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield self._counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                             s.prefix_cache_queries)
         yield self._counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield self._counter("kvpilot:prefill_tokens_computed", "Prompt tokens run through the model (prefix-cache "
+                            "and host-tier hits are not).", s.prefill_tokens_total)
+        if s.host is not None:
+            yield from self._host_tier(s.host)
         figures = self.memory()
         for kind, values in (("planned", figures.planned), ("measured", figures.measured)):
             family = GaugeMetricFamily(f"kvpilot:memory_{kind}_bytes",
@@ -80,6 +87,30 @@ class _EngineCollector(Collector):
                 total.add_metric([str(index)], total_bytes)
             yield used
             yield total
+
+
+    def _host_tier(self, h: HostTierStats) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """The host KV tier, with vLLM's KV-offloading names where vLLM has one."""
+        yield self._gauge("vllm:kv_offload_cpu_cache_usage_perc", "Fraction of host KV tier blocks in use (0..1).",
+                          h.usage)
+        yield self._gauge("kvpilot:host_kv_blocks_total", "Host KV tier blocks allocated at start-up.", h.num_blocks)
+        yield self._gauge("kvpilot:host_kv_blocks_used", "Host KV tier blocks holding a prefix block or a swapped "
+                          "sequence's block.", h.num_used_blocks)
+        moved = CounterMetricFamily("vllm:kv_offload_total_bytes", "KV bytes copied between the GPU pool and the "
+                                    "host tier.", labels=["model_name", "transfer_type"])
+        moved.add_metric([self.model_name, "GPU_to_CPU"], h.bytes_to_host)
+        moved.add_metric([self.model_name, "CPU_to_GPU"], h.bytes_to_gpu)
+        yield moved
+        blocks = CounterMetricFamily("kvpilot:host_kv_blocks_copied", "KV blocks copied to (spill, swap_out) and "
+                                     "from (restore, swap_in) the host tier.", labels=["model_name", "kind"])
+        for kind, value in (("spill", h.spilled_blocks), ("restore", h.restored_blocks),
+                            ("swap_out", h.swapped_out_blocks), ("swap_in", h.swapped_in_blocks)):
+            blocks.add_metric([self.model_name, kind], value)
+        yield blocks
+        yield self._counter("vllm:external_prefix_cache_queries", "Prompt tokens looked up in the host KV tier "
+                            "(those the GPU prefix cache missed).", h.cache_queries)
+        yield self._counter("vllm:external_prefix_cache_hits", "Prompt tokens restored from the host KV tier.",
+                            h.cache_hits)
 
 
 class ServerMetrics:

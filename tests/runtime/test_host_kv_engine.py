@@ -1,12 +1,17 @@
 """The host KV tier in the engine (the embedded SmolLM2, fp32, CPU): a long prompt whose blocks were
 evicted from a small GPU pool comes back from the host tier with the same tokens and fewer prefill
-tokens computed; preemption by swap gives the same tokens as preemption by recompute."""
+tokens computed, and /metrics shows it; preemption by swap gives the same tokens as preemption by recompute."""
 
 from __future__ import annotations
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from kvpilot.runtime.engine.config import memory_plan
 from kvpilot.runtime.engine.sampling import SamplingParams
+from kvpilot.runtime.server.memory_report import memory_figures
+from kvpilot.runtime.server.metrics import ServerMetrics
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +51,28 @@ def test_a_returning_prompt_is_restored_from_the_host_tier(make_llm, tokenizer):
     assert tiered.prefill_tokens_total <= plain.prefill_tokens_total - 10 * 16
     assert tiered.prefix_cache_hits > plain.prefix_cache_hits
     assert tiered.num_free_kv_blocks == 16 and 0 < host.num_used_blocks <= 64
+    _check_metrics(with_tier, host)
+
+
+def _check_metrics(llm, host) -> None:
+    """/metrics shows the host tier as the engine counted it, and the memory report its bytes."""
+    engine = llm.engine
+    plan = memory_plan(engine.facts, engine.config)
+    metrics = ServerMetrics("m", llm.stats, lambda: memory_figures(engine, plan), lambda: [])
+    samples = {(s.name, s.labels.get("transfer_type") or s.labels.get("kind") or s.labels.get("part")): s.value
+               for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+               for s in family.samples}
+    assert samples[("vllm:kv_offload_cpu_cache_usage_perc", None)] == host.num_used_blocks / 64
+    assert samples[("vllm:kv_offload_total_bytes_total", "GPU_to_CPU")] == host.bytes_to_host
+    assert samples[("vllm:kv_offload_total_bytes_total", "CPU_to_GPU")] == host.bytes_to_gpu
+    assert samples[("kvpilot:host_kv_blocks_copied_total", "spill")] == host.spilled_blocks
+    assert samples[("kvpilot:host_kv_blocks_copied_total", "restore")] == host.restored_blocks
+    assert samples[("vllm:external_prefix_cache_hits_total", None)] == host.cache_hits > 0
+    assert samples[("kvpilot:host_kv_blocks_total", None)] == 64
+    block_bytes = engine.host_tier.block_bytes
+    assert host.bytes_to_host == host.spilled_blocks * block_bytes
+    assert samples[("kvpilot:memory_planned_bytes", "host_kv_cache")] == 64 * plan.kv_block_bytes == 64 * block_bytes
+    assert samples[("kvpilot:memory_measured_bytes", "host_kv_cache")] == 64 * block_bytes
 
 
 def test_swap_preemption_gives_the_tokens_of_recompute_preemption(make_llm, parity_prompts):
