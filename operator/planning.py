@@ -7,7 +7,7 @@ from kubernetes.utils import parse_quantity
 from kvpilot.operator.spec import LLMDeploymentSpec
 from kvpilot.runtime.memory.devices import Device, GiB, UnknownDevice, gpu_from_catalog, local_device
 from kvpilot.runtime.memory.facts import ModelFacts, resolve_model
-from kvpilot.runtime.memory.planner import Plan, PlanRequest, plan
+from kvpilot.runtime.memory.planner import Plan, PlanError, PlanRequest, plan
 
 # Memory a CPU pod plans with when its spec sets no memory limit.
 DEFAULT_CPU_POD_MEMORY = 16 * GiB
@@ -57,8 +57,24 @@ def quantity_bytes(value: str | int, field: str) -> int:
         raise UnknownDevice(f"{field}: {value!r} is not a size like 48Gi, 80G or 1073741824") from None
 
 
+def host_kv_bytes(spec: LLMDeploymentSpec) -> int:
+    """kvCache.hostMemory in bytes (0: no host KV tier); refused when the pod's memory request cannot hold it."""
+    if spec.kv_cache.host_memory is None:
+        return 0
+    host = quantity_bytes(spec.kv_cache.host_memory, "kvCache.hostMemory")
+    requests = spec.runtime.resources.requests if spec.runtime.resources else {}
+    if "memory" in requests:
+        request = quantity_bytes(requests["memory"], "runtime.resources.requests.memory")
+        if host > request:
+            raise PlanError(f"kvCache.hostMemory {spec.kv_cache.host_memory} ({host} bytes) exceeds the pod's memory "
+                            f"request runtime.resources.requests.memory {requests['memory']} ({request} bytes): "
+                            "raise the request or lower hostMemory")
+    return host
+
+
 def plan_request(spec: LLMDeploymentSpec, gpus_per_node: int | None = None) -> PlanRequest:
     return PlanRequest(
+        host_kv_bytes=host_kv_bytes(spec),
         max_context=spec.serving.max_context_length,
         concurrency=spec.serving.concurrency,
         max_batched_tokens=spec.serving.max_batched_tokens,

@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kvpilot.operator.planning import DEFAULT_CPU_POD_MEMORY, target_device
+from kvpilot.operator.planning import DEFAULT_CPU_POD_MEMORY, quantity_bytes, target_device
 from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, ModelSource
 from kvpilot.runtime.contract import ENTRYPOINT, HEALTH_PATH, HTTP_PORT, READY_PATH
-from kvpilot.runtime.memory.devices import GiB
+from kvpilot.runtime.memory.budget import CPU_PROCESS_BYTES
+from kvpilot.runtime.memory.devices import GiB, MiB
 from kvpilot.runtime.memory.facts import catalog_aliases
 from kvpilot.runtime.memory.planner import Plan
 
@@ -99,13 +100,26 @@ def container_resources(deployment: LLMDeployment, plan: Plan) -> dict[str, dict
     extra = deployment.spec.runtime.resources
     requests = {k: str(v) for k, v in (extra.requests if extra else {}).items()}
     limits = {k: str(v) for k, v in (extra.limits if extra else {}).items()}
+    host = plan.host_kv_bytes  # the host KV tier: pod memory beyond the device's
     if plan.device_kind == "cpu":  # the plan sized the model into this much memory
         memory = limits.get("memory", f"{DEFAULT_CPU_POD_MEMORY // GiB}Gi")
+        if host:
+            memory = _quantity(quantity_bytes(memory, "runtime.resources.limits.memory") + host)
         limits["memory"] = requests["memory"] = memory
     else:
         gpus = str(plan.tensor_parallel // plan.nodes)
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = gpus
+        if host and "memory" not in requests:  # a request given holds the tier (planning.host_kv_bytes); else
+            # the tier plus what the runtime process holds in RAM before it (Python, torch, the tokenizer)
+            requests["memory"] = _quantity(CPU_PROCESS_BYTES + host)
     return {"requests": requests, "limits": limits}
+
+
+def _quantity(num_bytes: int) -> str:
+    for unit, size in (("Gi", GiB), ("Mi", MiB)):
+        if num_bytes % size == 0:
+            return f"{num_bytes // size}{unit}"
+    return str(num_bytes)
 
 
 def _security_context() -> dict[str, Any]:

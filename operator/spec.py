@@ -104,6 +104,10 @@ class KVCache(_Model):
 
     dtype: KVDtype = Field("auto", description="KV cache dtype; auto: the compute dtype, fp8 if more room is needed.")
     block_size: Literal[8, 16, 32] = Field(16, description="Tokens per KV block.")
+    host_memory: str | None = Field(None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", description=(
+        "Host memory (RAM) for the host KV tier, e.g. 16Gi: prefix blocks evicted from the GPU and preempted "
+        "sequences wait there instead of being recomputed. The pod's memory request grows by it; a memory "
+        "request given in runtime.resources must hold it. Unset: no tier."))
 
 
 class Serving(_Model):

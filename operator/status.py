@@ -60,6 +60,7 @@ class MeasuredMemory(_Model):
     kv_cache: int | None = Field(None, ge=0, description="The KV-cache pool.")
     activations: int | None = Field(None, ge=0, description="Peak activations (GPU pods).")
     other: int | None = Field(None, ge=0, description="Outside torch's allocator: CUDA context, NCCL (GPU pods).")
+    host_kv_cache: int | None = Field(None, ge=0, description="The host KV tier, in host memory.")
     pods: int = Field(ge=1, description="Pods the figures come from.")
 
 
@@ -82,6 +83,9 @@ class PlanStatus(_Model):
     max_num_seqs: int = Field(ge=1, description="Most sequences running at once.")
     max_batched_tokens: int = Field(ge=1, description="Token budget of one engine step.")
     per_gpu_bytes: MemoryStatus = Field(description="Planned bytes per GPU.")
+    host_kv_blocks: int = Field(0, ge=0, description="Blocks of the host KV tier (kvCache.hostMemory); 0: none.")
+    host_kv_bytes: int = Field(0, ge=0, description="Host memory the host KV tier holds.")
+    host_kv_tokens: int = Field(0, ge=0, description="Tokens the host KV tier holds.")
 
 
 class LLMDeploymentStatus(_Model):
@@ -128,6 +132,7 @@ def plan_status(plan: Plan) -> PlanStatus:
         max_batched_tokens=plan.max_batched_tokens,
         per_gpu_bytes=MemoryStatus(total=m.total, usable=m.usable, weights=m.weights, kv_cache=m.kv_cache,
                                    activations=m.activations, overhead=m.overhead),
+        host_kv_blocks=plan.num_host_kv_blocks, host_kv_bytes=plan.host_kv_bytes, host_kv_tokens=plan.host_kv_tokens,
     )
 
 

@@ -14,7 +14,8 @@ import torch
 
 from kvpilot.kernels import ops
 from kvpilot.runtime.memory.facts import ModelFacts
-from kvpilot.runtime.memory.kv_groups import KVGroups, model_kv_groups
+from kvpilot.runtime.memory.host_tier import host_kv_blocks
+from kvpilot.runtime.memory.kv_groups import KVGroups, kv_block_bytes, model_kv_groups
 from kvpilot.runtime.memory.quantization import DTYPE_ALIASES, WEIGHT_QUANT_MODES
 from kvpilot.runtime.memory.support import UnsupportedOption
 
@@ -53,7 +54,8 @@ class EngineConfig:
     max_num_seqs: int | None = None  # None: the memory plan's default for the device
     max_num_batched_tokens: int | None = None  # None: the memory plan's default
     enable_prefix_caching: bool = True
-    host_kv_blocks: int = 0  # blocks of the host KV tier (engine/host_kv.py); 0: no tier
+    host_kv_blocks: int = 0  # blocks of the host KV tier (engine/host_kv.py); 0: no tier, or host_kv_memory's
+    host_kv_memory: int = 0  # bytes of host memory for the tier instead (for_model divides by the block bytes)
     preemption_mode: str = "auto"  # with a host tier: auto (the swap cost model decides) | swap | recompute
     gpu_memory_utilization: float = 0.90
     seed: int = 0  # for requests that set no seed of their own
@@ -89,13 +91,14 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.host_kv_blocks, int) or self.host_kv_blocks < 0:
-            raise ValueError(f"host_kv_blocks must be an integer >= 0, got {self.host_kv_blocks!r}")
+        for name in ("host_kv_blocks", "host_kv_memory"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode {self.preemption_mode!r} is not one of {', '.join(PREEMPTION_MODES)}")
-        if self.host_kv_blocks and self.tensor_parallel_size > 1:
-            raise UnsupportedOption(f"a host KV tier ({self.host_kv_blocks} blocks) runs with tensor parallel 1 "
-                                    f"only, got {self.tensor_parallel_size}")
+        if (self.host_kv_blocks or self.host_kv_memory) and self.tensor_parallel_size > 1:
+            raise UnsupportedOption(f"a host KV tier runs with tensor parallel 1 only, got {self.tensor_parallel_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if (self.max_num_seqs and self.max_num_batched_tokens
@@ -164,7 +167,13 @@ class EngineConfig:
             max_batched = max_batched or max(plan.max_batched_tokens, max_num_seqs or 0)
             max_num_seqs = max_num_seqs or min(plan.max_num_seqs, max_batched)
         prefix_caching, host_blocks = self.enable_prefix_caching, self.host_kv_blocks
-        if (prefix_caching or host_blocks) and model_kv_groups(facts, max_model_len).is_hybrid:
+        groups = model_kv_groups(facts, max_model_len)
+        if not host_blocks and self.host_kv_memory:
+            block_bytes = kv_block_bytes(facts, self.kv_cache_dtype, self.block_size, groups, self.tensor_parallel_size)
+            host_blocks = host_kv_blocks(self.host_kv_memory, block_bytes)
+            if not host_blocks:
+                raise ValueError(f"host_kv_memory {self.host_kv_memory} bytes holds no KV block of {block_bytes} bytes")
+        if (prefix_caching or host_blocks) and groups.is_hybrid:
             logger.info("prefix caching and host KV tier off: model=%s keeps layers of different sliding windows "
                         "in separate block tables, and they hold one", facts.name)
             prefix_caching, host_blocks = False, 0
@@ -190,7 +199,13 @@ def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
     if device is None:
         gpu = detect_gpu() if config.device.startswith("cuda") else None
         device = gpu[0] if gpu else cpu_device()
-    request = PlanRequest(max_context=config.max_model_len, max_batched_tokens=config.max_num_batched_tokens,
+    host_bytes = config.host_kv_memory
+    if config.host_kv_blocks:
+        groups = model_kv_groups(facts, config.max_model_len or facts.max_position_embeddings)
+        host_bytes = config.host_kv_blocks * kv_block_bytes(facts, config.kv_cache_dtype, config.block_size, groups,
+                                                            config.tensor_parallel_size)
+    request = PlanRequest(max_context=config.max_model_len, host_kv_bytes=host_bytes,
+                          max_batched_tokens=config.max_num_batched_tokens,
                           max_num_seqs=config.max_num_seqs,
                           quantization=config.quantization or (facts.checkpoint.runtime_mode if facts.checkpoint
                                                                else config.dtype),

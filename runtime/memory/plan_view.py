@@ -48,6 +48,9 @@ def render_plan(plan: Plan, console: Console) -> None:
                if plan.sliding_windows else "")
     decision.add_row("capacity", f"{plan.kv_capacity_sequences} sequences at {plan.max_model_len:,} tokens{windows}; "
                                  f"max {plan.max_num_seqs} running, {plan.max_batched_tokens} tokens per step")
+    if plan.num_host_kv_blocks:
+        decision.add_row("host KV tier", f"{plan.num_host_kv_blocks} blocks = {plan.host_kv_tokens:,} tokens "
+                                         f"({_gib(plan.host_kv_bytes)} of host memory)")
     console.print(decision)
 
     memory = Table(title="memory per GPU" if plan.device_kind == "cuda" else "memory (host)",

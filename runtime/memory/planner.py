@@ -29,7 +29,8 @@ from kvpilot.runtime.memory.budget import (
 from kvpilot.runtime.memory.checkpoint import checkpoint_weight_bytes_by_part
 from kvpilot.runtime.memory.devices import Device, GiB
 from kvpilot.runtime.memory.facts import ModelFacts
-from kvpilot.runtime.memory.kv_groups import kv_block_bytes, model_kv_groups
+from kvpilot.runtime.memory.host_tier import describe_host_tier, host_kv_blocks
+from kvpilot.runtime.memory.kv_groups import KVGroups, kv_block_bytes, model_kv_groups
 from kvpilot.runtime.memory.quantization import (
     DTYPE_BYTES,
     QUANT_MODES,
@@ -73,6 +74,7 @@ class PlanRequest:
     tensor_parallel: int | None = None  # pinned: plan this degree only (None: search)
     # The sampler's peak bytes per logit; another engine's figure plans for that engine
     sampler_bytes_per_logit: int = KVPILOT_SAMPLER_BYTES_PER_LOGIT
+    host_kv_bytes: int = 0  # host memory (RAM) for the host KV tier; 0: none
 
     def __post_init__(self) -> None:
         if self.quantization != "auto" and self.quantization not in QUANT_MODES:
@@ -83,6 +85,8 @@ class PlanRequest:
             raise PlanError(f"optimize {self.optimize!r} is not one of {', '.join(OPTIMIZE_CHOICES)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise PlanError(f"gpu memory utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.host_kv_bytes < 0:
+            raise PlanError(f"host KV memory must be >= 0 bytes, got {self.host_kv_bytes}")
         for name in ("concurrency", "block_size", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -136,6 +140,15 @@ class Plan:
     checkpoint: str | None = None  # a pre-quantized checkpoint's format (e.g. "gptq int4"); None: float
     kv_groups: int = 1  # block tables per sequence: one per group of layers sharing a sliding window
     sliding_windows: tuple[int, ...] = ()  # the windows shorter than max_model_len, in tokens
+    num_host_kv_blocks: int = 0  # the host KV tier's blocks, in host memory (engine/host_kv.py)
+
+    @property
+    def host_kv_bytes(self) -> int:
+        return self.num_host_kv_blocks * self.kv_block_bytes
+
+    @property
+    def host_kv_tokens(self) -> int:
+        return self.num_host_kv_blocks // self.kv_groups * self.block_size
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -150,16 +163,21 @@ class Plan:
     def engine_options(self) -> dict[str, str | int]:
         """The plan as the runtime's `serve` options (flag -> value): pods get them as arguments and
         `kvpilot up` parses the same ones, so the two can never differ."""
-        return {"dtype": self.compute_dtype, "quantization": self.quantization, "kv-cache-dtype": self.kv_dtype,
-                "tensor-parallel": self.tensor_parallel, "num-kv-blocks": self.num_kv_blocks,
-                "block-size": self.block_size, "max-model-len": self.max_model_len,
-                "max-num-seqs": self.max_num_seqs, "max-num-batched-tokens": self.max_batched_tokens}
+        options = {"dtype": self.compute_dtype, "quantization": self.quantization, "kv-cache-dtype": self.kv_dtype,
+                   "tensor-parallel": self.tensor_parallel, "num-kv-blocks": self.num_kv_blocks,
+                   "block-size": self.block_size, "max-model-len": self.max_model_len,
+                   "max-num-seqs": self.max_num_seqs, "max-num-batched-tokens": self.max_batched_tokens}
+        if self.num_host_kv_blocks:
+            options["host-kv-memory"] = self.host_kv_bytes
+        return options
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["memory"]["headroom"] = self.memory.headroom
         data["kv_capacity_tokens"] = self.kv_capacity_tokens
         data["kv_capacity_sequences"] = self.kv_capacity_sequences
+        data["host_kv_bytes"] = self.host_kv_bytes
+        data["host_kv_tokens"] = self.host_kv_tokens
         return data
 
 
@@ -198,8 +216,14 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
                                activations, overhead, margin),
         weights_by_part=parts,
         checkpoint=facts.checkpoint.label if facts.checkpoint else None,
+        num_host_kv_blocks=host_kv_blocks(req.host_kv_bytes, block_bytes) if _host_tier_runs(tp, groups) else 0,
     )
     return plan, shortfall
+
+
+def _host_tier_runs(tp: int, groups: KVGroups) -> bool:
+    """The engine keeps a host KV tier with one KV group and tensor parallel 1 (engine/config.py)."""
+    return tp == 1 and not groups.is_hybrid
 
 
 def _weights_by_part(facts: ModelFacts, quant: str, compute: str, tp: int) -> dict[str, int]:
@@ -349,6 +373,11 @@ def _with_reasons(facts: ModelFacts, chosen: Plan, attempts: list, req: PlanRequ
     reasons.append(f"KV cache: {chosen.num_kv_blocks} blocks x {chosen.block_size} tokens = "
                    f"{chosen.kv_capacity_tokens} tokens{every_layer} = {chosen.kv_capacity_sequences} sequences "
                    f"of {chosen.max_model_len} tokens (asked for {req.concurrency})")
+    if req.host_kv_bytes:
+        reasons.append(describe_host_tier(chosen.num_host_kv_blocks, chosen.kv_block_bytes, chosen.block_size)
+                       if chosen.num_host_kv_blocks else
+                       f"host KV tier off: it runs with tensor parallel 1 and one KV group (this plan: tensor "
+                       f"parallel {chosen.tensor_parallel}, {chosen.kv_groups} group(s))")
     if chosen.sliding_windows:
         unbounded = chosen.kv_groups * math.ceil(chosen.max_model_len / chosen.block_size)
         reasons.append(f"sliding-window layers hold at most {' / '.join(map(str, chosen.sliding_windows))} tokens "

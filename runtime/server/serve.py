@@ -65,6 +65,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--host-kv-memory", default="0",
+                   help="host memory (RAM) for the host KV tier, e.g. 16Gi: evicted prefix blocks and preempted "
+                        "sequences wait there instead of being recomputed (default 0: no tier)")
+    p.add_argument("--preemption-mode", default="auto", choices=("auto", "swap", "recompute"),
+                   help="with a host KV tier: swap preempted sequences to it, recompute them, or auto (a cost "
+                        "model: bytes over the host link vs prefill time)")
 
 
 def engine_config(args: argparse.Namespace, command: str = "kvpilot serve"):
@@ -80,7 +86,9 @@ def engine_config(args: argparse.Namespace, command: str = "kvpilot serve"):
                               num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               gpu_memory_utilization=args.gpu_memory_utilization,
-                              enable_prefix_caching=not args.no_prefix_caching)
+                              enable_prefix_caching=not args.no_prefix_caching,
+                              host_kv_memory=parse_quantity(args.host_kv_memory),
+                              preemption_mode=args.preemption_mode)
     except ValueError as err:  # EngineConfig names the bad option and what is allowed
         raise UsageError(f"{command}: {err}") from None
 
