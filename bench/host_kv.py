@@ -118,7 +118,7 @@ def main() -> None:
     peer, tier = results[0], results[args.host_kv_blocks]
     print(json.dumps({"bench": "host_kv_multi_turn_ratio", "peer": PEER,
                       "hit_rate": [peer["prefix_hit_rate"], tier["prefix_hit_rate"]],
-                      "prefill_tokens_saved": 1 - tier["prefill_tokens_computed"] / peer["prefill_tokens_computed"],
+                      "prefill_tokens_saved": round(1 - tier["prefill_tokens_computed"] / peer["prefill_tokens_computed"], 3),
                       "ttft_speedup": round(peer["ttft_mean_ms_after_first_turn"]
                                             / tier["ttft_mean_ms_after_first_turn"], 2)}), flush=True)
 
