@@ -34,6 +34,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, help="fraction of each GPU's memory to use (default 0.90)")
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget of one engine step")
     p.add_argument("--max-num-seqs", type=int, help="most sequences running at once")
+    p.add_argument("--host-kv-memory", help="host memory for the host KV tier, e.g. 16Gi (kvCache.hostMemory)")
     p.add_argument("--output", choices=["table", "json"], default="table")
     p.set_defaults(run=_run_plan)
 
@@ -66,6 +67,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         spec_dict["quantization"] = args.quantization
     if args.kv_dtype:
         spec_dict.setdefault("kvCache", {})["dtype"] = args.kv_dtype
+    if args.host_kv_memory:
+        spec_dict.setdefault("kvCache", {})["hostMemory"] = args.host_kv_memory
     if args.gpu_memory_utilization is not None:
         spec_dict["gpuMemoryUtilization"] = args.gpu_memory_utilization
     for flag, key in ((args.gpus_per_node, "perNode"), (args.max_gpus, "maxPerReplica"),

@@ -4,10 +4,12 @@ request, and shown in the plan and the status."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
+from kvpilot.cli.main import main
 from kvpilot.operator.planning import plan_deployment
 from kvpilot.operator.pod import GPU_RESOURCE
 from kvpilot.operator.render import render
@@ -93,3 +95,13 @@ def test_a_tensor_parallel_plan_keeps_no_host_tier_and_says_why():
     plan = plan_deployment(deployment(spec).spec)
     assert plan.tensor_parallel > 1 and plan.num_host_kv_blocks == 0
     assert any(r.startswith("host KV tier off: it runs with tensor parallel 1") for r in plan.reasons)
+
+
+def test_kvpilot_plan_shows_the_host_tier(capsys):
+    assert main(["plan", "--model", "llama-3.1-8b", "--gpu", "h100-80gb", "--host-kv-memory", "16Gi",
+                 "--output", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_host_kv_blocks"] > 0 and 0 <= 16 * GiB - data["host_kv_bytes"] < data["kv_block_bytes"]
+    assert data["host_kv_tokens"] == data["num_host_kv_blocks"] * data["block_size"]
+    assert main(["plan", "--model", "llama-3.1-8b", "--gpu", "h100-80gb", "--host-kv-memory", "16Gi"]) == 0
+    assert "host KV tier" in capsys.readouterr().out
