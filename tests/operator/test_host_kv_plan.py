@@ -1,6 +1,6 @@
 """kvCache.hostMemory: validated, planned into host KV blocks with the runtime's one block formula, passed
 to the pod as --host-kv-memory (which the runtime turns into the same blocks), added to the pod's memory
-request, and shown in the plan and the status."""
+request, and shown in the plan (`kvpilot plan`) and the status (planned and as the pods measure it)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from kvpilot.cli.main import main
+from kvpilot.operator.autoscaler import measured_memory, parse_load
 from kvpilot.operator.planning import plan_deployment
 from kvpilot.operator.pod import GPU_RESOURCE
 from kvpilot.operator.render import render
@@ -105,3 +106,11 @@ def test_kvpilot_plan_shows_the_host_tier(capsys):
     assert data["host_kv_tokens"] == data["num_host_kv_blocks"] * data["block_size"]
     assert main(["plan", "--model", "llama-3.1-8b", "--gpu", "h100-80gb", "--host-kv-memory", "16Gi"]) == 0
     assert "host KV tier" in capsys.readouterr().out
+
+
+def test_the_status_reads_the_host_tier_the_pods_report():
+    exposition = ('kvpilot:memory_measured_bytes{model_name="m",part="kv_cache"} 7\n'
+                  'kvpilot:memory_measured_bytes{model_name="m",part="host_kv_cache"} 1024\n'
+                  'vllm:kv_cache_usage_perc{model_name="m"} 0.5\n')
+    load = parse_load(exposition)
+    assert measured_memory([load]) == {"kvCache": 7, "hostKvCache": 1024, "pods": 1}
