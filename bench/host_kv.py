@@ -86,15 +86,17 @@ def multi_turn(loaded, device: str, convs: list[list[list[int]]], gpu_blocks: in
 
 
 def preemption(loaded, device: str, prompts: list[list[int]], gpu_blocks: int, mode: str) -> dict:
+    """Short prompts with long answers in a pool too small for them all: sequences are preempted mid-answer."""
     llm = LLM(loaded=loaded, device=device, num_kv_blocks=gpu_blocks, max_model_len=2048, host_kv_blocks=256,
               preemption_mode=mode, enable_prefix_caching=False)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
     seconds = time.perf_counter() - start
     s = llm.stats()
     return {"bench": "host_kv_preemption", "preemption_mode": mode, "device": device, "requests": len(prompts),
             "gpu_kv_blocks": gpu_blocks, "preemptions": s.num_preemptions, "swapped": s.num_swap_preemptions,
             "prefill_tokens_computed": s.prefill_tokens_total, "seconds": round(seconds, 2),
+            "host_bytes_moved": s.host.bytes_to_host + s.host.bytes_to_gpu,
             "tokens": [list(o.token_ids) for o in outputs]}
 
 
@@ -116,14 +118,18 @@ def main() -> None:
         results[host_blocks] = multi_turn(loaded, args.device, convs, args.gpu_kv_blocks, host_blocks)
         print(json.dumps(results[host_blocks]), flush=True)
     peer, tier = results[0], results[args.host_kv_blocks]
+    saved = 1 - tier["prefill_tokens_computed"] / peer["prefill_tokens_computed"]
     print(json.dumps({"bench": "host_kv_multi_turn_ratio", "peer": PEER,
                       "hit_rate": [peer["prefix_hit_rate"], tier["prefix_hit_rate"]],
-                      "prefill_tokens_saved": round(1 - tier["prefill_tokens_computed"] / peer["prefill_tokens_computed"], 3),
+                      "prefill_tokens_saved": round(saved, 3),
                       "ttft_speedup": round(peer["ttft_mean_ms_after_first_turn"]
                                             / tier["ttft_mean_ms_after_first_turn"], 2)}), flush=True)
 
-    batch = [conv[0] for conv in convs]
-    runs = {mode: preemption(loaded, args.device, batch, 24, mode) for mode in ("recompute", "swap")}
+    rng = random.Random(args.seed)
+    batch = [loaded.tokenizer.apply_chat_template([{"role": "user", "content": sentence(rng, 16) + "?"}],
+                                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+             for _ in range(8)]
+    runs = {mode: preemption(loaded, args.device, batch, 16, mode) for mode in ("recompute", "swap")}
     same = runs["recompute"].pop("tokens") == runs["swap"].pop("tokens")
     for run in runs.values():
         print(json.dumps({**run, "same_tokens_as_recompute": same}), flush=True)
