@@ -141,7 +141,8 @@ QUIET_RESYNC_SECONDS, QUIET_AUTOSCALE_SECONDS, QUIET_TICKS = 0.2, 0.05, 10
 async def test_a_quiet_run_of_five_llmdeployments_logs_no_line_per_tick(tmp_path: Path):
     """#17's "a 10-minute quiet run of 5 LLMDeployments holds no line per tick", with the timers
     shortened: the real process (kopf's logging as in production: every logger at INFO), once the five
-    have converged, logs not one line while every timer of every object ticks ten times."""
+    have converged, logs not one line while every timer of every object ticks ten times, nor for the
+    children's status updates."""
     names = [f"quiet-{i}" for i in range(5)]
     async with emulated_cluster() as cluster, operator_process(
             cluster, tmp_path, "--resync-seconds", str(QUIET_RESYNC_SECONDS),
@@ -162,4 +163,14 @@ async def test_a_quiet_run_of_five_llmdeployments_logs_no_line_per_tick(tmp_path
         await cluster.eventually(lambda: pod_lists(cluster) >= ticks + QUIET_TICKS * len(names)
                                  and time.monotonic() - start >= QUIET_TICKS * QUIET_RESYNC_SECONDS,
                                  60, f"{QUIET_TICKS} ticks of each timer of each object")
+        assert log.read_bytes()[logged:].decode() == ""
+        # The children's own status updates (a rollout: pods becoming ready) reach the owners' status,
+        # and are not a decision either: no line.
+        for name in names:
+            await cluster.patch("Deployment", name, {"status": {"replicas": 1, "readyReplicas": 1,
+                                                                "updatedReplicas": 1}}, subresource="status")
+        await cluster.eventually(lambda: all(cluster.get("LLMDeployment", n)["status"].get("readyReplicas") == 1
+                                             for n in names), 30, "the rollout reaches the owners' status")
+        ticks = pod_lists(cluster)
+        await cluster.eventually(lambda: pod_lists(cluster) >= ticks + QUIET_TICKS * len(names), 60, "ticks")
         assert log.read_bytes()[logged:].decode() == ""
