@@ -64,7 +64,8 @@ def test_a_gpu_gets_the_cuda_build(tmp_path):
     assert not [c for c in calls if "--dry-run" in c]
 
 
-@pytest.mark.parametrize(("wheel_found", "index"), [(True, ""), (False, f"{CPU_INDEX} ")])
+@pytest.mark.parametrize(("wheel_found", "index"), [(True, ""), (False, f"{CPU_INDEX} ")],
+                         ids=["wheel-found", "cpu-index"])
 def test_no_gpu_gets_the_cpu_build_from_a_wheel_pip_finds_else_pytorchs_index(tmp_path, wheel_found, index):
     done, calls = setup(tmp_path, gpu=False, wheel_found=wheel_found)
     assert done.returncode == 0, done.stderr
@@ -73,7 +74,8 @@ def test_no_gpu_gets_the_cpu_build_from_a_wheel_pip_finds_else_pytorchs_index(tm
 
 
 @pytest.mark.parametrize(("gpu", "choice", "pinned"), [(True, "cpu", f"torch=={TORCH}+cpu"),
-                                                       (False, "cuda", f"torch==={TORCH}")])
+                                                       (False, "cuda", f"torch==={TORCH}")],
+                         ids=["cpu-on-a-gpu-machine", "cuda-without-a-gpu"])
 def test_kvpilot_torch_overrides_the_choice(tmp_path, gpu, choice, pinned):
     done, calls = setup(tmp_path, gpu=gpu, choice=choice)
     assert done.returncode == 0, done.stderr
@@ -94,7 +96,7 @@ def test_the_rest_is_installed_at_the_locked_versions(tmp_path):
 @pytest.mark.parametrize(("args", "choice", "words"), [
     (["prod"], None, "unknown argument 'prod'"),
     ([], "rocm", "KVPILOT_TORCH must be cpu or cuda, not 'rocm'"),
-])
+], ids=["argument", "choice"])
 def test_a_wrong_argument_or_choice_stops_before_installing(tmp_path, args, choice, words):
     done, calls = setup(tmp_path, *args, gpu=False, choice=choice)
     assert done.returncode == 2 and words in done.stderr
