@@ -47,7 +47,8 @@ def test_the_engine_refuses_fp8_on_its_config_before_any_weight_or_kv_block(monk
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(support, "_capability", lambda device: capability)
-    for options, fix in (({"kv_cache_dtype": "fp8"}, "use a bf16/fp16 KV cache"), ({"quantization": "fp8"}, "use int8")):
+    for options, fix in (({"kv_cache_dtype": "fp8"}, "use a bf16/fp16 KV cache"),
+                         ({"quantization": "fp8"}, "use int8")):
         if refused:
             with pytest.raises(UnsupportedOption, match=rf"compute capability >= 8\.9.*{fix}") as err:
                 EngineConfig(device="cuda", dtype="bf16", **options)
