@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: the kernel tests on the GPU, then the kernel benchmark. Installs nothing.
+# One device call: the kernel tests on the GPU, then the kernel benchmark. Installs nothing but the wheels
+# bench/gpu_wheels.sh saved under .whl (into a temporary folder: bench/gpu_env.sh).
 #   bash bench/gpu_check.sh            # results under $OUT (default ./out): kernel_tests.log, gpu_kernels.jsonl
 #   bash bench/gpu_check.sh --dry-run  # no GPU: the same steps on the CPU (tests through the Triton interpreter,
 #                                      # the bench's one tiny case per section), to check the script itself
@@ -17,13 +18,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OUT
 unset TRITON_INTERPRET  # compiled kernels on the GPU; on the CPU the kernel tests' conftest sets it itself
 
-# kvpilot may not be installed on a bare GPU machine: expose the repo's portions as the namespace package
-if ! python3 -c "import kvpilot.kernels.ops" 2>/dev/null; then
-    shim="$(mktemp -d)/kvpilot"
-    mkdir -p "$shim"
-    for part in cli kernels runtime operator; do ln -s "$PWD/$part" "$shim/$part"; done
-    export PYTHONPATH="$(dirname "$shim")${PYTHONPATH:+:$PYTHONPATH}"
-fi
+. bench/gpu_env.sh gpu_check  # kvpilot on the path, wheels from .whl (bench/gpu_wheels.sh), llguidance there
 
 python3 -c "
 import torch, triton
