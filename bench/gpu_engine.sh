@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The second device call, after bench/gpu_check.sh: the engine on the GPU (bf16), each against its peer in
 # the same run, on a model built there (bench/gpu_model.py: Llama-3.2-1B's shape, random weights, the
-# SmolLM2 tokenizer; nothing is downloaded). Installs nothing; runs in the device's own image (python3 with
-# torch and transformers; kvpilot's portions are put on the path, no pydantic/fastapi/kopf/gguf needed).
+# SmolLM2 tokenizer; nothing is downloaded). Runs in the device's own image (python3 with torch and transformers;
+# kvpilot's portions are put on the path, no pydantic/fastapi/kopf/gguf needed); installs only the wheels
+# bench/gpu_wheels.sh saved under .whl (llguidance), into a temporary folder (bench/gpu_env.sh).
 #   bash bench/gpu_engine.sh            # JSON lines under $OUT (default ./out): model.json, throughput.jsonl,
 #                                       # quantization.jsonl
 #   bash bench/gpu_engine.sh --dry-run  # no GPU: the same steps on the CPU with a tiny model, to check the script
@@ -23,12 +24,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
-if ! python3 -c "import kvpilot.runtime.engine.llm" 2>/dev/null; then  # not installed: the repo's portions
-    shim="$(mktemp -d)/kvpilot"
-    mkdir -p "$shim"
-    for part in cli kernels runtime operator; do ln -s "$PWD/$part" "$shim/$part"; done
-    export PYTHONPATH="$(dirname "$shim")${PYTHONPATH:+:$PYTHONPATH}"
-fi
+. bench/gpu_env.sh gpu_engine  # kvpilot on the path, wheels from .whl (bench/gpu_wheels.sh), llguidance there
 
 model_dir="$(mktemp -d)/model"
 if [ "$dry_run" -eq 1 ]; then

@@ -18,28 +18,16 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/eventually.py
 
 import httpx
-from eventually import eventually_sync
+from http_servers import percentile, start_server
 
 from kvpilot.runtime.models.parallel import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["the ocean", "a lighthouse keeper", "Kubernetes", "GPU memory", "a long train journey", "bread",
           "the first snow", "an old map", "a chess game", "the moon landing", "a small robot", "tea"]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
@@ -80,28 +68,9 @@ async def _load(url: str, model: str, rate: float, requests: int, max_tokens: in
     e2e = [r["end"] - r["start"] for r in results]
     return {"rate_rps": rate, "requests": requests, "output_tokens": sum(r["tokens"] for r in results),
             "output_tokens_per_s": round(sum(r["tokens"] for r in results) / wall, 2),
-            "ttft_p50_s": round(_percentile(ttft, 0.5), 3), "ttft_p99_s": round(_percentile(ttft, 0.99), 3),
-            "tpot_p50_s": round(_percentile(tpot, 0.5), 4), "tpot_p99_s": round(_percentile(tpot, 0.99), 4),
+            "ttft_p50_s": round(percentile(ttft, 0.5), 3), "ttft_p99_s": round(percentile(ttft, 0.99), 3),
+            "tpot_p50_s": round(percentile(tpot, 0.5), 4), "tpot_p99_s": round(percentile(tpot, 0.99), 4),
             "e2e_p50_s": round(statistics.median(e2e), 3), "wall_s": round(wall, 2)}
-
-
-def _start(command: list[str], url: str) -> subprocess.Popen:
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{command} exited with {proc.returncode}")
-        try:
-            return httpx.get(f"{url}/ready", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        eventually_sync(ready, 300, f"{command} is ready", poll=0.5)
-    except AssertionError:
-        proc.kill()
-        raise RuntimeError(f"{command} did not become ready") from None
-    return proc
 
 
 def main() -> None:
@@ -121,7 +90,7 @@ def main() -> None:
     for name, command in servers.items():
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = _start(command(port), url)
+        proc = start_server(command(port), f"{url}/ready", 300)
         try:
             for rate in args.rates:
                 row = asyncio.run(_load(url, "smollm2", rate, args.requests, args.max_tokens, args.seed))

@@ -89,9 +89,9 @@ def main() -> None:
     workload = describe(requests)
     useful = workload["output_tokens_total"]
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    common = {"bench": "throughput", "device": card, "threads": torch.get_num_threads()}
-
     kv_s, kv_tokens = run_kvpilot(loaded, requests, args.device, args.max_num_seqs)
+    # the engine set torch's threads (KVPILOT_CPU_THREADS, else cores - 1): the HF peers run with as many
+    common = {"bench": "throughput", "device": card, "threads": torch.get_num_threads()}
     kv_tps = useful / kv_s
     print(json.dumps(common | {"system": "kvpilot", **workload, "seconds": round(kv_s, 2),
                                "output_tokens_per_s": round(kv_tps, 1)}), flush=True)

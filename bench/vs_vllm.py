@@ -32,24 +32,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/eventually.py
-
 import httpx
-from eventually import eventually_sync
+from http_servers import percentile, start_server
 from quantization import QUESTIONS
 from vllm_peer import DEFAULT_VLLM_PYTHON, embedded_hf_dir, vllm_command, vllm_env, vllm_missing, vllm_version
 
 from kvpilot.runtime.models.parallel import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "smollm2"
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def _one(client: httpx.AsyncClient, url: str, question: str, output_len: int) -> dict:
@@ -87,29 +77,9 @@ async def _round(url: str, requests: int, output_len: int) -> dict:
     output_tokens = sum(len(r["times"]) for r in results)
     return {"requests": requests, "prompt_tokens": sum(r["prompt_tokens"] for r in results),
             "output_tokens": output_tokens, "output_tok_s": round(output_tokens / wall, 1),
-            "ttft_p50_s": round(_percentile(ttft, 0.5), 3), "ttft_p99_s": round(_percentile(ttft, 0.99), 3),
-            "itl_p50_ms": round(1000 * _percentile(itl, 0.5), 1), "itl_p99_ms": round(1000 * _percentile(itl, 0.99), 1),
+            "ttft_p50_s": round(percentile(ttft, 0.5), 3), "ttft_p99_s": round(percentile(ttft, 0.99), 3),
+            "itl_p50_ms": round(1000 * percentile(itl, 0.5), 1), "itl_p99_ms": round(1000 * percentile(itl, 0.99), 1),
             "wall_s": round(wall, 2)}
-
-
-def _start(command: list[str], url: str, env: dict | None, log: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{command[:4]} exited with {proc.returncode}; its log: {log}")
-        try:
-            return httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        eventually_sync(ready, 900, f"{command[:4]} answers /v1/models", poll=1)
-    except AssertionError:
-        proc.kill()
-        raise RuntimeError(f"{command[:4]} did not become ready in 900 s; its log: {log}") from None
-    return proc
 
 
 def kvpilot_command(model_dir: Path, port: int, dtype: str, max_model_len: int, extra: list[str]) -> list[str]:
@@ -120,7 +90,7 @@ def kvpilot_command(model_dir: Path, port: int, dtype: str, max_model_len: int, 
 def _serve_and_measure(name: str, command: list[str], env: dict | None, port: int, args) -> list[dict]:
     url = f"http://127.0.0.1:{port}"
     log = Path(args.log_dir) / f"{name}.log"
-    proc = _start(command, url, env, log)
+    proc = start_server(command, f"{url}/v1/models", 900, log=log, env=env)
     try:
         asyncio.run(_round(url, args.requests, args.warm_output_len))  # warm: every batch shape, every code path
         return [asyncio.run(_round(url, args.requests, args.output_len)) for _ in range(args.rounds)]

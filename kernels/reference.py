@@ -41,20 +41,23 @@ class _PerStep:
     forward passes the same tensors, so the first layer builds it and the others reuse it. Keyed on
     the tensors themselves (held, so their ids stay theirs) and their in-place version counters, so
     a new step's tensors, or an old tensor edited in place, rebuild it. Inference-mode tensors keep
-    no version counter: the engine makes its metadata tensors anew each step and never edits them."""
+    no version counter: the engine makes its metadata tensors anew each step and never edits them.
+    Models whose layers differ in sliding window pass one set of tensors per window group, layer
+    after layer: `SLOTS` entries (more than any model's groups) keep each group's."""
+
+    SLOTS = 4
 
     def __init__(self) -> None:
-        self._entry: tuple[tuple, Any] | None = None
+        self._entries: tuple[tuple[tuple, Any], ...] = ()
 
     def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, build: Callable[[], T]) -> T:
-        entry = self._entry  # one read: a racing caller at worst rebuilds
-        if entry is not None:
-            key, value = entry
+        entries = self._entries  # one read: a racing caller at worst rebuilds
+        for key, value in entries:
             if key[1] == extra and len(key[0]) == len(tensors) and all(
                     held is t and version == _version(t) for (held, version), t in zip(key[0], tensors, strict=True)):
                 return value
         value = build()
-        self._entry = ((tuple((t, _version(t)) for t in tensors), extra), value)
+        self._entries = (((tuple((t, _version(t)) for t in tensors), extra), value), *entries[: self.SLOTS - 1])
         return value
 
 

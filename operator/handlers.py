@@ -53,6 +53,7 @@ OWNERS_INDEX = "owners"
 CHILDREN_INDEX = "children"
 RESYNC_TIMER, AUTOSCALE_TIMER = "resync", "autoscale"
 TIMER_IDS = (RESYNC_TIMER, AUTOSCALE_TIMER)
+CHILD_HANDLER_IDS = tuple(f"child-{child.plural}" for child in CHILD_RESOURCES.values())
 
 
 def backoff(retry: int) -> float:
@@ -200,8 +201,8 @@ def build_registry(resync_seconds: float, autoscale_seconds: float) -> kopf.Oper
     kopf.timer(*owners, id=RESYNC_TIMER, interval=resync_seconds, initial_delay=resync_seconds,
                registry=registry)(on_resync)
     kopf.timer(*owners, id=AUTOSCALE_TIMER, interval=autoscale_seconds, registry=registry)(on_autoscale)
-    for child in CHILD_RESOURCES.values():
+    for child, handler_id in zip(CHILD_RESOURCES.values(), CHILD_HANDLER_IDS, strict=True):
         what = (child.group, child.version, child.plural)
         kopf.index(*what, id=CHILDREN_INDEX, labels=MANAGED, registry=registry)(index_child)
-        kopf.on.event(*what, id=f"child-{child.plural}", labels=MANAGED, registry=registry)(on_child_event)
+        kopf.on.event(*what, id=handler_id, labels=MANAGED, registry=registry)(on_child_event)
     return registry

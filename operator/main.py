@@ -71,13 +71,16 @@ class OperatorConfig:
         return f"http://{host}:{self.liveness_port}{LIVENESS_PATH}"
 
 
-class QuietTimers(logging.Filter):
-    """Drops kopf's "Timer 'autoscale' succeeded." line, logged after every tick of every object: a
-    heartbeat, not a decision. The handlers log what they decide (a scale, a restored drift)."""
+class QuietHeartbeats(logging.Filter):
+    """Drops kopf's "Timer 'autoscale' succeeded." line, logged after every tick of every object, and
+    "Handler 'child-deployments' succeeded.", logged after every event of every child (each status
+    update of a rolling Deployment): heartbeats, not decisions. The handlers log what they decide (a
+    scale, a restored drift); a failure is still logged by kopf."""
 
-    def __init__(self, timer_ids: tuple[str, ...]) -> None:
+    def __init__(self, timer_ids: tuple[str, ...], event_handler_ids: tuple[str, ...]) -> None:
         super().__init__()
-        self.heartbeats = {f"Timer {timer_id!r} succeeded." for timer_id in timer_ids}
+        self.heartbeats = ({f"Timer {timer_id!r} succeeded." for timer_id in timer_ids}
+                           | {f"Handler {handler_id!r} succeeded." for handler_id in event_handler_ids})
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno == logging.INFO and record.getMessage() in self.heartbeats)
@@ -87,7 +90,7 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     """kopf's settings for this operator (the tests and the benchmark use the same ones)."""
     import kopf
 
-    from kvpilot.operator.handlers import TIMER_IDS
+    from kvpilot.operator.handlers import CHILD_HANDLER_IDS, TIMER_IDS
     from kvpilot.operator.resources import CHILD_RESOURCES
 
     # Progress and the last-handled spec in annotations under our prefix; status stays ours alone
@@ -100,8 +103,8 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     # The handlers post one Event per decision themselves; kopf would post every log line again.
     settings.posting.loggers = False
     objects_logger = logging.getLogger("kopf.objects")
-    if not any(isinstance(f, QuietTimers) for f in objects_logger.filters):
-        objects_logger.addFilter(QuietTimers(TIMER_IDS))
+    if not any(isinstance(f, QuietHeartbeats) for f in objects_logger.filters):
+        objects_logger.addFilter(QuietHeartbeats(TIMER_IDS, CHILD_HANDLER_IDS))
     settings.execution.max_workers = HANDLER_THREADS
     for child in CHILD_RESOURCES.values():  # list and watch only our children, server-side
         settings.watching.label_selectors[child.group, child.plural] = f"app.kubernetes.io/managed-by={MANAGED_BY}"

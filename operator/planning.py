@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from kubernetes.utils import parse_quantity
 
 from kvpilot.operator.spec import LLMDeploymentSpec
@@ -45,7 +47,7 @@ def target_device(spec: LLMDeploymentSpec) -> Device:
         memory = quantity_bytes(gpu.memory, "gpu.memory")
         if base is None:
             return Device(f"custom-{gpu.memory}", memory, fp8=gpu.fp8)
-        return Device(base.name, memory, fp8=base.fp8, bf16=base.bf16, product_label=base.product_label)
+        return replace(base, memory_bytes=memory)
     return gpu_from_catalog(gpu.type or "")
 
 

@@ -199,9 +199,14 @@ def pod_spec(deployment: LLMDeployment, plan: Plan, role: Role = "single", hf_en
     node_selector = dict(spec.runtime.node_selector)
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.runtime.tolerations]
     if plan.device_kind != "cpu":
-        label = target_device(spec).product_label
-        if label:  # a catalog type; a custom GPU (memory only) has no label to select by
-            node_selector.setdefault(GPU_PRODUCT_LABEL, label)
+        # a catalog type; a custom GPU (memory only) has no label to select by; the user's selector wins
+        labels = () if GPU_PRODUCT_LABEL in node_selector else target_device(spec).product_labels
+        if len(labels) == 1:
+            node_selector[GPU_PRODUCT_LABEL] = labels[0]
+        elif labels:  # a family name (`h100`): any of its boards
+            any_board = {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": list(labels)}]}
+            pod["affinity"] = {"nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [any_board]}}}
         tolerations.insert(0, GPU_TOLERATION)
     if node_selector:
         pod["nodeSelector"] = node_selector

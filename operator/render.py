@@ -22,7 +22,7 @@ from kvpilot.operator.resources import (
     Resource,
 )
 from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, LLMDeploymentSpec
-from kvpilot.runtime.contract import KV_USAGE_METRIC, METRICS_PATH
+from kvpilot.runtime.contract import KV_USAGE_METRIC, KV_USAGE_METRIC_OLD, METRICS_PATH
 from kvpilot.runtime.memory.planner import Plan
 
 APP_NAME = "kvpilot"
@@ -167,9 +167,12 @@ def horizontal_autoscaler(deployment: LLMDeployment, plan: Plan) -> dict[str, An
 
 
 def kv_usage_query(deployment: LLMDeployment) -> str:
-    """PromQL summing the replicas' KV-cache use: KEDA divides it by the threshold to get replicas."""
+    """PromQL summing the replicas' KV-cache use: KEDA divides it by the threshold to get replicas. The
+    older name counts where the new one is absent (an engine that exports only it); `or` never adds the
+    two, so pods that export both (ours) are counted once."""
     namespace = deployment.metadata.namespace or "default"
-    return f'sum({KV_METRIC}{{namespace="{namespace}",model_name="{deployment.spec.model.name}"}})'
+    labels = f'{{namespace="{namespace}",model_name="{deployment.spec.model.name}"}}'
+    return f"sum({KV_METRIC}{labels}) or sum({KV_USAGE_METRIC_OLD}{labels})"
 
 
 def scaled_object(deployment: LLMDeployment, plan: Plan, options: RenderOptions) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, replace
 
 from kvpilot.runtime.memory.nvml import nvml
 
@@ -31,6 +31,11 @@ class Device:
     bf16: bool = True
     product_label: str | None = None  # the `nvidia.com/gpu.product` node label
     kind: str = "cuda"  # "cuda" or "cpu"
+    also_labels: tuple[str, ...] = ()  # boards of a family name (`h100`) that serve alike: pods may land on any
+
+    @property
+    def product_labels(self) -> tuple[str, ...]:
+        return (self.product_label, *self.also_labels) if self.product_label else ()
 
     @property
     def compute_dtype(self) -> str:
@@ -78,11 +83,14 @@ GPU_CATALOG: dict[str, Device] = {
 # A GPU outside the catalog, found by pynvml: its nvidia-smi total less this share, the largest
 # reservation among the catalog's GPUs (L4: 22.49 -> 21.99 GiB, 2.2%), so the guess errs low.
 NVML_UNALLOCATABLE_SHARE = 0.023
-_ALIASES = {"h200": "h200-141gb", "h100": "h100-80gb", "h100-sxm": "h100-80gb",
+_ALIASES = {"h200": "h200-141gb", "h100-sxm": "h100-80gb",
             "h100-pcie": "h100-pcie-80gb", "4090": "rtx-4090", "3090": "rtx-3090"}
 # Short names shared by catalog GPUs of different memory: guessing one would plan for the wrong size
 # (and pin the pods to the wrong nodes), so they are refused with the choices.
 _AMBIGUOUS = {"a100": ("a100-80gb", "a100-40gb")}
+# Short names for boards of equal memory and features (the SXM and PCIe H100): the plan is the same on
+# each, so the name plans once and its pods may be scheduled on any of them.
+_FAMILIES = {"h100": ("h100-80gb", "h100-pcie-80gb")}
 
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T|k)?\s*$")
 _UNITS = {None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -105,6 +113,9 @@ def gpu_from_catalog(name: str) -> Device:
     if key in _AMBIGUOUS:
         raise UnknownDevice(f"GPU type {name!r} is ambiguous: {' or '.join(_AMBIGUOUS[key])} (they differ in "
                             "memory); name one of them")
+    if key in _FAMILIES:
+        first, *others = (GPU_CATALOG[member] for member in _FAMILIES[key])
+        return replace(first, name=key, also_labels=tuple(d.product_label for d in others if d.product_label))
     if key not in GPU_CATALOG:
         raise UnknownDevice(f"GPU type {name!r} is not in the catalog "
                             f"({', '.join(GPU_CATALOG)}); set gpu.memory for a custom GPU")

@@ -11,9 +11,10 @@ and the machine instructions of the main loop (one K tile of the matmul, one K/V
 It fails (exit 1) when a variant does not compile, when a variant real models use spills (head_dim
 64-256, GQA 1-16, bf16/fp16 queries with a bf16/fp16/fp8 cache, on sm_80/sm_89/sm_90; fp8 not on
 sm_80, where the launchers refuse it), or when a property a kernel depends on is missing from its code
-(the int4 matmul's K loop pipelined, the fp8 cache write's division rounded to nearest). fp32 variants
-are compiled and reported but may spill: fp32 on a GPU is correct and slow (a checking path, not a
-serving one). Run it in a process without TRITON_INTERPRET (tests/kernels/test_gpu_compile.py does).
+(the int4 matmul's K loop pipelined, decode's K/V loads double-buffered, the fp8 cache write's division
+rounded to nearest). fp32 variants are compiled and reported but may spill: fp32 on a GPU is correct
+and slow (a checking path, not a serving one). Run it in a process without TRITON_INTERPRET
+(tests/kernels/test_gpu_compile.py does).
 
     python tests/kernels/compile_for_gpu.py [--arch 80,89,90] [--full]
 
@@ -177,15 +178,19 @@ def attention_variants(arch: int, full: bool) -> list[Variant]:
             continue
         for d, g in shapes:
             name = f"{str(q)[6:]}/{str(kv)[6:]} d{d} g{g}"
-            out.append(Variant(f"decode {name} splits4", attention("decode", q, kv, d, g, splits=4)))
+            out.append(Variant(f"decode {name} splits4", attention("decode", q, kv, d, g, splits=4),
+                               expect=double_buffered(q, kv, d)))
             if full or (d, g) == (128, 4):
-                out.append(Variant(f"decode {name} splits1", attention("decode", q, kv, d, g)))
+                out.append(Variant(f"decode {name} splits1", attention("decode", q, kv, d, g),
+                                   expect=double_buffered(q, kv, d)))
             out.append(Variant(f"prefill {name}", attention("prefill", q, kv, d, g)))
     if not full:
-        out += [Variant("decode float16/float16 d128 g4 splits4", attention("decode", FP16, FP16, 128, 4, 4)),
+        out += [Variant("decode float16/float16 d128 g4 splits4", attention("decode", FP16, FP16, 128, 4, 4),
+                        expect=double_buffered(FP16, FP16, 128)),
                 Variant("prefill float16/float16 d128 g4", attention("prefill", FP16, FP16, 128, 4))]
         if arch >= 89:
-            out += [Variant("decode float16/float8_e4m3fn d128 g4 splits4", attention("decode", FP16, FP8, 128, 4, 4)),
+            out += [Variant("decode float16/float8_e4m3fn d128 g4 splits4", attention("decode", FP16, FP8, 128, 4, 4),
+                            expect=double_buffered(FP16, FP8, 128)),
                     Variant("prefill float16/float8_e4m3fn d128 g4", attention("prefill", FP16, FP8, 128, 4))]
     # beyond real models: a 128-head group (tiled over head tiles) and fp32, reported, allowed to spill
     out += [Variant("decode bfloat16/bfloat16 d128 g128 splits2", attention("decode", BF16, BF16, 128, 128, 2),
@@ -197,6 +202,20 @@ def attention_variants(arch: int, full: bool) -> list[Variant]:
 
 def pipelined(stats: Stats) -> str | None:
     return None if stats.cp_async else "the K loop has no asynchronous copies (not software-pipelined)"
+
+
+def double_buffered(query_dtype: torch.dtype, kv_dtype: torch.dtype, head_dim: int) -> Callable[[Stats], str | None]:
+    """Decode's K/V loads overlap the previous tile's math: they are asynchronous copies into shared
+    memory that holds at least two K/V tiles (the config's BLOCK_N tokens x head_dim, K and V)."""
+    def check(stats: Stats) -> str | None:
+        config = decode.decode_config(head_dim, query_dtype, kv_dtype, CUDA)
+        tile = 2 * config["BLOCK_N"] * max(16, _launch.next_pow2(head_dim)) * kv_dtype.itemsize
+        if not stats.cp_async:
+            return "the decode K/V loads are not asynchronous copies (single-buffered)"
+        if stats.shared < 2 * tile:
+            return f"shared memory ({stats.shared} B) holds fewer than two K/V tiles of {tile} B (single-buffered)"
+        return None
+    return check
 
 
 def rounded_division(stats: Stats) -> str | None:

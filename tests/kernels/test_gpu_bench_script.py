@@ -64,3 +64,18 @@ def test_engine_script_says_when_there_is_no_gpu(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_engine.sh")], env={**os.environ, "OUT": str(tmp_path)},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "torch sees no CUDA device, nothing was run" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_engine.sh"])
+def test_the_device_scripts_stop_in_one_line_when_llguidance_is_missing(tmp_path, script):
+    """The device's image has no llguidance (the engine imports it): without the wheels bench/gpu_wheels.sh
+    saves, each script says what to do in one line and exits 2 before spending device time."""
+    blocked = tmp_path / "blocked" / "llguidance"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('not in the device image')\n")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHONPATH": str(blocked.parent)}
+    result = subprocess.run(["bash", str(ROOT / "bench" / script), "--dry-run"], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "llguidance" in lines[0] and "bench/gpu_wheels.sh" in lines[0]

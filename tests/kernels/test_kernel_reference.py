@@ -118,3 +118,21 @@ def test_quantized_weight_validates(bad, message):
     w = qr.quantize_int8(torch.randn(4, 64))
     with pytest.raises(ValueError, match=message):
         bad(w)
+
+
+def test_per_step_memo_keeps_each_window_groups_layout():
+    """A hybrid-window model's layers alternate two groups' metadata tensors: each is derived once per
+    step, not once per layer; a tensor edited in place is derived anew."""
+    memo, builds = ref._PerStep(), []
+    full, windowed = torch.tensor([[0, 1]]), torch.tensor([[2, 3]])
+
+    def layer(table: torch.Tensor, window: int | None) -> int:
+        return memo.get((table,), (window,), lambda: builds.append(window) or len(builds))
+
+    firsts = [layer(full, None), layer(windowed, 8)]
+    for _ in range(5):  # the other layers of the step
+        assert [layer(full, None), layer(windowed, 8)] == firsts
+    assert builds == [None, 8]
+    full[0, 0] = 5  # in place: the version counter moves
+    layer(full, None)
+    assert builds == [None, 8, None]

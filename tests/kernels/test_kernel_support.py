@@ -36,3 +36,23 @@ def test_unknown_names_are_refused():
         ops.check_kv_dtype_supported("cpu", torch.int8)
     with pytest.raises(ValueError, match="'nf4' is not one of"):
         ops.check_weight_quantization_supported("cpu", "nf4")
+
+
+@pytest.mark.parametrize(("capability", "refused"), [((8, 0), True), ((9, 0), False)])
+def test_the_engine_refuses_fp8_on_its_config_before_any_weight_or_kv_block(monkeypatch, capability, refused):
+    """The serving path: EngineConfig, built before the model loads and the KV pool is allocated, refuses an
+    fp8 KV cache (or fp8 weights) on a GPU below compute capability 8.9, in one line naming the fix."""
+    from kvpilot.runtime.engine.config import EngineConfig
+    from kvpilot.runtime.memory.support import UnsupportedOption
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(support, "_capability", lambda device: capability)
+    for options, fix in (({"kv_cache_dtype": "fp8"}, "use a bf16/fp16 KV cache"),
+                         ({"quantization": "fp8"}, "use int8")):
+        if refused:
+            with pytest.raises(UnsupportedOption, match=rf"compute capability >= 8\.9.*{fix}") as err:
+                EngineConfig(device="cuda", dtype="bf16", **options)
+            assert "\n" not in str(err.value)
+        else:
+            assert EngineConfig(device="cuda", dtype="bf16", **options).device == "cuda"
+    assert EngineConfig(device="cuda", dtype="bf16", quantization="int4").quantization == "int4"

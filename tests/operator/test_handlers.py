@@ -249,6 +249,19 @@ async def test_model_outside_the_catalog_is_planned_from_the_hub(cluster: Emulat
         assert init["command"][:3] == ["hf", "download", f"acme/{name if name == 'gated' else 'tiny'}-llama"]
 
 
+async def test_a_model_the_runtime_cannot_run_is_unsupported_and_creates_nothing(cluster: Emulated, module_hub):
+    """The hub's config.json has an activation the pods' loader refuses: the operator says so in the
+    Planned condition (reason Unsupported, one line) and renders no child, so no pod crash-loops."""
+    module_hub.serve("acme/swish-llama", "config.json", TINY_CONFIG | {"hidden_act": "swish_10"})
+    await cluster.create(llmd("swish", {"model": {"source": "hf://acme/swish-llama"}, "gpu": {"type": "l4"}}))
+    verdict = condition(await planned(cluster, "swish", "False"), "Planned")
+    assert verdict["reason"] == "Unsupported" and "hidden_act='swish_10' is not supported" in verdict["message"]
+    assert "\n" not in verdict["message"]
+    assert cluster.children("swish") == {}
+    await cluster.eventually(lambda: any(e["type"] == "Warning" and e["reason"] == "Unsupported"
+                                         for e in cluster.events("swish")), what="a Warning event")
+
+
 async def test_missing_leader_worker_set_is_reported_and_nothing_is_created():
     async with emulated_operator(optional_apis=False) as cluster:
         await cluster.create(llmd("big", MULTI_NODE))

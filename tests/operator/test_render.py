@@ -306,8 +306,9 @@ def test_keda_scaled_object_queries_prometheus_for_kv_cache_use():
     so = rendered(spec, RenderOptions(prometheus_url="http://prom:9090"))["ScaledObject"]["spec"]
     trigger = so["triggers"][0]
     assert trigger["type"] == "prometheus" and trigger["metadata"]["serverAddress"] == "http://prom:9090"
-    assert trigger["metadata"]["query"] == ('sum(vllm:kv_cache_usage_perc'
-                                            '{namespace="ml",model_name="Qwen/Qwen2.5-7B-Instruct"})')
+    labels = '{namespace="ml",model_name="Qwen/Qwen2.5-7B-Instruct"}'
+    assert trigger["metadata"]["query"] == (f"sum(vllm:kv_cache_usage_perc{labels})"
+                                            f" or sum(vllm:gpu_cache_usage_perc{labels})")
     assert trigger["metadata"]["threshold"] == "0.7"
     assert (so["minReplicaCount"], so["maxReplicaCount"]) == (1, 8)
     assert so["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm"}
@@ -372,3 +373,21 @@ def test_leader_worker_set_pods_make_one_tensor_parallel_group():
     assert (leader.node_rank, worker.node_rank) == (0, 1)
     assert leader.nnodes == worker.nnodes == 2 and leader.tensor_parallel_size == worker.tensor_parallel_size == 16
     assert leader.leader_address == worker.leader_address == "llm-0.llm"
+
+
+def test_a_family_gpu_name_plans_once_and_schedules_on_any_of_its_boards():
+    """`h100` is the SXM or the PCIe board (same memory, same features): the plan is the SXM's, and the
+    pods may land on nodes of either product, where `h100-80gb` pins the SXM board."""
+    family = {"model": {"source": "llama-3.1-8b"}, "gpu": {"type": "h100"}}
+    pinned = {"model": {"source": "llama-3.1-8b"}, "gpu": {"type": "h100-80gb"}}
+    blocks = [plan_deployment(deployment(spec).spec).num_kv_blocks for spec in (family, pinned)]
+    assert blocks[0] == blocks[1]
+    pod = rendered(family)["Deployment"]["spec"]["template"]["spec"]
+    assert GPU_PRODUCT_LABEL not in pod.get("nodeSelector", {})
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term == [{"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In",
+                                           "values": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe"]}]}]
+    assert "affinity" not in rendered(pinned)["Deployment"]["spec"]["template"]["spec"]
+    chosen = {**family, "runtime": {"nodeSelector": {GPU_PRODUCT_LABEL: "NVIDIA-H100-PCIe"}}}
+    pod = rendered(chosen)["Deployment"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {GPU_PRODUCT_LABEL: "NVIDIA-H100-PCIe"} and "affinity" not in pod

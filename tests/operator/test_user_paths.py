@@ -69,6 +69,28 @@ async def test_a_malformed_object_is_a_condition_and_an_event_never_a_traceback(
     assert tracebacks(caplog.records) == []
 
 
+async def test_a_spec_removed_while_the_operator_was_down_is_a_condition_at_resume(caplog):
+    """The resume and update handlers (an operator restarted on an object it handled before) read a
+    malformed object as the create handler does: an InvalidSpec condition and an Event, no traceback."""
+    caplog.set_level(logging.INFO)
+    async with emulated_cluster() as cluster:
+        async with running_operator(cluster):
+            await cluster.create(llmd("resumed", SMOLLM2))
+            await cluster.create(llmd("resumed-ok", SMOLLM2))  # its autoscale ticks show the timers run
+            await planned(cluster, "resumed")
+        await cluster.patch("LLMDeployment", "resumed", {"spec": None})  # e.g. an old version's object
+        assert "spec" not in cluster.get("LLMDeployment", "resumed")
+        async with running_operator(cluster, resync_seconds=0.05, autoscale_seconds=0.05):
+            verdict = condition(await planned(cluster, "resumed", "False"), "Planned")
+            assert verdict["reason"] == "InvalidSpec" and "spec: Field required" in verdict["message"], verdict
+            await cluster.eventually(lambda: any(e["reason"] == "InvalidSpec" for e in cluster.events("resumed")),
+                                     what="an InvalidSpec Event")
+            ticks = pod_lists(cluster)
+            await cluster.eventually(lambda: pod_lists(cluster) >= ticks + 3, what="three more autoscale ticks")
+    assert tracebacks(caplog.records) == []
+    assert any("Handler 'resume'" in r.getMessage() for r in caplog.records), "the resume handler ran"
+
+
 async def test_a_quiet_run_logs_no_line_per_tick(caplog):
     """Five converged LLMDeployments, many resync and autoscale ticks: not one log line, not one Event."""
     caplog.set_level(logging.DEBUG, logger="kopf.objects")

@@ -13,7 +13,9 @@ Layouts (the public formats):
 - compressed-tensors pack-quantized (W4A16, symmetric): weight_packed int32 [out, in/8], 8 input
   columns per int32, lowest nibble first, each q + 8; weight_scale [out, groups]; weight_shape.
 - compressed-tensors float-quantized (FP8, per channel): weight float8_e4m3fn [out, in],
-  weight_scale [out, 1] in the checkpoint dtype. W = weight * scale.
+  weight_scale [out, 1] in the checkpoint dtype; per tensor: weight_scale [1] float32. W = weight * scale.
+- compressed-tensors int-quantized (W8A8, per channel): weight int8 [out, in], weight_scale [out, 1]
+  in the checkpoint dtype. W = weight * scale.
 """
 
 from __future__ import annotations
@@ -128,8 +130,17 @@ def compressed_w4a16(folder: Path, seed: int = 2) -> tuple[Path, dict[str, torch
     return _write(folder, tensors, qc), meaning
 
 
-def compressed_fp8(folder: Path, seed: int = 3, ignore: tuple[str, ...] = ("lm_head",)
+def compressed_fp8(folder: Path, seed: int = 3, ignore: tuple[str, ...] = ("lm_head",), strategy: str = "channel"
                    ) -> tuple[Path, dict[str, torch.Tensor]]:
+    return _compressed_8bit(folder, seed, ignore, strategy, "float")
+
+
+def compressed_w8a8(folder: Path, seed: int = 4) -> tuple[Path, dict[str, torch.Tensor]]:
+    return _compressed_8bit(folder, seed, ("lm_head",), "channel", "int")
+
+
+def _compressed_8bit(folder: Path, seed: int, ignore: tuple[str, ...], strategy: str, kind: str
+                     ) -> tuple[Path, dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     tensors, meaning = _float_tensors(gen, torch.float16), {}
     for name, (out_f, in_f) in linears().items():
@@ -137,12 +148,18 @@ def compressed_fp8(folder: Path, seed: int = 3, ignore: tuple[str, ...] = ("lm_h
             w = (torch.randn(out_f, in_f, generator=gen) * 0.05).to(torch.float16)
             tensors[f"{name}.weight"], meaning[name] = w, w.float()
             continue
-        w = (torch.randn(out_f, in_f, generator=gen) * 100).to(torch.float8_e4m3fn)
-        scale = (torch.rand(out_f, 1, generator=gen) * 0.001 + 0.0001).to(torch.float16)
+        if kind == "float":
+            w = (torch.randn(out_f, in_f, generator=gen) * 100).to(torch.float8_e4m3fn)
+        else:
+            w = torch.randint(-127, 128, (out_f, in_f), generator=gen).to(torch.int8)
+        if strategy == "tensor":  # one fp32 scale for the matrix
+            scale = torch.rand(1, generator=gen) * 0.001 + 0.0001
+        else:
+            scale = (torch.rand(out_f, 1, generator=gen) * 0.001 + 0.0001).to(torch.float16)
         tensors |= {f"{name}.weight": w, f"{name}.weight_scale": scale}
         meaning[name] = w.float() * scale.float()
-    qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": list(ignore),
+    qc = {"quant_method": "compressed-tensors", "format": f"{kind}-quantized", "ignore": list(ignore),
           "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-              "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
-              "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}
+              "num_bits": 8, "type": kind, "strategy": strategy, "symmetric": True, "dynamic": False},
+              "input_activations": {"num_bits": 8, "type": kind, "strategy": "token", "dynamic": True}}}}
     return _write(folder, tensors, qc), meaning

@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 import pytest
-from prequantized_checkpoints import awq, compressed_fp8, compressed_w4a16, gptq, linears
+from prequantized_checkpoints import awq, compressed_fp8, compressed_w4a16, compressed_w8a8, gptq, linears
 from safetensors import safe_open
 
 from kvpilot.cli.main import main
@@ -22,7 +22,9 @@ from kvpilot.runtime.memory.planner import PlanError, PlanRequest, plan
 from kvpilot.runtime.memory.quantization import weight_bytes
 from kvpilot.runtime.memory.support import UnsupportedOption
 
-BUILDERS = {"gptq": gptq, "awq": awq, "compressed-w4a16": compressed_w4a16, "compressed-fp8": compressed_fp8}
+BUILDERS = {"gptq": gptq, "awq": awq, "compressed-w4a16": compressed_w4a16, "compressed-fp8": compressed_fp8,
+            "compressed-fp8-per-tensor": lambda folder: compressed_fp8(folder, strategy="tensor"),
+            "compressed-w8a8": compressed_w8a8}
 
 
 def file_bytes(folder, prefix: str = "") -> int:

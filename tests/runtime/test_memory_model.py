@@ -305,3 +305,13 @@ def test_activations_follow_the_step_budget():
     assert small.memory.activations < large.memory.activations
     assert small.num_kv_blocks > large.num_kv_blocks
     assert (large.max_batched_tokens, large.max_num_seqs) == (16384, 512)
+
+
+def test_a_family_name_stands_for_boards_that_plan_alike():
+    """`h100` may land on the SXM or the PCIe board: that is only right while they match in what a plan reads."""
+    family = gpu_from_catalog("h100")
+    members = [gpu_from_catalog(name) for name in ("h100-80gb", "h100-pcie-80gb")]
+    for member in members:
+        assert (member.memory_bytes, member.fp8, member.bf16) == (family.memory_bytes, family.fp8, family.bf16)
+    assert family.product_labels == tuple(m.product_label for m in members)
+    assert gpu_from_catalog("h100-80gb").product_labels == ("NVIDIA-H100-80GB-HBM3",)

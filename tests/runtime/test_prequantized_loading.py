@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from prequantized_checkpoints import awq, compressed_fp8, compressed_w4a16, gptq
+from prequantized_checkpoints import awq, compressed_fp8, compressed_w4a16, compressed_w8a8, gptq
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -20,7 +20,9 @@ from kvpilot.runtime.models.quantized import QuantizedLinear, weight_quantizatio
 from kvpilot.runtime.server.memory_report import weight_bytes_held
 
 BUILDERS = {"gptq": (gptq, "int4"), "awq": (awq, "int4"), "compressed-w4a16": (compressed_w4a16, "int4"),
-            "compressed-fp8": (compressed_fp8, "fp8")}
+            "compressed-fp8": (compressed_fp8, "fp8"),
+            "compressed-fp8-per-tensor": (lambda folder: compressed_fp8(folder, strategy="tensor"), "fp8"),
+            "compressed-w8a8": (compressed_w8a8, "int8")}
 LIMITS = {"num_kv_blocks": 32, "max_model_len": 256, "max_num_seqs": 4, "max_num_batched_tokens": 64,
           "device": "cpu"}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

@@ -102,3 +102,27 @@ def test_serve_refuses_an_unsupported_checkpoint_in_one_line_and_exit_2(tmp_path
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and "hidden_act='swish_10' is not supported" in lines[0], done.stderr
     assert tmp_path.name in lines[0]
+
+
+def test_plan_the_operator_and_serve_refuse_a_model_the_runtime_cannot_run_in_the_same_line(tmp_path):
+    """One refusal, three doors: `kvpilot plan` (exit 2), the operator (condition Unsupported, nothing
+    rendered) and the pods' `serve` (exit 2) say the same one line about the same config.json."""
+    from kvpilot.operator.reconcile import NotPlanned, plan_for
+    from kvpilot.operator.spec import parse_manifest
+
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "rope_scaling": {"rope_type": "su", "factor": 2.0}}))
+    why = "rope_scaling.rope_type='su' is not supported: supported rope types are"
+    lines = {}
+    for door, args in (("plan", ["kvpilot.cli.main", "plan", "--model", str(tmp_path), "--gpu", "l4"]),
+                       ("serve", ["kvpilot.runtime", "serve", "--model", str(tmp_path), "--device", "cpu"])):
+        done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+        stderr = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(stderr) == 1 and why in stderr[0], (door, done.stderr)
+        lines[door] = stderr[0][stderr[0].index(why):]
+    manifest = {"apiVersion": "kvpilot.io/v1alpha1", "kind": "LLMDeployment", "metadata": {"name": "su"},
+                "spec": {"model": {"source": f"file://{tmp_path}"}, "gpu": {"type": "l4"}}}
+    with pytest.raises(NotPlanned) as refused:
+        plan_for(parse_manifest(manifest), op=None)  # a local config.json: neither the hub nor Kubernetes is asked
+    assert refused.value.reason == "Unsupported" and "\n" not in refused.value.message
+    lines["operator"] = refused.value.message[refused.value.message.index(why):]
+    assert lines["plan"] == lines["serve"] == lines["operator"], lines

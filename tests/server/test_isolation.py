@@ -144,20 +144,32 @@ def test_the_engine_refuses_what_could_fail_a_step(llm_engine):
     assert "r" not in llm_engine.requests
 
 
-def test_an_engine_wide_failure_ends_its_requests_then_fails_health(serve, llm_engine, monkeypatch):
-    """A fault no request owns (here the forward pass itself) is not a 500 forever: after three steps
-    in a row fail, /health is 503 and Kubernetes restarts the pod."""
+def test_an_engine_wide_failure_ends_its_requests_then_fails_health(serve, llm_engine, monkeypatch, caplog):
+    """A fault no request owns (here the forward pass itself) is logged with its traceback, and is not a
+    500 forever: one failed step and the next request is served again; after three steps in a row fail,
+    /health is 503 and Kubernetes restarts the pod."""
     server = serve(ServerConfig(MODEL))
+    execute, faulty = llm_engine.runner.execute, [True]
 
-    def broken(host):
-        raise RuntimeError("device fault")
+    def sometimes_broken(host):
+        if faulty[0]:
+            raise RuntimeError("device fault")
+        return execute(host)
 
-    monkeypatch.setattr(llm_engine.runner, "execute", broken)
+    monkeypatch.setattr(llm_engine.runner, "execute", sometimes_broken)
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     with httpx.Client(base_url=server.url, timeout=60) as http:
+        assert http.post("/v1/completions", json=body).status_code == 500
+        faulty[0] = False
+        assert http.post("/v1/completions", json=body).status_code == 200  # the engine recovered
+        assert http.get("/health").status_code == 200
+        faulty[0] = True
         for _ in range(3):
-            response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+            response = http.post("/v1/completions", json=body)
             assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
             assert "device fault" in response.json()["error"]["message"]
         assert http.get("/health").status_code == 503
         assert http.get("/ready").status_code == 503
     assert not llm_engine.requests and not llm_engine.has_unfinished_requests
+    failures = [r for r in caplog.records if r.getMessage().startswith("engine step failed")]
+    assert len(failures) == 4 and all(r.exc_info and "device fault" in str(r.exc_info[1]) for r in failures)
