@@ -24,6 +24,7 @@ from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
 from kvpilot.runtime.engine.threads import set_cpu_threads
 from kvpilot.runtime.engine.workers import start_workers
 from kvpilot.runtime.loading.loader import LoadedModel, load_model
+from kvpilot.runtime.memory.support import UnsupportedOption
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
 from kvpilot.runtime.models.quantized import weight_quantization
 
@@ -35,6 +36,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         started = time.perf_counter()
         self.parallel, self.workers = SINGLE, None
+        if config.pipeline_parallel_size > 1:
+            raise UnsupportedOption("pipeline parallelism is planned but not run by this engine yet")
         if config.tensor_parallel_size > 1:
             if loaded is not None:
                 raise ValueError("a tensor-parallel engine loads its own shards: pass no loaded model")
