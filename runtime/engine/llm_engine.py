@@ -23,8 +23,7 @@ from kvpilot.runtime.engine.scheduler import AdmissionError, Scheduler
 from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
 from kvpilot.runtime.engine.threads import set_cpu_threads
 from kvpilot.runtime.engine.workers import start_workers
-from kvpilot.runtime.loading.loader import LoadedModel, load_model
-from kvpilot.runtime.memory.support import UnsupportedOption
+from kvpilot.runtime.loading.loader import LoadedModel, load_model, weight_bytes_held
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
 from kvpilot.runtime.models.quantized import weight_quantization
 
@@ -36,11 +35,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         started = time.perf_counter()
         self.parallel, self.workers = SINGLE, None
-        if config.pipeline_parallel_size > 1:
-            raise UnsupportedOption("pipeline parallelism is planned but not run by this engine yet")
-        if config.tensor_parallel_size > 1:
+        self.rank_weight_bytes: list[int] = []  # weights each rank holds, in global rank order
+        if config.world_size > 1:
             if loaded is not None:
-                raise ValueError("a tensor-parallel engine loads its own shards: pass no loaded model")
+                raise ValueError("a tensor- or pipeline-parallel engine loads its own shards: pass no loaded model")
             self.parallel, self.workers = start_workers(config)
             loaded = self._load_shard(config)
         self.loaded = loaded or load_configured(config)
@@ -56,8 +54,10 @@ class LLMEngine:
         if self.device.type == "cpu":
             set_cpu_threads()
         groups = config.kv_groups(self.facts)
+        stage_groups = groups.for_layers(self.parallel.stage_of(self.facts.num_layers).layers)
         _check_device_memory(self.device, expected_kv_bytes(self.facts, config.num_kv_blocks, config.block_size,
-                                                            config.kv_torch_dtype, groups, config.tensor_parallel_size))
+                                                            config.kv_torch_dtype, stage_groups,
+                                                            config.tensor_parallel_size))
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                                           groups.windows)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -86,6 +86,7 @@ class LLMEngine:
         if not self.parallel.all_ok(True, config.device):
             self.workers.stop_group()
             self.workers.raise_failure()
+        self.rank_weight_bytes = self.parallel.all_gather_object(weight_bytes_held(loaded.model))
         self.parallel.broadcast(dataclasses.asdict(config.for_model(loaded.facts)))  # the workers' limits
         return loaded
 

@@ -1,5 +1,5 @@
-"""Tensor parallelism: one process per GPU, torch.distributed between them (NCCL on GPUs; gloo on the
-CPU, where the tests run it).
+"""Tensor and pipeline parallelism: one process per GPU, torch.distributed between them (NCCL on GPUs;
+gloo on the CPU, where the tests run it).
 
 Rank 0 is the engine: it schedules, packs each step's inputs on the host, broadcasts them, and
 samples from the logits gathered to it. Ranks 1..N-1 are workers that rank 0 starts
@@ -76,7 +76,7 @@ def start_workers(config: EngineConfig) -> tuple[Parallel, Workers]:
     """On the leader: start this node's other ranks, then join the group as rank 0."""
     address = group_address(config)
     workers = _spawn(config, node_ranks(config)[1:], address)
-    return join(0, config.tensor_parallel_size, address, device_for(config, 0)), workers
+    return join(0, config.tensor_parallel_size, address, device_for(config, 0), config.pipeline_parallel_size), workers
 
 
 def run_worker_node(config: EngineConfig) -> int:
@@ -93,10 +93,11 @@ def _worker(rank: int, options: dict[str, Any], address: str, failures: Any) -> 
     from kvpilot.runtime.engine.config import EngineConfig
     from kvpilot.runtime.engine.llm_engine import load_configured
     from kvpilot.runtime.engine.model_runner import ModelRunner
+    from kvpilot.runtime.loading.loader import weight_bytes_held
 
     config = EngineConfig(**options)
     config = dataclasses.replace(config, device=device_for(config, rank))
-    parallel = join(rank, config.tensor_parallel_size, address, config.device)
+    parallel = join(rank, config.tensor_parallel_size, address, config.device, config.pipeline_parallel_size)
     try:
         loaded = load_configured(config, parallel)
     except Exception as err:  # rank 0 reports it: this process has no one to tell
@@ -107,6 +108,7 @@ def _worker(rank: int, options: dict[str, Any], address: str, failures: Any) -> 
     if not parallel.all_ok(True, config.device):  # another rank failed: rank 0 raises
         dist.destroy_process_group()
         return
+    parallel.all_gather_object(weight_bytes_held(loaded.model))  # rank 0 keeps every rank's figure
     # Rank 0's limits, completed from the model and the plan: every rank sizes its KV pool the same.
     config = dataclasses.replace(EngineConfig(**parallel.broadcast()), device=config.device)
     runner = ModelRunner(loaded.model, loaded.facts, config, None, parallel)
