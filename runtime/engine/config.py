@@ -43,6 +43,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto (the compute dtype) | the compute dtype's name | fp8
     tensor_parallel_size: int = 1  # ranks of each pipeline stage
     pipeline_parallel_size: int = 1  # stages, each a tensor-parallel group (rank = stage x TP + TP rank)
+    # steps in flight through the stages at once (vLLM's virtual engines); None: one per stage
+    pipeline_micro_batches: int | None = None
     nnodes: int = 1  # the ranks across nodes: world_size / nnodes GPUs on each
     node_rank: int = 0  # 0: the leader (engine and HTTP server); others only run their ranks
     leader_address: str | None = None  # where ranks meet when nnodes > 1 (the leader's host)
@@ -74,6 +76,10 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.pipeline_micro_batches is None:
+            self.pipeline_micro_batches = self.pipeline_parallel_size
+        if not isinstance(self.pipeline_micro_batches, int) or self.pipeline_micro_batches < 1:
+            raise ValueError(f"pipeline_micro_batches must be an integer >= 1, got {self.pipeline_micro_batches!r}")
         if self.nnodes < 1 or self.world_size % self.nnodes:
             raise ValueError(f"nnodes ({self.nnodes}) must divide tensor_parallel_size x pipeline_parallel_size "
                              f"({self.world_size})")

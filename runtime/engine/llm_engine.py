@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -15,11 +16,11 @@ from kvpilot.runtime.engine.config import EngineConfig
 from kvpilot.runtime.engine.detokenizer import IncrementalDetokenizer
 from kvpilot.runtime.engine.guidance import Guidance
 from kvpilot.runtime.engine.kv_cache import expected_kv_bytes
-from kvpilot.runtime.engine.model_runner import ModelRunner
+from kvpilot.runtime.engine.model_runner import InFlight, ModelRunner, StepResult
 from kvpilot.runtime.engine.outputs import EngineStats, RequestOutput
 from kvpilot.runtime.engine.sampler import Sampler, stop_token_ids
 from kvpilot.runtime.engine.sampling import SamplingParams
-from kvpilot.runtime.engine.scheduler import AdmissionError, Scheduler
+from kvpilot.runtime.engine.scheduler import AdmissionError, ScheduledBatch, Scheduler
 from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
 from kvpilot.runtime.engine.threads import set_cpu_threads
 from kvpilot.runtime.engine.workers import start_workers
@@ -66,6 +67,7 @@ class LLMEngine:
         sampler = Sampler(self.eos_token_ids, generator, self.guidance)
         self.runner = ModelRunner(self.loaded.model, self.facts, config, sampler, self.parallel)
         self.requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
+        self.in_flight: deque[tuple[ScheduledBatch, InFlight]] = deque()  # pipeline micro-batches, oldest first
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info("engine ready: model=%s device=%s dtype=%s weights=%s kv=%s kv_blocks=%d block_size=%d kv_mib=%.1f "
@@ -93,7 +95,8 @@ class LLMEngine:
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do for one process). The engine is unusable after."""
         if self.workers is not None:
-            self.workers.stop(self.parallel)
+            self.runner.stop()
+            self.workers.stop_group()
             self.workers = None
 
     @property
@@ -152,18 +155,51 @@ class LLMEngine:
 
     @property
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self.in_flight)
 
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample; one output for each request that got a token."""
-        batch = self.scheduler.schedule()
+    def _schedule(self, busy: frozenset[int] = frozenset(), max_seqs: int | None = None) -> ScheduledBatch:
+        batch = self.scheduler.schedule(busy, max_seqs)
         if batch.preempted:
             logger.info("preempted %d sequences for recompute: %s", len(batch.preempted),
                         [s.request_id for s in batch.preempted])
+        return batch
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; one output for each request that got a token.
+
+        With pipeline stages, up to `pipeline_micro_batches` steps of disjoint sequences are in flight,
+        each with an even share of the live sequences: each call starts steps until that many are, then
+        finishes the oldest."""
+        if self.config.pipeline_micro_batches > 1:
+            return self._pipelined_step()
+        batch = self._schedule()
         if batch.is_empty:
             return []
         result = self.runner.run(batch)
         self.scheduler.postprocess(batch)
+        return self._outputs(result)
+
+    def _pipelined_step(self) -> list[RequestOutput]:
+        micro_batches = self.config.pipeline_micro_batches
+        while len(self.in_flight) < micro_batches:
+            busy = frozenset(seq.seq_id for batch, _ in self.in_flight for seq, _ in batch.items())
+            live = len(self.scheduler.running) + len(self.scheduler.waiting)
+            batch = self._schedule(busy, max(1, -(-live // micro_batches)))
+            if batch.is_empty:
+                break
+            self.in_flight.append((batch, self.runner.submit(batch)))
+        if not self.in_flight:
+            return []
+        batch, step = self.in_flight.popleft()
+        result = self.runner.finish(step)
+        done = [i for i, seq in enumerate(result.seqs) if seq.is_finished]  # aborted while in flight
+        batch.decodes = [seq for seq in batch.decodes if not seq.is_finished]
+        batch.prefills = [(seq, n) for seq, n in batch.prefills if not seq.is_finished]
+        self.scheduler.postprocess(batch)
+        return self._outputs(StepResult(*([x for i, x in enumerate(column) if i not in done] for column in (
+            result.seqs, result.token_ids, result.logprobs, result.errors))))
+
+    def _outputs(self, result: StepResult) -> list[RequestOutput]:
         outputs = []
         for seq, token_id, logprob, error in zip(result.seqs, result.token_ids, result.logprobs, result.errors,
                                                  strict=True):

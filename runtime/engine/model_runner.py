@@ -19,7 +19,7 @@ from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.models.layers import AttentionMetadata
 from kvpilot.runtime.models.llama import LlamaForCausalLM
-from kvpilot.runtime.models.parallel import SINGLE, Parallel
+from kvpilot.runtime.models.parallel import SINGLE, Parallel, Sends
 
 
 @dataclass
@@ -49,6 +49,16 @@ class StepInputs:
 
 
 @dataclass
+class InFlight:
+    """A step rank 0 has started (its first stage computed); the last stage's logits are to come."""
+
+    host: HostInputs
+    sample_seqs: list[Sequence]
+    prompt_targets: list[tuple[Sequence, int]]
+    logits: torch.Tensor | None  # already here when rank 0's stage is the last
+
+
+@dataclass
 class StepResult:
     seqs: list[Sequence]  # the sequences that got a token, in the order of `token_ids`
     token_ids: list[int | None]
@@ -71,6 +81,7 @@ class ModelRunner:
         self.kv_groups = config.kv_groups(facts)  # every stage's block tables: packed on rank 0
         self.stage_kv_groups = self.kv_groups.for_layers(parallel.stage_of(facts.num_layers).layers)
         self.dtype = config.torch_dtype
+        self.sends = Sends()
         self.kv_cache: KVCache = allocate_kv_cache(facts, config.num_kv_blocks, config.block_size,
                                                    config.kv_torch_dtype, self.device, self.stage_kv_groups,
                                                    parallel.size)
@@ -166,22 +177,22 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.k_caches, self.kv_cache.v_caches,
                             inputs.meta, received)
         if not p.is_last_stage:
-            p.send_next(hidden)
+            p.send_next(self.sends, host, hidden, self.device)
             return None
         if not host.sample_rows and not host.prompt_rows:
             return None
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         if p.stages > 1 and p.rank == 0:
-            p.send_logits(logits)
+            p.send_logits(self.sends, logits)
         return logits
 
-    def _logits(self, host: HostInputs) -> torch.Tensor | None:
-        """Rank 0's step: run its stage, and take the logits from the last stage when it is another."""
-        logits = self.execute(host)
-        rows = len(host.sample_rows) + len(host.prompt_rows)
-        if self.parallel.stages == 1 or not rows:
-            return logits
-        return self.parallel.recv_logits((rows, self.facts.vocab_size), self.dtype, self.device)
+    def stop(self) -> None:
+        """Rank 0: tell every other rank to finish; another rank: pass the word to the next stage."""
+        if self.parallel.global_rank == 0:
+            self.parallel.share_step(None)
+        if not self.parallel.is_last_stage:
+            self.parallel.send_next(self.sends, None, None, self.device)
+        self.sends.wait()
 
     @torch.inference_mode()
     def _score_prompts(self, logits: torch.Tensor, targets: list[tuple[Sequence, int]]) -> None:
@@ -193,10 +204,20 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> StepResult:
         """Compute the batch's tokens into the KV cache and sample for the sequences that are ready
         (call before the scheduler's `postprocess`, which counts the tokens as computed)."""
+        return self.finish(self.submit(batch))
+
+    def submit(self, batch: ScheduledBatch) -> InFlight:
+        """Rank 0: start a step (its stage computes it now; later stages as they get to it)."""
         host, sample_seqs, prompt_targets = self.pack(batch)
-        if self.parallel.world_size > 1:
-            self.parallel.broadcast(host)
-        logits = self._logits(host)
+        self.parallel.share_step(host)
+        return InFlight(host, sample_seqs, prompt_targets, self.execute(host))
+
+    def finish(self, step: InFlight) -> StepResult:
+        """Rank 0: the step's logits (from the last stage, when it is another) sampled."""
+        host, sample_seqs, prompt_targets, logits = step.host, step.sample_seqs, step.prompt_targets, step.logits
+        rows = len(host.sample_rows) + len(host.prompt_rows)
+        if self.parallel.stages > 1 and rows:
+            logits = self.parallel.recv_logits((rows, self.facts.vocab_size), self.dtype, self.device)
         if logits is None:
             return StepResult([], [], [], [])
         if host.prompt_rows:

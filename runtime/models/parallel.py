@@ -7,16 +7,20 @@ lm_head split by vocabulary. KV heads split across ranks, or are replicated when
 heads than ranks: the layout `kvpilot.runtime.memory.quantization` counts.
 
 Under pipeline parallelism the layers are split over stages (memory/stages.py, vLLM's split); global
-rank = stage x TP + TP rank, so TP is innermost and a node holds whole stages. Each TP rank sends its
-stage's hidden states to the same TP rank of the next stage (they are whole on every rank after the
-all-reduce), and the last stage's TP rank 0 sends the logits to rank 0, which samples. The processes
-themselves are started by `kvpilot.runtime.engine.workers`.
+rank = stage x TP + TP rank, so TP is innermost and a node holds whole stages. Rank 0 broadcasts a
+step's inputs to its own stage only; each TP rank sends the step's inputs and its stage's hidden
+states to the same TP rank of the next stage (they are whole on every rank after the all-reduce), and
+the last stage's TP rank 0 sends the logits to rank 0, which samples. No collective spans two stages
+while steps run, so stage 0 computes the next micro-batch while later stages compute earlier ones.
+Sends are asynchronous (`Sends`): a stage waits for its previous sends only when it sends again.
+The processes themselves are started by `kvpilot.runtime.engine.workers`.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
+import pickle
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -66,18 +70,37 @@ class Parallel:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def send_next(self, hidden: torch.Tensor) -> None:
-        """To the same tensor-parallel rank of the next stage."""
-        dist.send(hidden.contiguous(), dst=self.global_rank + self.size)
+    def share_step(self, host: Any) -> None:
+        """Rank 0: a step's inputs (None: stop) to the other ranks of its stage."""
+        if self.size > 1:
+            dist.broadcast_object_list([host], src=0, group=self.group)
+
+    def receive_step(self, device: str | torch.device) -> Any:
+        """Any other rank: the next step's inputs, from rank 0 (first stage) or the previous stage."""
+        if self.is_first_stage:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            return box[0]
+        size = torch.empty(1, dtype=torch.int64, device=device)
+        dist.recv(size, src=self.global_rank - self.size)
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+        dist.recv(data, src=self.global_rank - self.size)
+        return pickle.loads(data.cpu().numpy().tobytes())
+
+    def send_next(self, sends: Sends, host: Any, hidden: torch.Tensor | None, device: str | torch.device) -> None:
+        """A step's inputs (None: stop) and this stage's hidden states to the same TP rank of the next stage."""
+        data = torch.frombuffer(bytearray(pickle.dumps(host)), dtype=torch.uint8).to(device)
+        tensors = [torch.tensor([data.numel()], dtype=torch.int64, device=device), data]
+        sends.send(tensors + ([] if hidden is None else [hidden.contiguous()]), self.global_rank + self.size)
 
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
         hidden = torch.empty(shape, dtype=dtype, device=device)
         dist.recv(hidden, src=self.global_rank - self.size)
         return hidden
 
-    def send_logits(self, logits: torch.Tensor) -> None:
+    def send_logits(self, sends: Sends, logits: torch.Tensor) -> None:
         """From the last stage's first rank to rank 0, which samples."""
-        dist.send(logits.contiguous(), dst=0)
+        sends.send([logits.contiguous()], 0)
 
     def recv_logits(self, shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
         logits = torch.empty(shape, dtype=dtype, device=device)
@@ -118,6 +141,22 @@ class Parallel:
 
 
 SINGLE = Parallel()
+
+
+class Sends:
+    """Asynchronous sends in order; the tensors stay referenced until their sends complete."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, torch.Tensor]] = []
+
+    def send(self, tensors: list[torch.Tensor], dst: int) -> None:
+        self.wait()
+        self.pending = [(dist.isend(t, dst), t) for t in tensors]
+
+    def wait(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending = []
 
 
 def join(rank: int, tp: int, address: str, device: str, stages: int = 1) -> Parallel:

@@ -59,13 +59,21 @@ def test_stages_give_the_unsplit_tokens_and_logprobs(unsplit, tp):
             for a, b in zip(want.logprobs, got.logprobs, strict=True):
                 assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
         engine = llm.engine
+        assert engine.config.pipeline_micro_batches == 2  # a step per stage in flight (vLLM's virtual engines)
+        for i, prompt in enumerate(prompts):  # more than one step's 16 tokens
+            engine.add_request(f"again-{i}", prompt * 3, GREEDY)
+        first = {o.request_id for o in engine.step()}  # started two steps of disjoint sequences, finished one
+        (batch, _), = engine.in_flight
+        assert first and not first & {seq.request_id for seq, _ in batch.items()}
+        while engine.has_unfinished_requests:
+            engine.step()
         facts, plan = engine.facts, memory_plan(engine.facts, engine.config)
         assert (plan.tensor_parallel, plan.pipeline_parallel, plan.stage_layers) == (tp, 2, (2, 1))
         stage_of_rank = [rank // tp for rank in range(2 * tp)]
         assert engine.rank_weight_bytes == [plan.stage_weight_bytes[s] for s in stage_of_rank]
-        first = pipeline_stages(facts.num_layers, 2)[0]
+        stage0 = pipeline_stages(facts.num_layers, 2)[0]
         assert len(engine.runner.kv_cache.k_caches) == 2  # rank 0: stage 0's layers only
-        assert engine.runner.kv_cache.nbytes == 32 * 16 * kv_bytes_per_token(facts, "fp32", tp, first)
+        assert engine.runner.kv_cache.nbytes == 32 * 16 * kv_bytes_per_token(facts, "fp32", tp, stage0)
     assert not any(p.is_alive() for p in workers)
 
 
