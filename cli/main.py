@@ -30,7 +30,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimize", choices=["quality", "cost"])
     p.add_argument("--gpus-per-node", type=int)
     p.add_argument("--max-gpus", type=int, help="most GPUs per replica")
-    p.add_argument("--tensor-parallel", type=int, help="pin the tensor-parallel degree (GPUs per replica)")
+    p.add_argument("--tensor-parallel", type=int, help="pin the tensor-parallel degree (GPUs per stage)")
+    p.add_argument("--pipeline-parallel", type=int, help="pin the pipeline-parallel degree (stages)")
     p.add_argument("--gpu-memory-utilization", type=float, help="fraction of each GPU's memory to use (default 0.90)")
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget of one engine step")
     p.add_argument("--max-num-seqs", type=int, help="most sequences running at once")
@@ -72,7 +73,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.gpu_memory_utilization is not None:
         spec_dict["gpuMemoryUtilization"] = args.gpu_memory_utilization
     for flag, key in ((args.gpus_per_node, "perNode"), (args.max_gpus, "maxPerReplica"),
-                      (args.tensor_parallel, "tensorParallel")):
+                      (args.tensor_parallel, "tensorParallel"), (args.pipeline_parallel, "pipelineParallel")):
         if flag is not None:
             spec_dict["gpu"][key] = flag
     spec = parse_spec(spec_dict)

@@ -56,6 +56,6 @@ def run_up(args: argparse.Namespace) -> int:
     options = engine_flags.parse_args(flags)
     options.model = resolve_source(spec.model.source)
     config = engine_config(options, "kvpilot up: the plan for this machine cannot run here")
-    loaded = None if config.tensor_parallel_size > 1 else load_configured(config)
+    loaded = None if config.world_size > 1 else load_configured(config)
     name = spec.model.served_name or deployment.metadata.name
     return serve_engine(config, loaded, name, args)

@@ -89,6 +89,7 @@ def plan_request(spec: LLMDeploymentSpec, gpus_per_node: int | None = None) -> P
         gpus_per_node=gpus_per_node or spec.gpu.per_node,
         max_gpus_per_replica=spec.gpu.max_per_replica,
         tensor_parallel=spec.gpu.tensor_parallel,
+        pipeline_parallel=spec.gpu.pipeline_parallel,
     )
 
 

@@ -107,7 +107,7 @@ def container_resources(deployment: LLMDeployment, plan: Plan) -> dict[str, dict
             memory = _quantity(quantity_bytes(memory, "runtime.resources.limits.memory") + host)
         limits["memory"] = requests["memory"] = memory
     else:
-        gpus = str(plan.tensor_parallel // plan.nodes)
+        gpus = str(plan.gpus_per_replica // plan.nodes)
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = gpus
         if host and "memory" not in requests:  # a request given holds the tier (planning.host_kv_bytes); else
             # the tier plus what the runtime process holds in RAM before it (Python, torch, the tokenizer)
@@ -182,7 +182,7 @@ def pod_spec(deployment: LLMDeployment, plan: Plan, role: Role = "single", hf_en
     if w.volume is not None:
         volumes.append(w.volume)
         container["volumeMounts"].append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
-    if plan.tensor_parallel > 1:
+    if plan.tensor_parallel * plan.pipeline_parallel > 1:
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}})
         container["volumeMounts"].append({"name": "shm", "mountPath": "/dev/shm"})
     pod: dict[str, Any] = {

@@ -90,7 +90,10 @@ class GPU(_Model):
     max_per_replica: int | None = Field(None, ge=1, description=(
         "Most GPUs one replica may use; unset: one node, or up to 4 nodes when one cannot hold the model."))
     tensor_parallel: int | None = Field(None, ge=1, le=256, description=(
-        "Pin the tensor-parallel degree (GPUs per replica); unset: the planner picks the fewest that fit."))
+        "Pin the tensor-parallel degree (GPUs per pipeline stage); unset: the planner picks the fewest that fit."))
+    pipeline_parallel: int | None = Field(None, ge=1, le=64, description=(
+        "Pin the pipeline-parallel degree (stages, one node each when a stage fills a node); unset: 1 on one "
+        "node, the fewest nodes that fit beyond."))
 
     @model_validator(mode="after")
     def _type_or_memory(self) -> GPU:

@@ -72,7 +72,8 @@ class PlanStatus(_Model):
     quantization: str = Field(description="Weight quantization.")
     kv_dtype: str = Field(description="KV-cache dtype.")
     compute_dtype: str = Field(description="Activation dtype.")
-    tensor_parallel: int = Field(ge=1, description="Tensor-parallel degree (GPUs per replica on GPUs).")
+    tensor_parallel: int = Field(ge=1, description="Tensor-parallel degree (GPUs per pipeline stage on GPUs).")
+    pipeline_parallel: int = Field(1, ge=1, description="Pipeline stages per replica.")
     nodes: int = Field(ge=1, description="Nodes per replica; more than one runs a LeaderWorkerSet.")
     gpus: int = Field(ge=0, description="GPUs per replica (0 for CPU pods).")
     kv_blocks: int = Field(ge=0, description="KV-cache blocks each replica allocates.")
@@ -125,7 +126,8 @@ def plan_status(plan: Plan) -> PlanStatus:
     m = plan.memory
     return PlanStatus(
         model=plan.model, device=plan.device, quantization=plan.quantization, kv_dtype=plan.kv_dtype,
-        compute_dtype=plan.compute_dtype, tensor_parallel=plan.tensor_parallel, nodes=plan.nodes,
+        compute_dtype=plan.compute_dtype, tensor_parallel=plan.tensor_parallel,
+        pipeline_parallel=plan.pipeline_parallel, nodes=plan.nodes,
         gpus=plan.gpus_per_replica, kv_blocks=plan.num_kv_blocks, block_size=plan.block_size,
         kv_capacity_tokens=plan.kv_capacity_tokens, kv_capacity_sequences=plan.kv_capacity_sequences,
         max_model_len=plan.max_model_len, max_num_seqs=plan.max_num_seqs,

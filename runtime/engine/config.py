@@ -43,8 +43,11 @@ class EngineConfig:
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     quantization: str | None = None  # weights: None (the compute dtype) | int8 | int4 | fp8
     kv_cache_dtype: str = "auto"  # auto (the compute dtype) | the compute dtype's name | fp8
-    tensor_parallel_size: int = 1
-    nnodes: int = 1  # tensor parallelism across nodes: tensor_parallel_size / nnodes GPUs on each
+    tensor_parallel_size: int = 1  # ranks of each pipeline stage
+    pipeline_parallel_size: int = 1  # stages, each a tensor-parallel group (rank = stage x TP + TP rank)
+    # steps in flight through the stages at once (vLLM's virtual engines); None: one per stage
+    pipeline_micro_batches: int | None = None
+    nnodes: int = 1  # the ranks across nodes: world_size / nnodes GPUs on each
     node_rank: int = 0  # 0: the leader (engine and HTTP server); others only run their ranks
     leader_address: str | None = None  # where ranks meet when nnodes > 1 (the leader's host)
     leader_port: int = 29500
@@ -74,17 +77,24 @@ class EngineConfig:
         self.quantization = self._weight_quantization(self.quantization)
         self.kv_cache_dtype = self._kv_cache_dtype(self.kv_cache_dtype)
         self._check_kernels()
-        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
-        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
-            raise ValueError(f"nnodes ({self.nnodes}) must divide tensor_parallel_size ({self.tensor_parallel_size})")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.pipeline_micro_batches is None:
+            self.pipeline_micro_batches = self.pipeline_parallel_size
+        if not isinstance(self.pipeline_micro_batches, int) or self.pipeline_micro_batches < 1:
+            raise ValueError(f"pipeline_micro_batches must be an integer >= 1, got {self.pipeline_micro_batches!r}")
+        if self.nnodes < 1 or self.world_size % self.nnodes:
+            raise ValueError(f"nnodes ({self.nnodes}) must divide tensor_parallel_size x pipeline_parallel_size "
+                             f"({self.world_size})")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank {self.node_rank} is not one of 0..{self.nnodes - 1}")
         if self.nnodes > 1 and not self.leader_address:
             raise ValueError("nnodes > 1 needs leader_address (where the ranks meet)")
         per_node = self.gpus_per_node
         if per_node > 1 and self.device.startswith("cuda") and torch.cuda.device_count() < per_node:
-            raise UnsupportedOption(f"tensor parallel size {self.tensor_parallel_size} over {self.nnodes} node(s) "
+            raise UnsupportedOption(f"{self.world_size} ranks (tensor x pipeline parallel) over {self.nnodes} node(s) "
                                     f"needs {per_node} GPUs here (ranks run on cuda:0..{per_node - 1}); torch sees "
                                     f"{torch.cuda.device_count()}")
         for name in ("block_size", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
@@ -97,8 +107,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode {self.preemption_mode!r} is not one of {', '.join(PREEMPTION_MODES)}")
-        if (self.host_kv_blocks or self.host_kv_memory) and self.tensor_parallel_size > 1:
-            raise UnsupportedOption(f"a host KV tier runs with tensor parallel 1 only, got {self.tensor_parallel_size}")
+        if (self.host_kv_blocks or self.host_kv_memory) and self.world_size > 1:
+            raise UnsupportedOption("a host KV tier runs on one GPU only (tensor and pipeline parallel 1), got "
+                                    f"tensor parallel {self.tensor_parallel_size} x pipeline parallel "
+                                    f"{self.pipeline_parallel_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if (self.max_num_seqs and self.max_num_batched_tokens
@@ -139,8 +151,17 @@ class EngineConfig:
             raise UnsupportedOption(str(err)) from None
 
     @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
     def gpus_per_node(self) -> int:
-        return self.tensor_parallel_size // self.nnodes
+        return self.world_size // self.nnodes
+
+    def stages_of_node(self) -> list[int]:
+        """The pipeline stages this node's ranks belong to (one, when a stage fills a node)."""
+        first = self.node_rank * self.gpus_per_node
+        return sorted({rank // self.tensor_parallel_size for rank in range(first, first + self.gpus_per_node)})
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -211,7 +232,8 @@ def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
                                                                else config.dtype),
                           kv_dtype=config.kv_cache_dtype,
                           block_size=config.block_size, gpu_memory_utilization=config.gpu_memory_utilization)
-    if config.tensor_parallel_size == 1:
+    if config.world_size == 1:
         return plan(facts, device, request)
-    tp = config.tensor_parallel_size  # given: size that one configuration, fitting or not (the KV blocks say)
-    return size(facts, device, request, request.quantization, request.kv_dtype, tp, gpus_per_node=tp)[0]
+    # given: size that one configuration, fitting or not (the KV blocks say)
+    return size(facts, device, request, request.quantization, request.kv_dtype, config.tensor_parallel_size,
+                gpus_per_node=config.world_size, pp=config.pipeline_parallel_size)[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -16,15 +17,15 @@ from kvpilot.runtime.engine.detokenizer import IncrementalDetokenizer
 from kvpilot.runtime.engine.guidance import Guidance
 from kvpilot.runtime.engine.host_kv import HostBlockIndex, HostKVTier, SwapPolicy
 from kvpilot.runtime.engine.kv_cache import DTYPE_NAMES, expected_kv_bytes
-from kvpilot.runtime.engine.model_runner import ModelRunner
+from kvpilot.runtime.engine.model_runner import InFlight, ModelRunner, StepResult
 from kvpilot.runtime.engine.outputs import EngineStats, HostTierStats, RequestOutput
 from kvpilot.runtime.engine.sampler import Sampler, stop_token_ids
 from kvpilot.runtime.engine.sampling import SamplingParams
-from kvpilot.runtime.engine.scheduler import AdmissionError, Scheduler
+from kvpilot.runtime.engine.scheduler import AdmissionError, ScheduledBatch, Scheduler
 from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
 from kvpilot.runtime.engine.threads import set_cpu_threads
 from kvpilot.runtime.engine.workers import start_workers
-from kvpilot.runtime.loading.loader import LoadedModel, load_model
+from kvpilot.runtime.loading.loader import LoadedModel, load_model, weight_bytes_held
 from kvpilot.runtime.memory.host_tier import swap_cost
 from kvpilot.runtime.memory.kv_groups import kv_block_bytes
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
@@ -38,9 +39,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         started = time.perf_counter()
         self.parallel, self.workers = SINGLE, None
-        if config.tensor_parallel_size > 1:
+        self.rank_weight_bytes: list[int] = []  # weights each rank holds, in global rank order
+        if config.world_size > 1:
             if loaded is not None:
-                raise ValueError("a tensor-parallel engine loads its own shards: pass no loaded model")
+                raise ValueError("a tensor- or pipeline-parallel engine loads its own shards: pass no loaded model")
             self.parallel, self.workers = start_workers(config)
             loaded = self._load_shard(config)
         self.loaded = loaded or load_configured(config)
@@ -56,8 +58,10 @@ class LLMEngine:
         if self.device.type == "cpu":
             set_cpu_threads()
         groups = config.kv_groups(self.facts)
+        stage_groups = groups.for_layers(self.parallel.stage_of(self.facts.num_layers).layers)
         _check_device_memory(self.device, expected_kv_bytes(self.facts, config.num_kv_blocks, config.block_size,
-                                                            config.kv_torch_dtype, groups, config.tensor_parallel_size))
+                                                            config.kv_torch_dtype, stage_groups,
+                                                            config.tensor_parallel_size))
         host_index = HostBlockIndex(config.host_kv_blocks) if config.host_kv_blocks else None
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                                           groups.windows, host_index)
@@ -72,6 +76,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded.model, self.facts, config, sampler, self.parallel)
         self.host_tier = HostKVTier(self.runner.kv_cache.pool, config.host_kv_blocks) if host_index else None
         self.requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
+        self.in_flight: deque[tuple[ScheduledBatch, InFlight]] = deque()  # pipeline micro-batches, oldest first
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.prefill_tokens_total = 0  # tokens computed in prefill chunks (prefix-cache hits are not)
@@ -95,13 +100,15 @@ class LLMEngine:
         if not self.parallel.all_ok(True, config.device):
             self.workers.stop_group()
             self.workers.raise_failure()
+        self.rank_weight_bytes = self.parallel.all_gather_object(weight_bytes_held(loaded.model))
         self.parallel.broadcast(dataclasses.asdict(config.for_model(loaded.facts)))  # the workers' limits
         return loaded
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do for one process). The engine is unusable after."""
         if self.workers is not None:
-            self.workers.stop(self.parallel)
+            self.runner.stop()
+            self.workers.stop_group()
             self.workers = None
 
     @property
@@ -160,22 +167,55 @@ class LLMEngine:
 
     @property
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self.in_flight)
 
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample; one output for each request that got a token."""
-        batch = self.scheduler.schedule()
+    def _schedule(self, busy: frozenset[int] = frozenset(), max_seqs: int | None = None) -> ScheduledBatch:
+        batch = self.scheduler.schedule(busy, max_seqs)
         if batch.preempted:
             logger.info("preempted %d sequences (swapped: %s): %s", len(batch.preempted),
                         [s.request_id for s in batch.preempted if s.swapped_blocks],
                         [s.request_id for s in batch.preempted])
         if self.host_tier is not None:  # before the forward pass that overwrites the spilled blocks
             self.host_tier.run(self.block_manager.take_copies())
+        self.prefill_tokens_total += sum(n for _, n in batch.prefills)
+        return batch
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; one output for each request that got a token.
+
+        With pipeline stages, up to `pipeline_micro_batches` steps of disjoint sequences are in flight,
+        each with an even share of the live sequences: each call starts steps until that many are, then
+        finishes the oldest."""
+        if self.config.pipeline_micro_batches > 1:
+            return self._pipelined_step()
+        batch = self._schedule()
         if batch.is_empty:
             return []
-        self.prefill_tokens_total += sum(n for _, n in batch.prefills)
         result = self.runner.run(batch)
         self.scheduler.postprocess(batch)
+        return self._outputs(result)
+
+    def _pipelined_step(self) -> list[RequestOutput]:
+        micro_batches = self.config.pipeline_micro_batches
+        while len(self.in_flight) < micro_batches:
+            busy = frozenset(seq.seq_id for batch, _ in self.in_flight for seq, _ in batch.items())
+            live = len(self.scheduler.running) + len(self.scheduler.waiting)
+            batch = self._schedule(busy, max(1, -(-live // micro_batches)))
+            if batch.is_empty:
+                break
+            self.in_flight.append((batch, self.runner.submit(batch)))
+        if not self.in_flight:
+            return []
+        batch, step = self.in_flight.popleft()
+        result = self.runner.finish(step)
+        done = [i for i, seq in enumerate(result.seqs) if seq.is_finished]  # aborted while in flight
+        batch.decodes = [seq for seq in batch.decodes if not seq.is_finished]
+        batch.prefills = [(seq, n) for seq, n in batch.prefills if not seq.is_finished]
+        self.scheduler.postprocess(batch)
+        return self._outputs(StepResult(*([x for i, x in enumerate(column) if i not in done] for column in (
+            result.seqs, result.token_ids, result.logprobs, result.errors))))
+
+    def _outputs(self, result: StepResult) -> list[RequestOutput]:
         outputs = []
         for seq, token_id, logprob, error in zip(result.seqs, result.token_ids, result.logprobs, result.errors,
                                                  strict=True):

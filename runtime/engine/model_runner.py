@@ -1,6 +1,9 @@
 """One engine step on the device: pack the scheduled tokens (decodes first, then prefill chunks)
 into one forward pass, take the logits of the sequences whose every token is then computed, and
-sample their next tokens."""
+sample their next tokens.
+
+Under pipeline parallelism every rank gets the packed inputs; a stage after the first receives the
+hidden states from the one before it, and the last stage sends the sampled rows' logits to rank 0."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.models.layers import AttentionMetadata
 from kvpilot.runtime.models.llama import LlamaForCausalLM
-from kvpilot.runtime.models.parallel import SINGLE, Parallel
+from kvpilot.runtime.models.parallel import SINGLE, Parallel, Sends
 
 
 @dataclass
@@ -46,6 +49,16 @@ class StepInputs:
 
 
 @dataclass
+class InFlight:
+    """A step rank 0 has started (its first stage computed); the last stage's logits are to come."""
+
+    host: HostInputs
+    sample_seqs: list[Sequence]
+    prompt_targets: list[tuple[Sequence, int]]
+    logits: torch.Tensor | None  # already here when rank 0's stage is the last
+
+
+@dataclass
 class StepResult:
     seqs: list[Sequence]  # the sequences that got a token, in the order of `token_ids`
     token_ids: list[int | None]
@@ -65,9 +78,13 @@ class ModelRunner:
         self.model, self.facts, self.sampler, self.parallel = model, facts, sampler, parallel
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        self.kv_groups = config.kv_groups(facts)
+        self.kv_groups = config.kv_groups(facts)  # every stage's block tables: packed on rank 0
+        self.stage_kv_groups = self.kv_groups.for_layers(parallel.stage_of(facts.num_layers).layers)
+        self.dtype = config.torch_dtype
+        self.sends = Sends()
         self.kv_cache: KVCache = allocate_kv_cache(facts, config.num_kv_blocks, config.block_size,
-                                                   config.kv_torch_dtype, self.device, self.kv_groups, parallel.size)
+                                                   config.kv_torch_dtype, self.device, self.stage_kv_groups,
+                                                   parallel.size)
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -144,20 +161,38 @@ class ModelRunner:
             prefill_max_context_len=max(host.prefill_context_lens, default=0),
         ) for slots, decode_tables, prefill_tables in zip(host.slots, host.decode_block_tables,
                                                           host.prefill_block_tables, strict=True)]
-        meta = metas[0] if len(metas) == 1 else [metas[g] for g in self.kv_groups.layer_groups()]
+        meta = metas[0] if len(metas) == 1 else [metas[g] for g in self.stage_kv_groups.layer_groups()]
         return StepInputs(tensor(host.tokens, torch.int64), tensor(host.positions, torch.int64), meta,
                           tensor(host.sample_rows + host.prompt_rows, torch.int64))
 
     @torch.inference_mode()
     def execute(self, host: HostInputs) -> torch.Tensor | None:
-        """The forward pass and the sampled rows' logits (None when no row is sampled). Every rank of a
-        tensor-parallel group runs it with the same inputs."""
+        """This stage's forward pass, and on the last stage the sampled rows' logits (None when no row is
+        sampled, or on another stage). Every rank runs it with the same inputs."""
+        p = self.parallel
         inputs = self.to_device(host)
+        received = None
+        if not p.is_first_stage:
+            received = p.recv_prev((len(host.tokens), self.facts.hidden_size), self.dtype, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.k_caches, self.kv_cache.v_caches,
-                            inputs.meta)
+                            inputs.meta, received)
+        if not p.is_last_stage:
+            p.send_next(self.sends, host, hidden, self.device)
+            return None
         if not host.sample_rows and not host.prompt_rows:
             return None
-        return self.model.compute_logits(hidden[inputs.sample_indices])
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        if p.stages > 1 and p.rank == 0:
+            p.send_logits(self.sends, logits)
+        return logits
+
+    def stop(self) -> None:
+        """Rank 0: tell every other rank to finish; another rank: pass the word to the next stage."""
+        if self.parallel.global_rank == 0:
+            self.parallel.share_step(None)
+        if not self.parallel.is_last_stage:
+            self.parallel.send_next(self.sends, None, None, self.device)
+        self.sends.wait()
 
     @torch.inference_mode()
     def _score_prompts(self, logits: torch.Tensor, targets: list[tuple[Sequence, int]]) -> None:
@@ -169,10 +204,20 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> StepResult:
         """Compute the batch's tokens into the KV cache and sample for the sequences that are ready
         (call before the scheduler's `postprocess`, which counts the tokens as computed)."""
+        return self.finish(self.submit(batch))
+
+    def submit(self, batch: ScheduledBatch) -> InFlight:
+        """Rank 0: start a step (its stage computes it now; later stages as they get to it)."""
         host, sample_seqs, prompt_targets = self.pack(batch)
-        if self.parallel.size > 1:
-            self.parallel.broadcast(host)
-        logits = self.execute(host)
+        self.parallel.share_step(host)
+        return InFlight(host, sample_seqs, prompt_targets, self.execute(host))
+
+    def finish(self, step: InFlight) -> StepResult:
+        """Rank 0: the step's logits (from the last stage, when it is another) sampled."""
+        host, sample_seqs, prompt_targets, logits = step.host, step.sample_seqs, step.prompt_targets, step.logits
+        rows = len(host.sample_rows) + len(host.prompt_rows)
+        if self.parallel.stages > 1 and rows:
+            logits = self.parallel.recv_logits((rows, self.facts.vocab_size), self.dtype, self.device)
         if logits is None:
             return StepResult([], [], [], [])
         if host.prompt_rows:

@@ -62,6 +62,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swap_preemptions = 0  # of those, swapped to the host tier
         self.swap = swap
+        self._seq_limit = self.max_num_seqs  # of the step being scheduled
 
     def check_admission(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
         total = num_prompt_tokens + max_tokens
@@ -121,8 +122,12 @@ class Scheduler:
     def _tokens_that_fit(self, seq: Sequence, wanted: int) -> int:
         return self.block_manager.tokens_that_fit(seq, wanted)
 
-    def schedule(self) -> ScheduledBatch:
-        batch, scheduled = ScheduledBatch(), set()
+    def schedule(self, busy: frozenset[int] = frozenset(), max_seqs: int | None = None) -> ScheduledBatch:
+        """`busy`: sequences in a step still in flight (pipeline micro-batches): neither scheduled nor
+        preempted until their step is back; `max_seqs`: the most sequences this step takes (a share of
+        the running ones per micro-batch, so the stages get steps of even size)."""
+        batch, scheduled = ScheduledBatch(), set(busy)
+        self._seq_limit = max_seqs or self.max_num_seqs
         budget = self._schedule_decodes(batch, scheduled, self.max_num_batched_tokens)
         budget = self._schedule_running_prompts(batch, scheduled, budget)
         if not batch.preempted:
@@ -132,8 +137,10 @@ class Scheduler:
     def _schedule_decodes(self, batch: ScheduledBatch, scheduled: set[int], budget: int) -> int:
         bm = self.block_manager
         for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1 or seq.seq_id in scheduled:
                 continue
+            if self._full(batch):
+                break
             while not bm.can_allocate(seq, 1):
                 victim = self._victim(seq, scheduled)
                 self.preempt(victim or seq, batch)
@@ -150,7 +157,7 @@ class Scheduler:
         """Chunks of prompts already started, oldest first; one that finds no free block preempts
         newer sequences, so the oldest always progresses."""
         for seq in list(self.running):
-            if budget <= 0:
+            if budget <= 0 or self._full(batch):
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.seq_id in scheduled:
                 continue
@@ -169,7 +176,7 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, scheduled: set[int], budget: int) -> None:
         """FCFS: stop at the first waiting sequence whose next chunk the pool cannot hold."""
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not self._full(batch):
             seq = self.waiting[0]
             cached = bm.find_prefix(seq)
             num_new = min(seq.num_uncomputed_tokens - len(cached) * bm.block_size, budget)
@@ -185,6 +192,9 @@ class Scheduler:
             batch.prefills.append((seq, num_new))
             scheduled.add(seq.seq_id)
             budget -= num_new
+
+    def _full(self, batch: ScheduledBatch) -> bool:
+        return len(batch.decodes) + len(batch.prefills) >= self._seq_limit
 
     def postprocess(self, batch: ScheduledBatch) -> list[Sequence]:
         """Count the computed tokens, record newly full blocks in the prefix cache; return the

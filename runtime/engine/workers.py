@@ -1,10 +1,11 @@
-"""Tensor parallelism: one process per GPU, torch.distributed between them (NCCL on GPUs; gloo on the
-CPU, where the tests run it).
+"""Tensor and pipeline parallelism: one process per GPU, torch.distributed between them (NCCL on GPUs;
+gloo on the CPU, where the tests run it).
 
-Rank 0 is the engine: it schedules, packs each step's inputs on the host, broadcasts them, and
-samples from the logits gathered to it. Ranks 1..N-1 are workers that rank 0 starts
-(`start_workers`): each loads its shard of the weights and of the KV cache, then runs every forward
-pass in lockstep with rank 0 until rank 0 broadcasts None.
+Rank 0 is the engine: it schedules, packs each step's inputs on the host, shares them with its
+stage, and samples from the logits gathered to it (sent to it by the last stage). Ranks 1..N-1 are
+workers that rank 0 starts (`start_workers`): each loads its shard of its stage's weights and KV
+cache, then runs every step it receives (from rank 0, or from the previous stage: models/parallel.py)
+until it receives None.
 
 How the model is sharded, and the collectives: `kvpilot.runtime.models.parallel`.
 """
@@ -49,11 +50,6 @@ class Workers:
     def raise_failure(self) -> None:
         raise RuntimeError(f"a tensor-parallel worker failed to start: {self.failures.get(timeout=30)}")
 
-    def stop(self, parallel: Parallel) -> None:
-        """Tell the workers to finish (they are waiting for a step) and leave the group."""
-        parallel.broadcast(None)
-        self.stop_group()
-
     def stop_group(self) -> None:
         for process in self.processes:
             process.join(timeout=30)
@@ -76,7 +72,7 @@ def start_workers(config: EngineConfig) -> tuple[Parallel, Workers]:
     """On the leader: start this node's other ranks, then join the group as rank 0."""
     address = group_address(config)
     workers = _spawn(config, node_ranks(config)[1:], address)
-    return join(0, config.tensor_parallel_size, address, device_for(config, 0)), workers
+    return join(0, config.tensor_parallel_size, address, device_for(config, 0), config.pipeline_parallel_size), workers
 
 
 def run_worker_node(config: EngineConfig) -> int:
@@ -93,10 +89,11 @@ def _worker(rank: int, options: dict[str, Any], address: str, failures: Any) -> 
     from kvpilot.runtime.engine.config import EngineConfig
     from kvpilot.runtime.engine.llm_engine import load_configured
     from kvpilot.runtime.engine.model_runner import ModelRunner
+    from kvpilot.runtime.loading.loader import weight_bytes_held
 
     config = EngineConfig(**options)
     config = dataclasses.replace(config, device=device_for(config, rank))
-    parallel = join(rank, config.tensor_parallel_size, address, config.device)
+    parallel = join(rank, config.tensor_parallel_size, address, config.device, config.pipeline_parallel_size)
     try:
         loaded = load_configured(config, parallel)
     except Exception as err:  # rank 0 reports it: this process has no one to tell
@@ -107,9 +104,11 @@ def _worker(rank: int, options: dict[str, Any], address: str, failures: Any) -> 
     if not parallel.all_ok(True, config.device):  # another rank failed: rank 0 raises
         dist.destroy_process_group()
         return
+    parallel.all_gather_object(weight_bytes_held(loaded.model))  # rank 0 keeps every rank's figure
     # Rank 0's limits, completed from the model and the plan: every rank sizes its KV pool the same.
     config = dataclasses.replace(EngineConfig(**parallel.broadcast()), device=config.device)
     runner = ModelRunner(loaded.model, loaded.facts, config, None, parallel)
-    while (inputs := parallel.broadcast()) is not None:
+    while (inputs := parallel.receive_step(config.device)) is not None:
         runner.execute(inputs)
+    runner.stop()
     dist.destroy_process_group()

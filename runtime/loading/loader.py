@@ -172,3 +172,10 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
                       quantization=quantization, parallel=parallel, variant=variant_from_config(config),
                       prequantized=prequantized)
     return LoadedModel(net, tokenizer, facts, _hf_eos_token_ids(path, tokenizer), path)
+
+
+def weight_bytes_held(module: torch.nn.Module) -> int:
+    """Bytes of the model's weights as loaded (quantized ones with their scales; tied weights once). The
+    state dict leaves out the rotary cos/sin tables, which are derived, not weights."""
+    tensors = {t.data_ptr(): t for t in module.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from kvpilot.runtime.memory.devices import Device, GiB, MiB
 from kvpilot.runtime.memory.facts import ModelFacts
+from kvpilot.runtime.memory.stages import Stage
 
 # Non-torch memory that appears after the CUDA context, per GPU, by tensor-parallel degree: NCCL's
 # communicator buffers dominate from TP 2 on. The largest figure measured at each degree:
@@ -85,18 +86,35 @@ def moe_widths_per_token(facts: ModelFacts, tp: int) -> int:
 
 
 def activation_bytes(facts: ModelFacts, tp: int, limits: EngineLimits, compute_bytes: int,
-                     sampler_bytes_per_logit: int = KVPILOT_SAMPLER_BYTES_PER_LOGIT) -> int:
+                     sampler_bytes_per_logit: int = KVPILOT_SAMPLER_BYTES_PER_LOGIT,
+                     stage: Stage | None = None) -> int:
     """The activation peak: the larger of a full-budget forward pass and sampling every running
     sequence over the whole vocabulary (the forward pass's buffers are freed before sampling;
-    vLLM's measured peak is the sampler's for every model of the reference table)."""
+    vLLM's measured peak is the sampler's for every model of the reference table).
+
+    Under pipeline parallelism (`stage` one of several): the logits live on the last stage and are
+    sampled on the first, so a middle stage has no sampler peak; every stage holds the hidden states
+    it receives and the ones it sends on (`pipeline_handoff_bytes`)."""
     forward = forward_peak_bytes(facts, tp, limits.max_batched_tokens, compute_bytes)
     sampler = limits.max_num_seqs * facts.vocab_size * sampler_bytes_per_logit
-    return max(forward, sampler)
+    if stage is None or (stage.first and stage.last):
+        return max(forward, sampler)
+    handoff = pipeline_handoff_bytes(facts, limits, compute_bytes)
+    return max(forward, sampler if stage.first or stage.last else 0) + handoff
 
 
-def non_torch_bytes(device: Device, tp: int) -> int:
+def pipeline_handoff_bytes(facts: ModelFacts, limits: EngineLimits, compute_bytes: int) -> int:
+    """A stage's hidden states of a full step in flight between stages: one buffer received, one sent."""
+    return 2 * limits.max_batched_tokens * facts.hidden_size * compute_bytes
+
+
+def non_torch_bytes(device: Device, tp: int, pipeline_parallel: int = 1) -> int:
+    """By TP degree; a pipeline adds a communicator between neighbouring stages, counted (unmeasured)
+    as at least the TP 2 figure, the smallest NCCL communicator measured."""
     if device.kind == "cpu":
         return CPU_PROCESS_BYTES
+    if pipeline_parallel > 1:
+        tp = max(tp, 2)
     if tp > 4:
         return NON_TORCH_TP8_AND_BEYOND
     return NON_TORCH_BY_TP[next(d for d in (1, 2, 4) if tp <= d)]

@@ -27,7 +27,16 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvpilot.runtime.memory.quantization import DTYPE_ALIASES, DTYPE_BYTES, QUANT_MODES, linear_bytes, shard
+from kvpilot.runtime.memory.quantization import (
+    DTYPE_ALIASES,
+    DTYPE_BYTES,
+    QUANT_MODES,
+    linear_bytes,
+    shard,
+    stage_norm_params,
+    weight_bytes_by_part,
+)
+from kvpilot.runtime.memory.stages import Stage, whole_model
 from kvpilot.runtime.memory.support import UnsupportedOption, check_checkpoint_quantization
 
 if TYPE_CHECKING:
@@ -196,14 +205,16 @@ def _module(layer: int, linear: str) -> str:
 
 
 def checkpoint_weight_bytes_by_part(facts: ModelFacts, checkpoint: CheckpointQuantization, compute_dtype: str,
-                                   tp: int = 1, held: bool = True) -> dict[str, int]:
+                                   tp: int = 1, held: bool = True, stage: Stage | None = None,
+                                   pipeline_parallel: int = 1) -> dict[str, int]:
     """Per-GPU bytes of each part of a pre-quantized checkpoint, layer by layer: quantized linears
     as the GPU holds them (held_linear_bytes; `held=False`: as the files store them), the modules it
-    keeps unquantized, embeddings and norms, in the compute dtype."""
+    keeps unquantized, embeddings and norms, in the compute dtype; of one pipeline `stage` if given."""
     compute = DTYPE_BYTES[compute_dtype]
+    stage = stage or whole_model(facts.num_layers)
     quantized = held_linear_bytes if held else (lambda o, i, c, _: stored_linear_bytes(o, i, c.scheme))
     parts = {"attention": 0, "mlp": 0}
-    for layer in range(facts.num_layers):  # dense layers only: ModelFacts refuses pre-quantized experts
+    for layer in stage.layers:  # dense layers only: ModelFacts refuses pre-quantized experts
         for lin in facts.linears(layer):
             out_f, in_f = shard(lin, facts, tp)
             if checkpoint.quantizes(_module(layer, lin.name)):
@@ -213,12 +224,21 @@ def checkpoint_weight_bytes_by_part(facts: ModelFacts, checkpoint: CheckpointQua
             n += out_f * compute if lin.bias else 0
             parts[lin.part] += n
     rows = math.ceil(facts.vocab_size / tp)  # vocab-parallel
-    parts["embeddings"] = rows * facts.hidden_size * compute
-    if facts.tie_word_embeddings:
+    parts["embeddings"] = rows * facts.hidden_size * compute if stage.holds_embeddings else 0
+    if not stage.holds_lm_head(facts.tie_word_embeddings, pipeline_parallel):
         parts["lm_head"] = 0
-    elif checkpoint.quantizes("lm_head"):
+    elif checkpoint.quantizes("lm_head") and not facts.tie_word_embeddings:
         parts["lm_head"] = quantized(rows, facts.hidden_size, checkpoint, compute)
     else:
         parts["lm_head"] = rows * facts.hidden_size * compute
-    parts["norms"] = facts.params_by_part["norms"] * compute
+    parts["norms"] = stage_norm_params(facts, stage) * compute
     return parts
+
+
+def weights_by_part(facts: ModelFacts, quant: str, compute: str, tp: int, stage: Stage, pp: int) -> dict[str, int]:
+    """What one GPU of `stage` holds: a pre-quantized checkpoint's own bytes when it runs as stored, else
+    the runtime's layout of `quant`."""
+    if facts.checkpoint is not None and quant == facts.checkpoint.runtime_mode:
+        return checkpoint_weight_bytes_by_part(facts, facts.checkpoint, compute, tp, stage=stage,
+                                               pipeline_parallel=pp)
+    return weight_bytes_by_part(facts, quant, compute, tp, stage, pp)

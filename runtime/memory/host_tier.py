@@ -53,6 +53,12 @@ def swap_cost(device_kind: str) -> SwapCost:
     return CPU_SWAP_COST if device_kind == "cpu" else GPU_SWAP_COST
 
 
+def host_tier_runs(tensor_parallel: int, pipeline_parallel: int, hybrid_windows: bool) -> bool:
+    """The engine keeps a host KV tier on one GPU (no tensor or pipeline split) with one KV group, as its
+    prefix cache (engine/config.py)."""
+    return tensor_parallel == 1 and pipeline_parallel == 1 and not hybrid_windows
+
+
 def host_kv_blocks(host_bytes: int, block_bytes: int) -> int:
     """Blocks of `block_bytes` (memory/kv_groups.kv_block_bytes) that `host_bytes` of host memory hold."""
     if host_bytes < 0:

@@ -50,6 +50,17 @@ class KVGroups:
     def blocks_per_sequence(self, num_tokens: int, block_size: int) -> int:
         return blocks_per_sequence(self.windows, num_tokens, block_size)
 
+    def for_layers(self, layers: range) -> KVGroups:
+        """The pool of a pipeline stage that holds `layers`: every group (block ids are the scheduler's,
+        one table per group for all stages), each block holding only this stage's layers of its group."""
+        taken: dict[int, int] = {}
+        slots = []
+        for layer in layers:
+            group = self.layer_slots[layer][0]
+            slots.append((group, taken.get(group, 0)))
+            taken[group] = taken.get(group, 0) + 1
+        return KVGroups(self.windows, tuple(slots), max(taken.values()))
+
 
 def blocks_per_sequence(windows: Sequence[int | None], num_tokens: int, block_size: int) -> int:
     """The most blocks one sequence of up to `num_tokens` tokens holds while it decodes, over groups of

@@ -38,7 +38,9 @@ def render_plan(plan: Plan, console: Console) -> None:
     source = f" (pre-quantized {plan.checkpoint} checkpoint)" if plan.checkpoint else ""
     decision.add_row("quantization", f"{plan.quantization} weights{source}, {plan.kv_dtype} KV cache "
                                      f"(compute {plan.compute_dtype})")
-    decision.add_row("parallelism", f"tensor parallel {plan.tensor_parallel}, {plan.nodes} node(s), "
+    stages = (f" x pipeline parallel {plan.pipeline_parallel} ({' / '.join(map(str, plan.stage_layers))} layers)"
+              if plan.pipeline_parallel > 1 else "")
+    decision.add_row("parallelism", f"tensor parallel {plan.tensor_parallel}{stages}, {plan.nodes} node(s), "
                                     f"{plan.gpus_per_replica} GPU(s) per replica")
     every_layer = " for every layer" if plan.kv_groups > 1 else ""
     decision.add_row("KV cache", f"{plan.num_kv_blocks} blocks x {plan.block_size} tokens = "

@@ -8,8 +8,11 @@ holds `max_context x concurrency` tokens, and sizes the KV pool to every byte le
   (fp8, fp8), (int8, compute), (int8, fp8), (int4, compute), (int4, fp8); fp8 rungs only on GPUs
   with fp8; an explicit quantization or KV dtype pins its half of the rung;
 - tensor-parallel degrees are powers of two that split the query heads and split or replicate
-  the KV heads, up to one node (`gpus_per_node`) or `max_gpus_per_replica`; when nothing fits on
-  one node and no maximum is set, up to MAX_NODES_PER_REPLICA nodes;
+  the KV heads, up to one node (`gpus_per_node`) or `max_gpus_per_replica` if smaller;
+- when nothing fits on one node (and the maximum, if set, allows more GPUs than a node has), the
+  largest such degree inside each stage and pipeline parallelism 2, 3, ... across nodes, up to
+  MAX_NODES_PER_REPLICA nodes: tensor parallelism never spans nodes unless pinned (a stage holds
+  its share of the layers and their KV, and the all-reduces stay on the node's NVLink);
 - `optimize="quality"` walks the ladder outside and the GPU counts inside (more GPUs before lower
   precision); `optimize="cost"` the reverse (lower precision before more GPUs).
 """
@@ -21,23 +24,25 @@ from dataclasses import asdict, dataclass, field
 
 from kvpilot.runtime.memory.budget import (
     KVPILOT_SAMPLER_BYTES_PER_LOGIT,
+    EngineLimits,
     activation_bytes,
     engine_limits,
     non_torch_bytes,
     safety_margin_bytes,
 )
-from kvpilot.runtime.memory.checkpoint import checkpoint_weight_bytes_by_part
+from kvpilot.runtime.memory.checkpoint import weights_by_part
 from kvpilot.runtime.memory.devices import Device, GiB
 from kvpilot.runtime.memory.facts import ModelFacts
-from kvpilot.runtime.memory.host_tier import describe_host_tier, host_kv_blocks
+from kvpilot.runtime.memory.host_tier import host_kv_blocks, host_tier_runs
 from kvpilot.runtime.memory.kv_groups import KVGroups, kv_block_bytes, model_kv_groups
+from kvpilot.runtime.memory.plan_reasons import describe, with_reasons
 from kvpilot.runtime.memory.quantization import (
     DTYPE_BYTES,
     QUANT_MODES,
     kv_bytes_per_token,
     tp_compatible,
-    weight_bytes_by_part,
 )
+from kvpilot.runtime.memory.stages import Stage, pipeline_stages
 
 # A CPU run spends no more than this on KV beyond what the request needs: allocating (and
 # zeroing) most of the host's RAM would starve it; vLLM's CPU backend defaults to 4 GiB too.
@@ -72,6 +77,7 @@ class PlanRequest:
     gpus_per_node: int = 8
     max_gpus_per_replica: int | None = None
     tensor_parallel: int | None = None  # pinned: plan this degree only (None: search)
+    pipeline_parallel: int | None = None  # pinned: plan this many stages only (None: search)
     # The sampler's peak bytes per logit; another engine's figure plans for that engine
     sampler_bytes_per_logit: int = KVPILOT_SAMPLER_BYTES_PER_LOGIT
     host_kv_bytes: int = 0  # host memory (RAM) for the host KV tier; 0: none
@@ -91,7 +97,7 @@ class PlanRequest:
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_context", "max_batched_tokens", "max_num_seqs", "max_gpus_per_replica",
-                     "tensor_parallel"):
+                     "tensor_parallel", "pipeline_parallel"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise PlanError(f"{name} must be >= 1, got {value}")
@@ -117,6 +123,8 @@ class MemoryBreakdown:
 
 @dataclass(frozen=True)
 class Plan:
+    """Per-GPU figures are those of the fullest pipeline stage: the one whose memory bounds the KV blocks."""
+
     model: str
     device: str
     device_kind: str
@@ -128,7 +136,7 @@ class Plan:
     gpus_per_replica: int
     block_size: int
     num_kv_blocks: int
-    kv_bytes_per_token: int  # per GPU, every layer
+    kv_bytes_per_token: int  # per GPU, every layer of its stage
     kv_block_bytes: int  # per GPU: one block of the pool (memory/kv_groups.py)
     kv_blocks_per_sequence: int  # the most blocks a sequence of max_model_len tokens holds
     max_model_len: int
@@ -149,6 +157,9 @@ class Plan:
     @property
     def host_kv_tokens(self) -> int:
         return self.num_host_kv_blocks // self.kv_groups * self.block_size
+    pipeline_parallel: int = 1  # stages, each of tensor_parallel GPUs (gpus_per_replica = TP x PP)
+    stage_layers: tuple[int, ...] = ()  # decoder layers per stage (memory/stages.py)
+    stage_weight_bytes: tuple[int, ...] = ()  # weights per GPU of each stage
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -164,9 +175,10 @@ class Plan:
         """The plan as the runtime's `serve` options (flag -> value): pods get them as arguments and
         `kvpilot up` parses the same ones, so the two can never differ."""
         options = {"dtype": self.compute_dtype, "quantization": self.quantization, "kv-cache-dtype": self.kv_dtype,
-                   "tensor-parallel": self.tensor_parallel, "num-kv-blocks": self.num_kv_blocks,
-                   "block-size": self.block_size, "max-model-len": self.max_model_len,
-                   "max-num-seqs": self.max_num_seqs, "max-num-batched-tokens": self.max_batched_tokens}
+                   "tensor-parallel": self.tensor_parallel, "pipeline-parallel": self.pipeline_parallel,
+                   "num-kv-blocks": self.num_kv_blocks, "block-size": self.block_size,
+                   "max-model-len": self.max_model_len, "max-num-seqs": self.max_num_seqs,
+                   "max-num-batched-tokens": self.max_batched_tokens}
         if self.num_host_kv_blocks:
             options["host-kv-memory"] = self.host_kv_bytes
         return options
@@ -181,56 +193,73 @@ class Plan:
         return data
 
 
+@dataclass(frozen=True)
+class _StageBudget:
+    """One stage's figures on one of its GPUs."""
+
+    parts: dict[str, int]
+    activations: int
+    block_bytes: int
+    kv_budget: int  # usable bytes left for KV blocks
+
+    @property
+    def blocks(self) -> int:
+        return max(0, self.kv_budget // self.block_bytes)
+
+
+def _stage_budget(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dtype: str, tp: int,
+                  stage: Stage, pp: int, groups: KVGroups, limits: EngineLimits, fixed: int) -> _StageBudget:
+    compute = device.compute_dtype
+    parts = weights_by_part(facts, quant, compute, tp, stage, pp)
+    activations = activation_bytes(facts, tp, limits, DTYPE_BYTES[compute], req.sampler_bytes_per_logit,
+                                   stage if pp > 1 else None)
+    block_bytes = kv_block_bytes(facts, kv_dtype, req.block_size, groups.for_layers(stage.layers), tp)
+    return _StageBudget(parts, activations, block_bytes, fixed - sum(parts.values()) - activations)
+
+
 def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dtype: str, tp: int,
-         gpus_per_node: int) -> tuple[Plan, int]:
-    """One configuration sized to the byte: (plan, shortfall bytes per GPU; 0 when it fits)."""
+         gpus_per_node: int, pp: int = 1) -> tuple[Plan, int]:
+    """One configuration sized to the byte: (plan, shortfall bytes per GPU; 0 when it fits). Every stage
+    allocates the same KV block ids (the scheduler's), so the stage with the fewest blocks sets them."""
     compute = device.compute_dtype
     max_model_len = req.max_context or facts.max_position_embeddings
     limits = engine_limits(device, req.max_batched_tokens, req.max_num_seqs)
     usable = int(device.memory_bytes * req.gpu_memory_utilization)
-    parts = _weights_by_part(facts, quant, compute, tp)
-    weights = sum(parts.values())
-    activations = activation_bytes(facts, tp, limits, DTYPE_BYTES[compute], req.sampler_bytes_per_logit)
-    overhead = non_torch_bytes(device, tp)
+    overhead = non_torch_bytes(device, tp, pp)
     margin = safety_margin_bytes(device, usable)
-    per_token = kv_bytes_per_token(facts, kv_dtype, tp)
     groups = model_kv_groups(facts, max_model_len)
-    block_bytes = kv_block_bytes(facts, kv_dtype, req.block_size, groups, tp)
+    stages = pipeline_stages(facts.num_layers, pp)
+    budgets = [_stage_budget(facts, device, req, quant, kv_dtype, tp, stage, pp, groups, limits,
+                             usable - overhead - margin) for stage in stages]
+    fullest = min(range(pp), key=lambda i: budgets[i].blocks)
+    stage, budget = stages[fullest], budgets[fullest]
     per_sequence = groups.blocks_per_sequence(max_model_len, req.block_size)
     blocks_needed = per_sequence * req.concurrency
-    budget = usable - weights - activations - overhead - margin
-    blocks = max(0, budget // block_bytes)
+    blocks = budget.blocks
     if device.kind == "cpu":
-        blocks = min(blocks, max(blocks_needed, CPU_KV_CACHE_BYTES // block_bytes))
-    shortfall = 0 if blocks >= blocks_needed else blocks_needed * block_bytes - budget
+        blocks = min(blocks, max(blocks_needed, CPU_KV_CACHE_BYTES // budget.block_bytes))
+    shortfall = 0 if blocks >= blocks_needed else max(blocks_needed * b.block_bytes - b.kv_budget for b in budgets)
+    world = tp * pp
     plan = Plan(
         model=facts.name, device=device.name, device_kind=device.kind, quantization=quant,
         kv_dtype=kv_dtype, compute_dtype=compute, tensor_parallel=tp,
-        nodes=math.ceil(tp / gpus_per_node), gpus_per_replica=tp if device.kind == "cuda" else 0,
-        block_size=req.block_size, num_kv_blocks=blocks, kv_bytes_per_token=per_token,
-        kv_block_bytes=block_bytes, kv_blocks_per_sequence=per_sequence, kv_groups=groups.num_groups,
+        nodes=math.ceil(world / gpus_per_node), gpus_per_replica=world if device.kind == "cuda" else 0,
+        block_size=req.block_size, num_kv_blocks=blocks, kv_bytes_per_token=kv_bytes_per_token(facts, kv_dtype, tp,
+                                                                                                   stage),
+        kv_block_bytes=budget.block_bytes, kv_blocks_per_sequence=per_sequence, kv_groups=groups.num_groups,
         sliding_windows=groups.sliding_windows, max_model_len=max_model_len,
         max_num_seqs=max(1, min(limits.max_num_seqs, blocks)),
         max_batched_tokens=limits.max_batched_tokens,
-        memory=MemoryBreakdown(device.memory_bytes, usable, weights, blocks * block_bytes,
-                               activations, overhead, margin),
-        weights_by_part=parts,
+        memory=MemoryBreakdown(device.memory_bytes, usable, sum(budget.parts.values()),
+                               blocks * budget.block_bytes, budget.activations, overhead, margin),
+        weights_by_part=budget.parts,
         checkpoint=facts.checkpoint.label if facts.checkpoint else None,
-        num_host_kv_blocks=host_kv_blocks(req.host_kv_bytes, block_bytes) if _host_tier_runs(tp, groups) else 0,
+        num_host_kv_blocks=(host_kv_blocks(req.host_kv_bytes, budget.block_bytes)
+                            if host_tier_runs(tp, pp, groups.is_hybrid) else 0),
+        pipeline_parallel=pp, stage_layers=tuple(len(s.layers) for s in stages),
+        stage_weight_bytes=tuple(sum(b.parts.values()) for b in budgets),
     )
     return plan, shortfall
-
-
-def _host_tier_runs(tp: int, groups: KVGroups) -> bool:
-    """The engine keeps a host KV tier with one KV group and tensor parallel 1 (engine/config.py)."""
-    return tp == 1 and not groups.is_hybrid
-
-
-def _weights_by_part(facts: ModelFacts, quant: str, compute: str, tp: int) -> dict[str, int]:
-    """A pre-quantized checkpoint's own bytes; else the runtime's layout of `quant`."""
-    if facts.checkpoint is not None and quant == facts.checkpoint.runtime_mode:
-        return checkpoint_weight_bytes_by_part(facts, facts.checkpoint, compute, tp)
-    return weight_bytes_by_part(facts, quant, compute, tp)
 
 
 # Weight-only int8 / int4 run on the CPU too (dequantized per matmul by the torch reference): slower than
@@ -277,8 +306,11 @@ def _tp_degrees(facts: ModelFacts, device: Device, limit: int) -> list[int]:
     return [tp for tp in degrees if tp_compatible(facts, tp)]
 
 
-def _pinned_degree(facts: ModelFacts, device: Device, req: PlanRequest) -> list[int]:
-    """The one degree the request pins, refused in one line when it cannot run."""
+Shape = tuple[int, int]  # (tensor parallel, pipeline parallel)
+
+
+def _pinned_degree(facts: ModelFacts, device: Device, req: PlanRequest) -> int:
+    """The tensor-parallel degree the request pins, refused in one line when it cannot run."""
     tp = req.tensor_parallel
     if device.kind == "cpu" and tp != 1:
         raise PlanError(f"tensor parallel {tp} needs GPUs; the CPU runs tensor parallel 1")
@@ -286,29 +318,58 @@ def _pinned_degree(facts: ModelFacts, device: Device, req: PlanRequest) -> list[
         raise PlanError(f"tensor parallel {tp} does not split {facts.name}'s {facts.num_heads} heads / "
                         f"{facts.num_kv_heads} KV heads evenly: use one of "
                         f"{', '.join(map(str, _tp_degrees(facts, device, 64)))}")
-    if req.max_gpus_per_replica and tp > req.max_gpus_per_replica:
-        raise PlanError(f"tensor parallel {tp} exceeds the most GPUs per replica ({req.max_gpus_per_replica})")
-    return [tp]
+    return tp
 
 
-def _search(facts: ModelFacts, device: Device, req: PlanRequest, tps: list[int]):
+def _check_pinned_stages(facts: ModelFacts, device: Device, req: PlanRequest) -> int:
+    pp = req.pipeline_parallel
+    if device.kind == "cpu" and pp != 1:
+        raise PlanError(f"pipeline parallel {pp} needs GPUs; the CPU runs pipeline parallel 1")
+    if pp > facts.num_layers:
+        raise PlanError(f"pipeline parallel {pp} exceeds {facts.name}'s {facts.num_layers} layers")
+    return pp
+
+
+def _shapes(facts: ModelFacts, device: Device, req: PlanRequest) -> tuple[list[Shape], list[Shape]]:
+    """(the shapes one node can run, the multi-node shapes to try when none of those fits)."""
+    node = min(req.gpus_per_node, req.max_gpus_per_replica or req.gpus_per_node)
+    limit = req.max_gpus_per_replica or req.gpus_per_node * MAX_NODES_PER_REPLICA
+    tps = [_pinned_degree(facts, device, req)] if req.tensor_parallel else _tp_degrees(facts, device, node)
+    if req.pipeline_parallel:
+        pp = _check_pinned_stages(facts, device, req)
+        shapes = [(tp, pp) for tp in tps if tp * pp <= limit]
+        if tps and not shapes:
+            raise PlanError(f"tensor parallel {tps[0]} x pipeline parallel {pp} exceeds the most GPUs per replica "
+                            f"({limit})")
+        return shapes, []
+    if req.tensor_parallel:
+        if req.max_gpus_per_replica and tps[0] > req.max_gpus_per_replica:
+            raise PlanError(f"tensor parallel {tps[0]} exceeds the most GPUs per replica ({req.max_gpus_per_replica})")
+        return [(tps[0], 1)], []
+    first = [(tp, 1) for tp in tps]
+    if device.kind != "cuda" or not tps or limit <= req.gpus_per_node:
+        return first, []
+    stage_tp = tps[-1]
+    wider = [(stage_tp, pp) for pp in range(2, min(limit // stage_tp, facts.num_layers) + 1)
+             if math.ceil(stage_tp * pp / req.gpus_per_node) <= MAX_NODES_PER_REPLICA]
+    if req.max_gpus_per_replica:  # allowed outright: one search, GPU counts in order
+        return first + wider, []
+    return first, wider
+
+
+def _search(facts: ModelFacts, device: Device, req: PlanRequest, shapes: list[Shape]):
     ladder = _precision_ladder(device, req, facts)
     if req.optimize == "quality":
-        order = [(q, kv, tp) for q, kv in ladder for tp in tps]
+        order = [(q, kv, shape) for q, kv in ladder for shape in shapes]
     else:
-        order = [(q, kv, tp) for tp in tps for q, kv in ladder]
+        order = [(q, kv, shape) for shape in shapes for q, kv in ladder]
     attempts = []
-    for quant, kv, tp in order:
-        plan, shortfall = size(facts, device, req, quant, kv, tp, req.gpus_per_node)
+    for quant, kv, (tp, pp) in order:
+        plan, shortfall = size(facts, device, req, quant, kv, tp, req.gpus_per_node, pp)
         attempts.append((plan, shortfall))
         if shortfall == 0:
             return plan, attempts
     return None, attempts
-
-
-def _describe(plan: Plan) -> str:
-    gpus = "the CPU" if plan.device_kind == "cpu" else f"{plan.tensor_parallel} x {plan.device}"
-    return f"{plan.quantization} weights + {plan.kv_dtype} KV on {gpus}"
 
 
 def plan(facts: ModelFacts, device: Device, req: PlanRequest) -> Plan:
@@ -316,71 +377,19 @@ def plan(facts: ModelFacts, device: Device, req: PlanRequest) -> Plan:
     if req.max_context and req.max_context > facts.max_position_embeddings:
         raise PlanError(f"max context {req.max_context} exceeds {facts.name}'s "
                         f"{facts.max_position_embeddings} positions")
-    first_limit = req.max_gpus_per_replica or req.gpus_per_node
-    first = _pinned_degree(facts, device, req) if req.tensor_parallel else _tp_degrees(facts, device, first_limit)
+    first, wider = _shapes(facts, device, req)
     chosen, attempts = _search(facts, device, req, first)
     widened = False
-    if (chosen is None and req.max_gpus_per_replica is None and device.kind == "cuda"
-            and not req.tensor_parallel):
-        limit = req.gpus_per_node * MAX_NODES_PER_REPLICA
-        wider = [tp for tp in _tp_degrees(facts, device, limit) if tp not in first]
+    if chosen is None and wider:
         chosen, more = _search(facts, device, req, wider)
         attempts += more
         widened = chosen is not None
     if not attempts:
-        raise PlanError(f"no tensor-parallel degree up to {first_limit} GPUs splits {facts.name}'s "
-                        f"{facts.num_heads} heads / {facts.num_kv_heads} KV heads")
+        raise PlanError(f"no tensor-parallel degree up to {req.max_gpus_per_replica or req.gpus_per_node} GPUs "
+                        f"splits {facts.name}'s {facts.num_heads} heads / {facts.num_kv_heads} KV heads")
     if chosen is None:
         best, shortfall = min(attempts, key=lambda a: a[1])
-        raise NoFit(f"{facts.name} does not fit on {device.name}: the best attempt, {_describe(best)}, "
+        raise NoFit(f"{facts.name} does not fit on {device.name}: the best attempt, {describe(best)}, "
                     f"misses by {shortfall / GiB:.2f} GiB per GPU for {req.concurrency} x "
                     f"{best.max_model_len} tokens of KV cache", shortfall)
-    return _with_reasons(facts, chosen, attempts, req, widened)
-
-
-def _experts_reason(facts: ModelFacts, chosen: Plan) -> str:
-    tp, width = chosen.tensor_parallel, facts.moe_intermediate_size
-    split = (f"tensor parallel {tp} splits each expert's {width} intermediate rows into {width // tp} per GPU "
-             "(as vLLM does)" if tp > 1 else f"each expert {width} intermediate rows wide")
-    shared = " plus one shared expert" if facts.shared_expert_intermediate_size else ""
-    held = chosen.weights_by_part["experts"] / GiB
-    return (f"experts: {facts.num_experts} per MoE layer{shared}, all held ({held:.2f} GiB per GPU), "
-            f"{facts.num_experts_per_tok} routed per token (activations hold top-"
-            f"{facts.num_experts_per_tok} copies of each token); {split}")
-
-
-def _with_reasons(facts: ModelFacts, chosen: Plan, attempts: list, req: PlanRequest, widened: bool) -> Plan:
-    reasons = [f"weights: {chosen.memory.weights / GiB:.2f} GiB per GPU in {chosen.quantization}; "
-               f"usable memory {chosen.memory.usable / GiB:.2f} GiB "
-               f"({req.gpu_memory_utilization:.0%} of {chosen.memory.total / GiB:.2f} GiB)"]
-    if facts.is_moe:
-        reasons.append(_experts_reason(facts, chosen))
-    mem = chosen.memory
-    reasons.append(f"kept out of the KV cache: activations {mem.activations / GiB:.2f} GiB (a step of "
-                   f"{chosen.max_batched_tokens} tokens), non-torch {mem.overhead / GiB:.2f} GiB at TP "
-                   f"{chosen.tensor_parallel}, safety margin {mem.margin / GiB:.2f} GiB")
-    for attempt, shortfall in attempts:
-        if attempt is chosen:
-            break
-        reasons.append(f"rejected {_describe(attempt)}: KV cache short by {shortfall / GiB:.2f} GiB per GPU")
-    order = ("more GPUs before lower precision" if req.optimize == "quality"
-             else "lower precision before more GPUs")
-    reasons.append(f"chose {_describe(chosen)}: optimize={req.optimize} tries {order}")
-    if widened:
-        reasons.append(f"one node of {req.gpus_per_node} GPUs cannot hold the model: "
-                       f"spanning {chosen.nodes} nodes")
-    every_layer = " for every layer" if chosen.kv_groups > 1 else ""
-    reasons.append(f"KV cache: {chosen.num_kv_blocks} blocks x {chosen.block_size} tokens = "
-                   f"{chosen.kv_capacity_tokens} tokens{every_layer} = {chosen.kv_capacity_sequences} sequences "
-                   f"of {chosen.max_model_len} tokens (asked for {req.concurrency})")
-    if req.host_kv_bytes:
-        reasons.append(describe_host_tier(chosen.num_host_kv_blocks, chosen.kv_block_bytes, chosen.block_size)
-                       if chosen.num_host_kv_blocks else
-                       f"host KV tier off: it runs with tensor parallel 1 and one KV group (this plan: tensor "
-                       f"parallel {chosen.tensor_parallel}, {chosen.kv_groups} group(s))")
-    if chosen.sliding_windows:
-        unbounded = chosen.kv_groups * math.ceil(chosen.max_model_len / chosen.block_size)
-        reasons.append(f"sliding-window layers hold at most {' / '.join(map(str, chosen.sliding_windows))} tokens "
-                       f"per sequence: one of {chosen.max_model_len} tokens takes {chosen.kv_blocks_per_sequence} "
-                       f"blocks ({chosen.kv_groups} block tables), not {unbounded}")
-    return Plan(**{**chosen.__dict__, "reasons": reasons})
+    return with_reasons(facts, chosen, attempts, req, widened)

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from kvpilot.runtime.memory.facts import Linear, ModelFacts
+from kvpilot.runtime.memory.stages import Stage, whole_model
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 INT4_GROUP_SIZE = 128
@@ -62,9 +63,11 @@ def kv_heads_per_gpu(facts: ModelFacts, tp: int) -> int:
     return max(1, facts.num_kv_heads // tp)
 
 
-def kv_bytes_per_token(facts: ModelFacts, kv_dtype: str, tp: int = 1) -> int:
-    """K and V, every layer, the KV heads one GPU holds: 2 * layers * kv_heads * head_dim * bytes."""
-    return 2 * facts.num_layers * kv_heads_per_gpu(facts, tp) * facts.head_dim * DTYPE_BYTES[kv_dtype]
+def kv_bytes_per_token(facts: ModelFacts, kv_dtype: str, tp: int = 1, stage: Stage | None = None) -> int:
+    """K and V of every layer (of the stage's layers under pipeline parallelism), the KV heads one GPU
+    holds: 2 * layers * kv_heads * head_dim * bytes."""
+    layers = facts.num_layers if stage is None else len(stage.layers)
+    return 2 * layers * kv_heads_per_gpu(facts, tp) * facts.head_dim * DTYPE_BYTES[kv_dtype]
 
 
 def shard(lin: Linear, facts: ModelFacts, tp: int) -> tuple[int, int]:
@@ -89,21 +92,30 @@ def linear_bytes(out_features: int, in_features: int, mode: QuantMode, compute_b
     return packed + out_features * groups_per_row * (scale_bytes + zero_bytes)
 
 
-def weight_bytes_by_part(facts: ModelFacts, quant: str, compute_dtype: str, tp: int = 1) -> dict[str, int]:
-    """Per-GPU bytes of each part of the model under `quant` and tensor parallelism `tp`."""
+def weight_bytes_by_part(facts: ModelFacts, quant: str, compute_dtype: str, tp: int = 1,
+                         stage: Stage | None = None, pipeline_parallel: int = 1) -> dict[str, int]:
+    """Per-GPU bytes of each part of the model (of one pipeline stage: its layers, and the embeddings,
+    final norm and lm_head where memory/stages.py puts them) under `quant` and tensor parallelism `tp`."""
     mode = QUANT_MODES[quant]
     compute = DTYPE_BYTES[compute_dtype if mode.scale_bytes else quant]
+    stage = stage or whole_model(facts.num_layers)
     parts = {"attention": 0, "mlp": 0, **({"experts": 0, "router": 0} if facts.is_moe else {})}
-    for layer in range(facts.num_layers):
+    for layer in stage.layers:
         for lin in facts.linears(layer):
             out_f, in_f = shard(lin, facts, tp)
             matrix = linear_bytes(out_f, in_f, mode, compute) if lin.quantized else out_f * in_f * compute
             parts[lin.part] += lin.copies * (matrix + (out_f * compute if lin.bias else 0))
     embedding = math.ceil(facts.vocab_size / tp) * facts.hidden_size * compute  # vocab-parallel
-    parts["embeddings"] = embedding
-    parts["lm_head"] = 0 if facts.tie_word_embeddings else embedding
-    parts["norms"] = facts.params_by_part["norms"] * compute
+    parts["embeddings"] = embedding if stage.holds_embeddings else 0
+    parts["lm_head"] = embedding if stage.holds_lm_head(facts.tie_word_embeddings, pipeline_parallel) else 0
+    parts["norms"] = stage_norm_params(facts, stage) * compute
     return parts
+
+
+def stage_norm_params(facts: ModelFacts, stage: Stage) -> int:
+    """Norm weights of the stage's layers, and the final norm on the last stage."""
+    per_layer = facts.norms_per_layer * facts.hidden_size + facts.qk_norm_size
+    return len(stage.layers) * per_layer + (facts.hidden_size if stage.last else 0)
 
 
 def weight_bytes(facts: ModelFacts, quant: str, compute_dtype: str, tp: int = 1) -> int:

@@ -5,8 +5,11 @@ layout, multipliers, soft-capping, sliding windows, per-layer rope, routing) is 
 (models/variant.py). Attention and cache writes go through `kvpilot.kernels.ops`
 only; q/k/v and gate/up are each one fused matmul.
 
-Under tensor parallelism (`parallel`, see runtime/parallel.py) each rank holds its heads, its
-intermediate rows and its vocabulary rows; `load_weights` cuts each checkpoint tensor to that share."""
+Under tensor parallelism (`parallel`, see models/parallel.py) each rank holds its heads, its
+intermediate rows and its vocabulary rows; `load_weights` cuts each checkpoint tensor to that share.
+A pipeline stage builds its own layers only (the others are parameterless placeholders, so names keep
+the checkpoint's layer numbers), the embeddings on the first stage, the final norm and lm_head on the
+last; a tied lm_head on a last stage that is not the first is loaded from the embedding, as vLLM does."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from kvpilot.runtime.memory.quantization import kv_heads_per_gpu, tp_compatible
 from kvpilot.runtime.memory.support import UnsupportedOption
 from kvpilot.runtime.models.layers import ACTIVATIONS, AttentionMetadata, GemmaRMSNorm, RMSNorm, RotaryEmbedding
 from kvpilot.runtime.models.moe import MoEMLP
-from kvpilot.runtime.models.parallel import SINGLE, Parallel
+from kvpilot.runtime.models.parallel import SINGLE, Parallel, VocabParallelEmbedding
 from kvpilot.runtime.models.quantized import quantized_weight_names, replace_with_quantized
 from kvpilot.runtime.models.variant import Variant
 
@@ -149,25 +152,6 @@ class LlamaDecoderLayer(nn.Module):
         return x if self.residual_multiplier == 1.0 else x * self.residual_multiplier
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Rows [rank x V/size, (rank + 1) x V/size) of the embedding (V rounded up to a multiple of size);
-    each rank looks up the ids it holds and one all-reduce sums the ranks' rows."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, parallel: Parallel = SINGLE) -> None:
-        super().__init__()
-        self.parallel, self.rows = parallel, math.ceil(vocab_size / parallel.size)
-        self.start = parallel.rank * self.rows
-        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.parallel.size == 1:
-            return F.embedding(ids, self.weight)
-        local = ids - self.start
-        outside = (local < 0) | (local >= self.rows)
-        h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return self.parallel.all_reduce(h)
-
-
 class LlamaModel(nn.Module):
     def __init__(self, facts: ModelFacts, max_positions: int, rope_freq_factors: torch.Tensor | None,
                  parallel: Parallel = SINGLE, variant: Variant | None = None) -> None:
@@ -183,28 +167,34 @@ class LlamaModel(nn.Module):
         self.rotary = next(iter(self.rotaries.values()))
         if len(self.rotaries) > 1 and any(r.long_after for r in self.rotaries.values()):
             raise UnsupportedOption("longrope on some layers with another rope on others is not supported")
-        self.embed_tokens = VocabParallelEmbedding(facts.vocab_size, facts.hidden_size, parallel)
+        self.parallel, self.stage = parallel, parallel.stage_of(facts.num_layers)
+        if parallel.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(facts.vocab_size, facts.hidden_size, parallel)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(facts, variant, i, self.rotaries[variant.rope_key(i)] if variant.uses_rope(i) else None,
-                              parallel)
+                              parallel) if i in self.stage.layers else nn.Identity()
             for i in range(facts.num_layers))
-        self.norm = make_norm(variant, facts.hidden_size, facts.rms_norm_eps)
+        if parallel.is_last_stage:
+            self.norm = make_norm(variant, facts.hidden_size, facts.rms_norm_eps)
 
     def build_rotary_tables(self, device: torch.device) -> None:
         for rotary in self.rotaries.values():
             rotary.build_tables(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
-                v_caches: list[torch.Tensor], meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
-        """`meta`: one for every layer, or one per layer (layers of different windows keep different blocks)."""
-        h = self.embed_tokens(input_ids)
+                v_caches: list[torch.Tensor], meta: AttentionMetadata | list[AttentionMetadata],
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """`meta`: one for every layer of the stage, or one per layer (layers of different windows keep
+        different blocks); `hidden`: the previous stage's output (None on the first stage)."""
+        h = self.embed_tokens(input_ids) if hidden is None else hidden
         scale = self.variant.embedding_scale
-        if scale is not None:  # Gemma multiplies by sqrt(hidden) rounded to the compute dtype, Granite by a float
+        if hidden is None and scale is not None:  # Gemma: sqrt(hidden) rounded to the compute dtype; Granite: a float
             h = h * (torch.tensor(scale, dtype=h.dtype) if self.variant.embedding_scale_in_dtype else scale)
-        metas = meta if isinstance(meta, list) else [meta] * len(self.layers)
-        for layer, k_cache, v_cache, layer_meta in zip(self.layers, k_caches, v_caches, metas, strict=True):
+        layers = [self.layers[i] for i in self.stage.layers]
+        metas = meta if isinstance(meta, list) else [meta] * len(layers)
+        for layer, k_cache, v_cache, layer_meta in zip(layers, k_caches, v_caches, metas, strict=True):
             h = layer(positions, h, k_cache, v_cache, layer_meta)
-        return self.norm(h)
+        return self.norm(h) if self.parallel.is_last_stage else h
 
 
 class LlamaForCausalLM(nn.Module):
@@ -215,8 +205,10 @@ class LlamaForCausalLM(nn.Module):
         check_shardable(facts, parallel.size, variant)
         self.facts, self.parallel, self.variant = facts, parallel, variant
         self.model = LlamaModel(facts, max_positions, rope_freq_factors, parallel, variant)
-        rows = self.model.embed_tokens.rows
-        self.lm_head = None if facts.tie_word_embeddings else nn.Linear(facts.hidden_size, rows, bias=False)
+        self.vocab_rows = math.ceil(facts.vocab_size / parallel.size)  # vocab-parallel, as the embedding
+        # a tied lm_head is the embedding itself, or a copy of it on a last stage that is not the first
+        own = parallel.is_last_stage and (not facts.tie_word_embeddings or not parallel.is_first_stage)
+        self.lm_head = nn.Linear(facts.hidden_size, self.vocab_rows, bias=False) if own else None
 
     def rope_offset(self, max_tokens: int) -> int:
         """What a sequence that may grow to `max_tokens` tokens adds to its positions: longrope's long
@@ -225,12 +217,13 @@ class LlamaForCausalLM(nn.Module):
         return rotary.long_offset if rotary.long_after and max_tokens > rotary.long_after else 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches: list[torch.Tensor],
-                v_caches: list[torch.Tensor], meta: AttentionMetadata | list[AttentionMetadata]) -> torch.Tensor:
+                v_caches: list[torch.Tensor], meta: AttentionMetadata | list[AttentionMetadata],
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
         """`positions`: each token's row of the rotary tables (its position, plus `rope_offset`)."""
-        return self.model(input_ids, positions, k_caches, v_caches, meta)
+        return self.model(input_ids, positions, k_caches, v_caches, meta, hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the whole vocabulary (each rank's rows gathered), on every rank."""
+        """Logits over the whole vocabulary (each rank's rows gathered), on every rank of the last stage."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = self.parallel.gather_last_dim(F.linear(hidden, weight))[:, : self.facts.vocab_size]
         if self.variant.logits_divisor != 1.0:  # Granite
@@ -251,8 +244,9 @@ class LlamaForCausalLM(nn.Module):
         expected = {n: (3 if ".qkv_proj." in n else 2 if ".gate_up_proj." in n else 1) for n in params}
         deferred = quantized_weight_names(self) if quantize else set()
         filled: dict[str, int] = {}
-        for name, tensor in self._unpacked(weights):
-            if name.endswith(IGNORED_WEIGHTS) or (self.lm_head is None and name == "lm_head.weight"):
+        for checkpoint_name, tensor in self._unpacked(weights):
+            name = self._stage_name(checkpoint_name)
+            if name is None:
                 continue
             target, shard = name, None
             parts = name.split(".")
@@ -299,9 +293,23 @@ class LlamaForCausalLM(nn.Module):
             else:
                 yield name, tensor
 
+    def _stage_name(self, name: str) -> str | None:
+        """Where a checkpoint tensor goes on this stage (None: not here, or never loaded)."""
+        parts, stage = name.split("."), self.model.stage
+        tied = self.facts.tie_word_embeddings
+        if name.endswith(IGNORED_WEIGHTS) or (tied and name == "lm_head.weight"):
+            return None
+        if name.startswith("model.layers."):
+            return name if int(parts[2]) in stage.layers else None
+        if name == "model.embed_tokens.weight" and not stage.first:
+            return "lm_head.weight" if tied and stage.last else None
+        if name in ("lm_head.weight", "model.norm.weight") and not stage.last:
+            return None
+        return name
+
     def _shard_sizes(self, fused_name: str) -> tuple[int, ...]:
         if ".qkv_proj." in fused_name:
-            return self.model.layers[0].self_attn.shard_sizes
+            return self.model.layers[self.model.stage.layers.start].self_attn.shard_sizes
         return (self.get_submodule(fused_name.rsplit(".", 2)[0]).intermediate_size,) * 2
 
     def _local_share(self, parts: list[str], tensor: torch.Tensor) -> torch.Tensor:
@@ -327,7 +335,7 @@ class LlamaForCausalLM(nn.Module):
         if module in ("o_proj", "down_proj"):  # a bias: added once, by rank 0, before the all-reduce sums the ranks
             return tensor if p.rank == 0 else torch.zeros_like(tensor)
         if module in ("embed_tokens", "lm_head"):
-            rows = self.model.embed_tokens.rows
+            rows = self.vocab_rows
             share = tensor[p.rank * rows : (p.rank + 1) * rows]
             return F.pad(share, (0, 0, 0, rows - share.shape[0]))  # the last rank's padding rows: zeros
         return tensor  # norms: every rank holds them whole

@@ -12,16 +12,10 @@ import os
 
 import torch
 
+from kvpilot.runtime.loading.loader import weight_bytes_held
 from kvpilot.runtime.memory.nvml import nvml
 from kvpilot.runtime.memory.planner import Plan
 from kvpilot.runtime.server.metrics import MemoryFigures
-
-
-def weight_bytes_held(module: torch.nn.Module) -> int:
-    """Bytes of the model's weights as loaded (quantized ones with their scales; tied weights once). The
-    state dict leaves out the rotary cos/sin tables, which are derived, not weights."""
-    tensors = {t.data_ptr(): t for t in module.state_dict().values()}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _process_gpu_bytes(device_index: int) -> int | None:

@@ -50,10 +50,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", help="weights of the decoder projections: int8, int4 or fp8; "
                    "default: the compute dtype")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the compute dtype) or fp8 (half the bytes)")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="GPUs (ranks) the model is split over")
-    p.add_argument("--nnodes", type=int, default=1, help="nodes the ranks span (tensor-parallel / nnodes GPUs each)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="GPUs (ranks) each pipeline stage is split over")
+    p.add_argument("--pipeline-parallel", type=int, default=1, help="stages the layers are split over")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="nodes the ranks span (tensor-parallel x pipeline-parallel / nnodes GPUs each)")
     p.add_argument("--node-rank", type=int, default=0,
-                   help="this node's place; 0 serves HTTP, the others only run their ranks")
+                   help="this node's place (it runs ranks node-rank x GPUs per node onwards, so its pipeline "
+                        "stages follow); 0 serves HTTP, the others only run their ranks")
     p.add_argument("--leader-address", help="host of node 0, where the ranks meet (nnodes > 1)")
     p.add_argument("--leader-port", type=int, default=29500)
     kv = p.add_mutually_exclusive_group()
@@ -80,7 +83,8 @@ def engine_config(args: argparse.Namespace, command: str = "kvpilot serve"):
     try:
         return EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                              tensor_parallel_size=args.tensor_parallel, nnodes=args.nnodes,
+                              tensor_parallel_size=args.tensor_parallel,
+                              pipeline_parallel_size=args.pipeline_parallel, nnodes=args.nnodes,
                               node_rank=args.node_rank, leader_address=args.leader_address,
                               leader_port=args.leader_port, block_size=args.block_size,
                               num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
@@ -101,10 +105,10 @@ def run_serve(args: argparse.Namespace) -> int:
         from kvpilot.runtime.engine.workers import run_worker_node
 
         return run_worker_node(config)
-    if config.tensor_parallel_size > 1:  # the engine loads every rank's shard itself
+    if config.world_size > 1:  # the engine loads every rank's shard itself
         if args.kv_memory:
-            raise UsageError("kvpilot serve: with --tensor-parallel > 1 give --num-kv-blocks (the plan's), "
-                             "not --kv-memory")
+            raise UsageError("kvpilot serve: with --tensor-parallel or --pipeline-parallel > 1 give "
+                             "--num-kv-blocks (the plan's), not --kv-memory")
         return serve_engine(config, None, args.served_model_name, args)
     loaded = load_configured(config)
     if args.kv_memory:

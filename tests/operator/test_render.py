@@ -137,7 +137,8 @@ def test_runtime_args_come_from_the_plan(path):
     args = container["args"]
     assert container["command"] == ["python", "-m", "kvpilot.runtime"] and args[0] == "serve"
     expected = {"--quantization": plan.quantization, "--kv-cache-dtype": plan.kv_dtype,
-                "--tensor-parallel": str(plan.tensor_parallel), "--num-kv-blocks": str(plan.num_kv_blocks),
+                "--tensor-parallel": str(plan.tensor_parallel), "--pipeline-parallel": str(plan.pipeline_parallel),
+                "--num-kv-blocks": str(plan.num_kv_blocks),
                 "--block-size": str(plan.block_size), "--max-model-len": str(plan.max_model_len),
                 "--max-num-seqs": str(plan.max_num_seqs), "--max-num-batched-tokens": str(plan.max_batched_tokens),
                 "--served-model-name": d.spec.model.name, "--port": str(HTTP_PORT),
@@ -265,7 +266,7 @@ def test_multi_node_runs_a_leader_worker_set_served_by_its_leaders():
     assert group["size"] == 2
     leader, worker = group["leaderTemplate"]["spec"]["containers"][0], group["workerTemplate"]["spec"]["containers"][0]
     assert arg(leader["args"], "--nnodes") == "2" and arg(worker["args"], "--node-rank") == "$(LWS_WORKER_INDEX)"
-    assert leader["resources"]["limits"][GPU_RESOURCE] == "8"  # 16-way tensor parallel over 2 nodes
+    assert leader["resources"]["limits"][GPU_RESOURCE] == "8"  # one pipeline stage of TP 8 on each node
     assert "readinessProbe" in leader and "readinessProbe" not in worker and "ports" not in worker
     assert "prometheus.io/scrape" in group["leaderTemplate"]["metadata"]["annotations"]
     assert "annotations" not in group["workerTemplate"]["metadata"]
@@ -365,13 +366,23 @@ def test_pod_arguments_make_the_planned_engine(example):
     assert config.quantization == (None if plan.quantization == plan.compute_dtype else plan.quantization)
 
 
-def test_leader_worker_set_pods_make_one_tensor_parallel_group():
+def test_leader_worker_set_pods_make_one_pipeline_of_a_stage_per_node():
+    """LWS puts each pod's index in LWS_WORKER_INDEX (0: the leader); `--node-rank` reads it, and a node's
+    ranks (node rank x GPUs per node onwards, TP innermost) are its pipeline stage's."""
+    plan = plan_deployment(deployment(MULTI_NODE).spec)
+    assert (plan.tensor_parallel, plan.pipeline_parallel, plan.nodes) == (8, 2, 2)
     group = rendered(MULTI_NODE)["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]
+    assert group["size"] == plan.nodes
     env = {"LWS_LEADER_ADDRESS": "llm-0.llm", "LWS_WORKER_INDEX": "1"}
     leader = _engine_config_of(group["leaderTemplate"]["spec"]["containers"][0], env | {"LWS_WORKER_INDEX": "0"})
     worker = _engine_config_of(group["workerTemplate"]["spec"]["containers"][0], env)
     assert (leader.node_rank, worker.node_rank) == (0, 1)
-    assert leader.nnodes == worker.nnodes == 2 and leader.tensor_parallel_size == worker.tensor_parallel_size == 16
+    assert (leader.stages_of_node(), worker.stages_of_node()) == ([0], [1])
+    for config in (leader, worker):
+        assert (config.nnodes, config.tensor_parallel_size, config.pipeline_parallel_size, config.gpus_per_node) == (
+            plan.nodes, plan.tensor_parallel, plan.pipeline_parallel, 8)
+        assert (config.num_kv_blocks, config.max_model_len, config.kv_cache_dtype) == (
+            plan.num_kv_blocks, plan.max_model_len, plan.kv_dtype)
     assert leader.leader_address == worker.leader_address == "llm-0.llm"
 
 

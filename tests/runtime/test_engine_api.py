@@ -95,7 +95,8 @@ def test_requests_that_can_never_fit_are_refused_naming_the_numbers(llm, make_ll
     ({"kv_cache_dtype": "fp16"}, r"KV cache dtype 'fp16' differs from the compute dtype fp32"),
     ({"kv_cache_dtype": "int8"}, r"KV cache dtype 'int8' is not one of auto, fp32, fp8"),
     ({"tensor_parallel_size": 0}, r"tensor_parallel_size must be an integer >= 1, got 0"),
-    ({"tensor_parallel_size": 4, "nnodes": 3}, r"nnodes \(3\) must divide tensor_parallel_size \(4\)"),
+    ({"pipeline_parallel_size": 0}, r"pipeline_parallel_size must be an integer >= 1, got 0"),
+    ({"tensor_parallel_size": 4, "nnodes": 3}, r"nnodes \(3\) must divide tensor_parallel_size x pip"),
     ({"tensor_parallel_size": 2, "nnodes": 2, "node_rank": 2, "leader_address": "x"}, r"node_rank 2 is not one"),
     ({"device": "cuda"} if not torch.cuda.is_available() else {"device": "tpu"}, r"device"),
 ])

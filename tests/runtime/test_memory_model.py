@@ -192,8 +192,8 @@ def test_llama_405b_on_8_h100_needs_fp8():
 
 def test_llama_405b_quality_spans_two_nodes_in_bf16_when_allowed():
     req = PlanRequest(max_context=8192, concurrency=4, max_gpus_per_replica=16)
-    p = plan(from_catalog("llama-3.1-405b"), H100, req)
-    assert (p.quantization, p.tensor_parallel, p.nodes) == ("bf16", 16, 2)
+    p = plan(from_catalog("llama-3.1-405b"), H100, req)  # a stage per node: TP never crosses nodes
+    assert (p.quantization, p.tensor_parallel, p.pipeline_parallel, p.nodes) == ("bf16", 8, 2, 2)
     cost = plan(from_catalog("llama-3.1-405b"), H100, PlanRequest(max_context=8192, concurrency=4,
                                                                   max_gpus_per_replica=16, optimize="cost"))
     assert (cost.quantization, cost.tensor_parallel) == ("int4", 4)  # lower precision before more GPUs
