@@ -7,7 +7,8 @@ import argparse
 
 from kvpilot.operator.planning import local_plan
 from kvpilot.operator.spec import load_manifest
-from kvpilot.runtime.server.serve import add_engine_flags, add_server_flags, engine_config, serve_engine
+from kvpilot.runtime.server.engine_flags import add_engine_flags, engine_config
+from kvpilot.runtime.server.serve import add_server_flags, serve_engine
 from kvpilot.runtime.usage import Parser, UsageError
 
 EMBEDDED_SOURCES = ("hf://HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m", "smollm2-135m-instruct")

@@ -18,7 +18,7 @@ from kvpilot.runtime.memory.planner import Plan
 from kvpilot.runtime.server.metrics import MemoryFigures
 
 
-def _process_gpu_bytes(device_index: int) -> int | None:
+def process_gpu_bytes(device_index: int) -> int | None:
     with nvml() as pynvml:
         if pynvml is None:
             return None
@@ -44,7 +44,7 @@ def memory_figures(engine, plan: Plan) -> MemoryFigures:
     device = engine.device
     if device.type == "cuda":
         measured["activations"] = max(0, torch.cuda.max_memory_allocated(device) - weights - kv)
-        process = _process_gpu_bytes(device.index or 0)
+        process = process_gpu_bytes(device.index or 0)
         if process is not None:
             measured["other"] = max(0, process - torch.cuda.memory_reserved(device))
     return MemoryFigures(planned, measured)

@@ -95,7 +95,7 @@ def test_a_tensor_parallel_plan_keeps_no_host_tier_and_says_why():
     spec = {**GPU_SPEC, "model": {"source": "llama-3.1-70b"}, "quantization": "bf16"}
     plan = plan_deployment(deployment(spec).spec)
     assert plan.tensor_parallel > 1 and plan.num_host_kv_blocks == 0
-    assert any(r.startswith("host KV tier off: it runs with tensor parallel 1") for r in plan.reasons)
+    assert any(r.startswith("host KV tier off: it runs on one GPU") for r in plan.reasons)
 
 
 def test_kvpilot_plan_shows_the_host_tier(capsys):

@@ -350,7 +350,7 @@ def test_sources_that_name_no_weights_are_refused(source, words):
 def _engine_config_of(container: dict[str, Any], env: dict[str, str]):
     """What `kvpilot serve` makes of a rendered container's arguments (kubelet's $(VAR) expanded)."""
     from kvpilot.cli.main import build_parser
-    from kvpilot.runtime.server.serve import engine_config
+    from kvpilot.runtime.server.engine_flags import engine_config
 
     args = [env.get(a[2:-1], a) if a.startswith("$(") else a for a in container["args"]]
     return engine_config(build_parser().parse_args(args))
