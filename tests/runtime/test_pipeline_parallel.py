@@ -4,25 +4,19 @@ holds its stage's weights (as the plan counts them) and its stage's layers of KV
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from split_engines import GREEDY, LIMITS, generate_across_two_nodes
 
 from kvpilot.runtime.engine.config import memory_plan
 from kvpilot.runtime.engine.llm import LLM
-from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.memory.quantization import kv_bytes_per_token
 from kvpilot.runtime.memory.stages import pipeline_stages
-from kvpilot.runtime.models.parallel import free_port
 
 pytestmark = pytest.mark.slow
 # 3 layers: stage 0 holds 2, stage 1 holds 1 (vLLM's split); a vocabulary 2 does not divide.
 CONFIG = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
           "num_key_value_heads": 2, "vocab_size": 49155, "max_position_embeddings": 256, "initializer_range": 0.2}
-LIMITS = {"device": "cpu", "num_kv_blocks": 32, "max_model_len": 128, "max_num_seqs": 4, "max_num_batched_tokens": 16}
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12, logprobs=1)
 TEXTS = ("The quick brown fox", "def main():\n    return 42", "Once upon a")
 
 
@@ -82,22 +76,9 @@ def test_a_stage_per_node_as_a_leader_worker_set_runs_them(unsplit):
     """Node 1 is `kvpilot serve --node-rank 1` in its own process (a LeaderWorkerSet worker pod, its
     LWS_WORKER_INDEX): it runs stage 1; node 0 is the engine and stage 0."""
     checkpoint, prompts, expected = unsplit
-    port = free_port()
-    node1 = subprocess.Popen(
-        [sys.executable, "-m", "kvpilot.runtime", "serve", "--model", checkpoint, "--device", "cpu",
-         "--pipeline-parallel", "2", "--nnodes", "2", "--node-rank", "1", "--leader-address", "127.0.0.1",
-         "--leader-port", str(port), "--num-kv-blocks", "32", "--max-model-len", "128", "--max-num-seqs", "4",
-         "--max-num-batched-tokens", "16"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        llm = LLM(checkpoint, pipeline_parallel_size=2, nnodes=2, leader_address="127.0.0.1", leader_port=port,
-                  **LIMITS)
+
+    def leader_runs_stage_0_alone(llm):
         assert llm.engine.workers.processes == [] and llm.engine.config.stages_of_node() == [0]
-        try:
-            outputs = llm.generate(prompts, GREEDY)
-        finally:
-            llm.engine.close()
-        assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
-        assert node1.wait(timeout=60) == 0, node1.stdout.read()
-    finally:
-        if node1.poll() is None:
-            node1.kill()
+
+    outputs = generate_across_two_nodes(checkpoint, prompts, {"pipeline_parallel_size": 2}, leader_runs_stage_0_alone)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]

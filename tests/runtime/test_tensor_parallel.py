@@ -3,17 +3,13 @@ the unsplit engine's tokens and log-probabilities; each rank holds its share of 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from split_engines import GREEDY, LIMITS, generate_across_two_nodes
 
 from kvpilot.runtime.engine.llm import LLM
-from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.memory.quantization import kv_bytes_per_token, weight_bytes
 from kvpilot.runtime.memory.support import UnsupportedOption
-from kvpilot.runtime.models.parallel import free_port
 from kvpilot.runtime.server.memory_report import weight_bytes_held
 
 pytestmark = pytest.mark.slow
@@ -21,8 +17,6 @@ pytestmark = pytest.mark.slow
 CONFIG = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "vocab_size": 49155, "max_position_embeddings": 256, "initializer_range": 0.2,
           "tie_word_embeddings": False}
-LIMITS = {"device": "cpu", "num_kv_blocks": 32, "max_model_len": 128, "max_num_seqs": 4, "max_num_batched_tokens": 16}
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12, logprobs=1)
 
 
 @pytest.fixture(scope="module")
@@ -76,22 +70,9 @@ def test_ranks_span_two_nodes_as_a_leader_worker_set_runs_them(checkpoint, unspl
     """Node 1 is `kvpilot serve --node-rank 1` in its own process (as in a LeaderWorkerSet worker pod);
     node 0 is the engine with ranks 0-1, node 1 runs ranks 2-3."""
     prompts, expected = unsplit
-    port = free_port()
-    node1 = subprocess.Popen(
-        [sys.executable, "-m", "kvpilot.runtime", "serve", "--model", checkpoint, "--device", "cpu",
-         "--tensor-parallel", "4", "--nnodes", "2", "--node-rank", "1", "--leader-address", "127.0.0.1",
-         "--leader-port", str(port), "--num-kv-blocks", "32", "--max-model-len", "128", "--max-num-seqs", "4",
-         "--max-num-batched-tokens", "16"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        llm = LLM(checkpoint, tensor_parallel_size=4, nnodes=2, leader_address="127.0.0.1", leader_port=port,
-                  **LIMITS)
+
+    def leader_runs_ranks_0_and_1(llm):
         assert len(llm.engine.workers.processes) == 1  # rank 1; ranks 2 and 3 are node 1's
-        try:
-            outputs = llm.generate(prompts, GREEDY)
-        finally:
-            llm.engine.close()
-        assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
-        assert node1.wait(timeout=60) == 0, node1.stdout.read()
-    finally:
-        if node1.poll() is None:
-            node1.kill()
+
+    outputs = generate_across_two_nodes(checkpoint, prompts, {"tensor_parallel_size": 4}, leader_runs_ranks_0_and_1)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
