@@ -6,12 +6,22 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
+
 from kvpilot.runtime.engine.llm import LLM
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.models.parallel import free_port
 
 LIMITS = {"device": "cpu", "num_kv_blocks": 32, "max_model_len": 128, "max_num_seqs": 4, "max_num_batched_tokens": 16}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, logprobs=1)
+
+
+def assert_same_tokens_and_logprobs(expected: list, outputs: list) -> None:
+    """A split engine's outputs are the unsplit engine's: the same tokens, log-probabilities within 1e-4."""
+    for want, got in zip(expected, outputs, strict=True):
+        assert got.token_ids == want.token_ids
+        for a, b in zip(want.logprobs, got.logprobs, strict=True):
+            assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
 
 
 def generate_across_two_nodes(checkpoint: str, prompts: list, split: dict, check_leader: Callable[[LLM], None]) -> list:

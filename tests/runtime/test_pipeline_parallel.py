@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from split_engines import GREEDY, LIMITS, generate_across_two_nodes
+from split_engines import GREEDY, LIMITS, assert_same_tokens_and_logprobs, generate_across_two_nodes
 
 from kvpilot.runtime.engine.config import memory_plan
 from kvpilot.runtime.engine.llm import LLM
@@ -48,10 +48,7 @@ def test_stages_give_the_unsplit_tokens_and_logprobs(unsplit, tp):
         workers = llm.engine.workers.processes
         assert len(workers) == 2 * tp - 1 and all(p.is_alive() for p in workers)
         outputs = llm.generate(prompts, GREEDY)  # 16-token steps: chunked prefill and decodes mixed
-        for want, got in zip(expected, outputs, strict=True):
-            assert got.token_ids == want.token_ids
-            for a, b in zip(want.logprobs, got.logprobs, strict=True):
-                assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
+        assert_same_tokens_and_logprobs(expected, outputs)
         engine = llm.engine
         assert engine.config.pipeline_micro_batches == 2  # a step per stage in flight (vLLM's virtual engines)
         for i, prompt in enumerate(prompts):  # more than one step's 16 tokens

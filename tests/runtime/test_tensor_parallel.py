@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from split_engines import GREEDY, LIMITS, generate_across_two_nodes
+from split_engines import GREEDY, LIMITS, assert_same_tokens_and_logprobs, generate_across_two_nodes
 
 from kvpilot.runtime.engine.llm import LLM
 from kvpilot.runtime.memory.quantization import kv_bytes_per_token, weight_bytes
@@ -49,10 +49,7 @@ def test_split_engine_gives_the_unsplit_tokens_and_logprobs(checkpoint, unsplit,
         workers = llm.engine.workers.processes
         assert len(workers) == tp - 1 and all(p.is_alive() for p in workers)
         outputs = llm.generate(prompts, GREEDY)  # 16-token steps: chunked prefill and decodes mixed
-        for want, got in zip(expected, outputs, strict=True):
-            assert got.token_ids == want.token_ids
-            for a, b in zip(want.logprobs, got.logprobs, strict=True):
-                assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
+        assert_same_tokens_and_logprobs(expected, outputs)
         engine = llm.engine
         facts = engine.facts
         assert weight_bytes_held(engine.loaded.model) == weight_bytes(facts, "fp32", "fp32", tp)
