@@ -80,9 +80,28 @@ def test_offloaded_layers_give_the_resident_tokens_and_logprobs(checkpoint, prom
     assert weight_bytes_held(model) == weight_bytes_held(whole) - sum(offloaded) + 2 * max(offloaded)
 
 
+def measured_memory(engine) -> dict[str, float]:
+    """/metrics' kvpilot:memory_measured_bytes, per part."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvpilot.runtime.engine.config import memory_plan
+    from kvpilot.runtime.server.memory_report import memory_figures
+    from kvpilot.runtime.server.metrics import ServerMetrics
+
+    plan = memory_plan(engine.facts, engine.config)
+    metrics = ServerMetrics("m", engine.stats, lambda: memory_figures(engine, plan), lambda: [])
+    return {s.labels["part"]: s.value for family in text_string_to_metric_families(generate_latest(
+            metrics.registry).decode()) for s in family.samples if s.name == "kvpilot:memory_measured_bytes"}
+
+
 def test_host_store_is_its_own_memory_and_every_forward_reads_it(checkpoint, prompts, resident):
     llm = LLM(checkpoint, offload_layers=3, **LIMITS)
     model, whole = llm.engine.loaded.model, resident[None][1]
+    measured = measured_memory(llm.engine)
+    assert measured["weights"] == weight_bytes_held(model) and measured["host_weights"] == host_weight_bytes(model)
+    assert "host_weights" not in measured_memory(LLM(checkpoint, loaded=load_model(checkpoint, torch.float32, "cpu"),
+                                                     **LIMITS).engine)
     streamer = streamer_of(model)
     hosts = [(h.host.data_ptr(), h.host.data_ptr() + h.host.numel()) for h in streamer.layers]
     staging = {buffer.untyped_storage().data_ptr() for buffer in streamer.staging}
