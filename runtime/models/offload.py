@@ -49,6 +49,7 @@ class WeightStreamer:
         self.copy_stream = torch.cuda.Stream(staging[0].device) if cuda else None
         self.copied = [torch.cuda.Event() for _ in staging] if cuda else []
         self.released = [torch.cuda.Event() for _ in staging] if cuda else []
+        self.held = [-1 for _ in staging]  # the rank whose copy each buffer was last given
         for rank in range(min(2, len(layers))):
             self._copy(rank)
 
@@ -63,22 +64,31 @@ class WeightStreamer:
     def wait(self, layer: int) -> None:
         """Before stage layer `layer` runs: its weights are in its staging buffer."""
         rank = self.rank.get(layer)
-        if rank is not None and self.copy_stream is not None:
-            torch.cuda.current_stream(self.staging[0].device).wait_event(self.copied[self.layers[rank].buffer])
+        if rank is None:
+            return
+        buffer = self.layers[rank].buffer
+        if self.held[buffer] != rank:  # a forward stopped between layers (an exception): fetch it now
+            self._after_compute(buffer)
+            self._copy(rank)
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.staging[0].device).wait_event(self.copied[buffer])
 
     def release(self, layer: int) -> None:
         """Stage layer `layer` has run: its buffer takes the next offloaded layer that uses it."""
         rank = self.rank.get(layer)
-        if rank is None:
-            return
+        if rank is not None:
+            self._after_compute(self.layers[rank].buffer)
+            self._copy(self.next[rank])
+
+    def _after_compute(self, buffer: int) -> None:
+        """The next copy into `buffer` waits for the compute issued so far (which may still read it)."""
         if self.copy_stream is not None:
-            buffer = self.layers[rank].buffer
             self.released[buffer].record(torch.cuda.current_stream(self.staging[0].device))
             self.copy_stream.wait_event(self.released[buffer])
-        self._copy(self.next[rank])
 
     def _copy(self, rank: int) -> None:
         host = self.layers[rank]
+        self.held[host.buffer] = rank
         target = self.staging[host.buffer][: host.host.numel()]
         if self.copy_stream is None:
             target.copy_(host.host)

@@ -120,6 +120,16 @@ def test_host_store_is_its_own_memory_and_every_forward_reads_it(checkpoint, pro
     assert changed != before
 
 
+def test_a_forward_stopped_between_layers_leaves_the_next_one_right(checkpoint, prompts, resident):
+    """An exception after the first offloaded layer ran (its release issued the copy of the third into
+    the first's buffer): the next forward fetches the first again instead of running on the third's weights."""
+    llm = LLM(checkpoint, offload_layers=4, **LIMITS)
+    streamer = streamer_of(llm.engine.loaded.model)
+    streamer.wait(streamer.layers[0].layer)
+    streamer.release(streamer.layers[0].layer)
+    assert_same_tokens_and_logprobs(resident[None][0], llm.generate(prompts, GREEDY))
+
+
 def test_mixtral_experts_stream_too(tokenizer, tmp_path):
     from test_model_families import SMALL
     from transformers import MixtralConfig
