@@ -76,23 +76,37 @@ def with_offload(plan: Plan, facts: ModelFacts, device: Device, req: PlanRequest
         parts["staging"] = staging
     weights = sum(parts.values())
     mem = plan.memory
-    kv_budget = mem.usable - mem.overhead - mem.margin - mem.activations - weights
+    kv_budget = _kv_budget(plan) - weights
     blocks = max(0, kv_budget // plan.kv_block_bytes)
-    needed = plan.kv_blocks_per_sequence * req.concurrency
     limits = engine_limits(device, req.max_batched_tokens, req.max_num_seqs)
     offloaded = dataclasses.replace(
         plan, num_kv_blocks=blocks, max_num_seqs=max(1, min(limits.max_num_seqs, blocks)),
         memory=dataclasses.replace(mem, weights=weights, kv_cache=blocks * plan.kv_block_bytes),
         weights_by_part=parts, stage_weight_bytes=(weights,), offload_layers=count, host_weight_bytes=host,
         staging_bytes=staging, decode_tokens_per_s=device.host_link_bytes_per_s / host if host else 0.0)
-    return offloaded, max(0, needed * plan.kv_block_bytes - kv_budget)
+    return offloaded, max(0, _kv_needed(plan, req) - kv_budget)
+
+
+def _kv_budget(plan: Plan) -> int:
+    """Usable bytes per GPU for the weights and the KV cache."""
+    mem = plan.memory
+    return mem.usable - mem.overhead - mem.margin - mem.activations
+
+
+def _kv_needed(plan: Plan, req: PlanRequest) -> int:
+    return plan.kv_blocks_per_sequence * req.concurrency * plan.kv_block_bytes
 
 
 def _fewest_layers(plan: Plan, facts: ModelFacts, device: Device, req: PlanRequest) -> Plan | None:
+    """`with_offload` at the fewest layers that fit (the bytes summed here first: NoFit asks this for every
+    attempt, and fit_advice asks NoFit for every change it tries)."""
+    sizes = [sum(layer.values()) for layer in layer_parts(facts, plan.quantization, plan.compute_dtype,
+                                                          plan.tensor_parallel)]
+    room = _kv_budget(plan) - sum(plan.weights_by_part.values()) - _kv_needed(plan, req)
     for count in range(1, facts.num_layers + 1):
-        offloaded, shortfall = with_offload(plan, facts, device, req, count)
-        if shortfall == 0:
-            return offloaded
+        moved = [sizes[i] for i in offloaded_layers(facts.num_layers, count)]
+        if sum(moved) - STAGING_BUFFERS * max(moved) >= -room:
+            return with_offload(plan, facts, device, req, count)[0]
     return None
 
 
