@@ -78,7 +78,7 @@ def test_the_status_shows_the_offload():
 
 
 def test_without_consent_the_plan_names_the_field():
-    with pytest.raises(NoFit, match=r"would fit .* \(set serving.allowOffload: true, or kvpilot plan --allow-offload\)"):
+    with pytest.raises(NoFit, match=r"would fit .* \(set serving.allowOffload: true, or kvpilot plan --allow-offload"):
         plan_deployment(deployment(NO_CONSENT).spec)
 
 
