@@ -3,6 +3,7 @@ the fewest offloaded layers, their host bytes, the staging buffers and the decod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,9 +20,10 @@ from kvpilot.runtime.memory.devices import (
 )
 from kvpilot.runtime.memory.facts import resolve_model
 from kvpilot.runtime.memory.host_tier import GPU_SWAP_COST
-from kvpilot.runtime.memory.offload import with_offload
+from kvpilot.runtime.memory.offload import offloaded_layers, with_offload
 from kvpilot.runtime.memory.planner import NoFit, PlanError, PlanRequest, plan, size
 from kvpilot.runtime.memory.quantization import weight_bytes_by_part
+from kvpilot.runtime.memory.stages import Stage
 
 LLAMA_70B = resolve_model("llama-3.1-70b")
 L4 = gpu_from_catalog("l4")
@@ -81,6 +83,25 @@ def test_the_offload_plan_keeps_the_fewest_layers_in_host_memory():
     attempt, _ = size(LLAMA_70B, L4, ALLOWED, "int4", "fp8", 1, 8)
     assert with_offload(attempt, LLAMA_70B, L4, ALLOWED, count - 1)[1] > 0
     assert with_offload(attempt, LLAMA_70B, L4, ALLOWED, count)[1] == 0
+
+
+def test_layers_of_different_sizes_move_their_own_bytes_and_stage_through_the_largest():
+    """A MoE model whose even layers are dense: the host holds exactly the offloaded layers' bytes, the
+    staging buffers are twice the largest of them (an MoE layer), and the GPU's parts lose what moved."""
+    facts = dataclasses.replace(resolve_model("qwen3-235b-a22b"), dense_layers=tuple(range(0, 94, 2)))
+    chosen = plan(facts, L4, ALLOWED)
+    quant = chosen.quantization
+
+    def layer(i: int) -> dict[str, int]:
+        return weight_bytes_by_part(facts, quant, "bf16", 1, Stage(i, range(i, i + 1), first=False, last=False))
+
+    moved = offloaded_layers(94, chosen.offload_layers)
+    assert chosen.host_weight_bytes == sum(sum(layer(i).values()) for i in moved)
+    assert sum(layer(1).values()) > sum(layer(0).values())  # an MoE layer outweighs a dense one
+    assert chosen.staging_bytes == 2 * max(sum(layer(i).values()) for i in moved) == 2 * sum(layer(1).values())
+    full = weight_bytes_by_part(facts, quant, "bf16")
+    assert chosen.weights_by_part["experts"] == full["experts"] - sum(layer(i)["experts"] for i in moved)
+    assert chosen.weights_by_part["embeddings"] == full["embeddings"]  # never offloaded
 
 
 def test_the_prediction_is_the_host_link_over_the_bytes_streamed_each_step():
