@@ -36,6 +36,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget of one engine step")
     p.add_argument("--max-num-seqs", type=int, help="most sequences running at once")
     p.add_argument("--host-kv-memory", help="host memory for the host KV tier, e.g. 16Gi (kvCache.hostMemory)")
+    p.add_argument("--allow-offload", action="store_true", help="when nothing fits, keep some layers' weights in host "
+                   "memory and stream them to the GPU (serving.allowOffload)")
     p.add_argument("--output", choices=["table", "json"], default="table")
     p.set_defaults(run=_run_plan)
 
@@ -62,7 +64,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         spec_dict = _spec_from_flags(args)
     overrides = {"maxContextLength": args.max_context, "concurrency": args.concurrency,
                  "optimize": args.optimize, "maxBatchedTokens": args.max_num_batched_tokens,
-                 "maxNumSeqs": args.max_num_seqs}
+                 "maxNumSeqs": args.max_num_seqs, "allowOffload": args.allow_offload or None}
     spec_dict.setdefault("serving", {}).update({k: v for k, v in overrides.items() if v is not None})
     if args.quantization:
         spec_dict["quantization"] = args.quantization

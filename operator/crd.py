@@ -35,7 +35,7 @@ KEY_ORDER = ["type", "format", "description", "default", "enum", "minimum", "exc
              "x-kubernetes-list-type", "x-kubernetes-list-map-keys", "x-kubernetes-validations"]
 # Integer fields holding byte counts overflow int32: tell clients to use 64 bits.
 INT64_FIELDS = {"total", "usable", "weights", "kvCache", "activations", "overhead", "kvCapacityTokens", "hostKvBytes",
-                "hostKvCache", "hostKvTokens"}
+                "hostKvCache", "hostKvTokens", "hostWeightBytes", "hostWeightBytesPerPod", "stagingBytes"}
 
 PRINTER_COLUMNS = [
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.source"},

@@ -33,9 +33,11 @@ def _with(spec: LLMDeploymentSpec, part: str, **changes: object) -> LLMDeploymen
 
 def _summary(plan: Plan) -> str:
     where = "the CPU" if plan.device_kind == "cpu" else f"{plan.gpus_per_replica} x {plan.device}"
+    offload = (f", {plan.offload_layers} layers' weights in host memory (decode at most "
+               f"{plan.decode_tokens_per_s:.2f} tokens/s per sequence)" if plan.offload_layers else "")
     return (f"{plan.quantization} weights + {plan.kv_dtype} KV on {where}, "
             f"{plan.memory.weights / GiB:.1f} GiB weights per GPU, KV cache for {plan.kv_capacity_sequences} x "
-            f"{plan.max_model_len} tokens")
+            f"{plan.max_model_len} tokens{offload}")
 
 
 def caps(spec: LLMDeploymentSpec) -> list[str]:

@@ -86,6 +86,7 @@ def plan_request(spec: LLMDeploymentSpec, gpus_per_node: int | None = None) -> P
         block_size=spec.kv_cache.block_size,
         gpu_memory_utilization=spec.gpu_memory_utilization,
         optimize=spec.serving.optimize,
+        allow_offload=spec.serving.allow_offload,
         gpus_per_node=gpus_per_node or spec.gpu.per_node,
         max_gpus_per_replica=spec.gpu.max_per_replica,
         tensor_parallel=spec.gpu.tensor_parallel,

@@ -112,7 +112,18 @@ def container_resources(deployment: LLMDeployment, plan: Plan) -> dict[str, dict
         if host and "memory" not in requests:  # a request given holds the tier (planning.host_kv_bytes); else
             # the tier plus what the runtime process holds in RAM before it (Python, torch, the tokenizer)
             requests["memory"] = _quantity(CPU_PROCESS_BYTES + host)
+        if plan.host_weight_bytes_per_pod:  # weights offload: pinned host memory on top of whatever was asked
+            _grow(requests, plan.host_weight_bytes_per_pod, "requests", CPU_PROCESS_BYTES)
+            _grow(limits, plan.host_weight_bytes_per_pod, "limits", None)
     return {"requests": requests, "limits": limits}
+
+
+def _grow(quantities: dict[str, str], by: int, kind: str, base: int | None) -> None:
+    """Add `by` bytes to the memory of `quantities`; unset: `base + by`, or leave it unset when base is None."""
+    if "memory" in quantities:
+        quantities["memory"] = _quantity(quantity_bytes(quantities["memory"], f"runtime.resources.{kind}.memory") + by)
+    elif base is not None:
+        quantities["memory"] = _quantity(base + by)
 
 
 def _quantity(num_bytes: int) -> str:

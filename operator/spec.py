@@ -127,6 +127,10 @@ class Serving(_Model):
     max_num_seqs: int | None = Field(None, ge=1, description="Most sequences running at once per replica.")
     optimize: Literal["quality", "cost"] = Field("quality", description=(
         "quality: more GPUs before lower precision; cost: lower precision before more GPUs."))
+    allow_offload: bool = Field(False, description=(
+        "The last resort when nothing fits at any precision or GPU count: keep some layers' weights in host "
+        "memory and stream them to the GPU every step (one node, no pipeline parallelism). Decode slows to what "
+        "the host link carries (the plan predicts it); the pod's memory request grows by the offloaded bytes."))
 
     @model_validator(mode="after")
     def _batch_holds_seqs(self) -> Serving:

@@ -87,6 +87,13 @@ class PlanStatus(_Model):
     host_kv_blocks: int = Field(0, ge=0, description="Blocks of the host KV tier (kvCache.hostMemory); 0: none.")
     host_kv_bytes: int = Field(0, ge=0, description="Host memory the host KV tier holds.")
     host_kv_tokens: int = Field(0, ge=0, description="Tokens the host KV tier holds.")
+    offload_layers: int = Field(0, ge=0, description="Layers with weights in host memory (allowOffload); 0: none.")
+    host_weight_bytes: int = Field(0, ge=0, description="Offloaded weights per GPU, in host memory.")
+    host_weight_bytes_per_pod: int = Field(0, ge=0, description="Offloaded weights per pod, in host memory.")
+    staging_bytes: int = Field(0, ge=0, description="GPU staging buffers the offloaded layers stream through "
+                                                    "(in perGpuBytes.weights).")
+    decode_tokens_per_s: float = Field(0, ge=0, description=(
+        "With offloaded layers: predicted decode tokens/s per sequence, at most (host link / bytes per step)."))
 
 
 class LLMDeploymentStatus(_Model):
@@ -135,6 +142,9 @@ def plan_status(plan: Plan) -> PlanStatus:
         per_gpu_bytes=MemoryStatus(total=m.total, usable=m.usable, weights=m.weights, kv_cache=m.kv_cache,
                                    activations=m.activations, overhead=m.overhead),
         host_kv_blocks=plan.num_host_kv_blocks, host_kv_bytes=plan.host_kv_bytes, host_kv_tokens=plan.host_kv_tokens,
+        offload_layers=plan.offload_layers, host_weight_bytes=plan.host_weight_bytes,
+        host_weight_bytes_per_pod=plan.host_weight_bytes_per_pod, staging_bytes=plan.staging_bytes,
+        decode_tokens_per_s=round(plan.decode_tokens_per_s, 3),
     )
 
 

@@ -17,6 +17,18 @@ from kvpilot.runtime.memory.nvml import nvml
 MiB = 1 << 20
 GiB = 1 << 30
 
+# Host <-> GPU copy bandwidth, one direction, as pinned-memory copies reach it (the link the host KV tier's
+# swaps and weights offload's streamed layers cross), measured, not the link's peak:
+# PCIe Gen3 x16 (16 GB/s peak): 12 GB/s into a V100, https://github.com/ZaidQureshi/bam/issues/54
+PCIE_GEN3_X16_BYTES_PER_S = 12 * 10**9
+# PCIe Gen4 x16 (32 GB/s peak): 25.13 GB/s host -> A100-SXM4 (nvbandwidth), https://github.com/NVIDIA/nvbandwidth/issues/42;
+# 24-26 GB/s host -> RTX 4090, https://github.com/NVIDIA/nvbandwidth/issues/15
+PCIE_GEN4_X16_BYTES_PER_S = 25 * 10**9
+# PCIe Gen5 x16 (64 GB/s peak): 52.8 GB/s H100 -> host (nvbandwidth's copy-engine D2H; its SM H2D reaches 35),
+# https://github.com/NVIDIA/nvbandwidth/issues/24; 55.6 GB/s host -> device with the copy engines, which
+# cudaMemcpyAsync uses, https://dev.smart-guide.co.kr/en/tutorial/nvidia-nvbandwidth-measure-gpu-interconnect-performance-tutorial/
+PCIE_GEN5_X16_BYTES_PER_S = 50 * 10**9
+
 
 class UnknownDevice(ValueError):
     """A GPU type that is not in the catalog, or a memory size that cannot be read."""
@@ -32,6 +44,9 @@ class Device:
     product_label: str | None = None  # the `nvidia.com/gpu.product` node label
     kind: str = "cuda"  # "cuda" or "cpu"
     also_labels: tuple[str, ...] = ()  # boards of a family name (`h100`) that serve alike: pods may land on any
+    # Host link, pinned copies, one direction; a GPU outside the catalog: PCIe Gen4 x16, every data-centre
+    # board since Ampere has at least that
+    host_link_bytes_per_s: int = PCIE_GEN4_X16_BYTES_PER_S
 
     @property
     def product_labels(self) -> tuple[str, ...]:
@@ -48,18 +63,22 @@ def _gib(value: float) -> int:
     return int(value * GiB)
 
 
-# Totals as CUDA reports them (GiB), each with where it was published.
+# Totals as CUDA reports them (GiB), each with where it was published. Host links: PCIe Gen5 x16 on the
+# H100s and the H200, Gen3 x16 on the T4, Gen4 x16 on the others (NVIDIA's datasheets).
 GPU_CATALOG: dict[str, Device] = {
     d.name: d
     for d in (
         # No published mem_get_info figure found: nvidia-smi's 143771 MiB (140.40 GiB) less 0.70 GiB,
         # more than the H100's measured driver reservation (0.46 GiB), so it errs low.
-        Device("h200-141gb", _gib(139.70), fp8=True, product_label="NVIDIA-H200"),
+        Device("h200-141gb", _gib(139.70), fp8=True, product_label="NVIDIA-H200",
+               host_link_bytes_per_s=PCIE_GEN5_X16_BYTES_PER_S),
         # 79.19 GiB: llm-d-planner accuracy report, vLLM v0.19 on H100-80GB ("physical 79.19 GiB"),
         # https://github.com/llm-d-incubation/llm-d-planner/blob/main/accuracy/accuracy_report.md
-        Device("h100-80gb", _gib(79.19), fp8=True, product_label="NVIDIA-H100-80GB-HBM3"),
+        Device("h100-80gb", _gib(79.19), fp8=True, product_label="NVIDIA-H100-80GB-HBM3",
+               host_link_bytes_per_s=PCIE_GEN5_X16_BYTES_PER_S),
         # Same 81559 MiB part as the SXM board (nvidia-smi), so the same CUDA total.
-        Device("h100-pcie-80gb", _gib(79.19), fp8=True, product_label="NVIDIA-H100-PCIe"),
+        Device("h100-pcie-80gb", _gib(79.19), fp8=True, product_label="NVIDIA-H100-PCIe",
+               host_link_bytes_per_s=PCIE_GEN5_X16_BYTES_PER_S),
         # 79.15 GiB: kvpilot issue 13 (torch.cuda.mem_get_info on A100-SXM4-80GB).
         Device("a100-80gb", _gib(79.15), fp8=False, product_label="NVIDIA-A100-SXM4-80GB"),
         # 39.50 GiB: torch OOM message on one A100 40GB, https://github.com/TianheWu/CoSeR/issues/10
@@ -73,7 +92,8 @@ GPU_CATALOG: dict[str, Device] = {
         Device("a10g", _gib(22.18), fp8=False, product_label="NVIDIA-A10G"),
         # 14.56 GiB: torch OOM messages on Tesla T4 (14.56-14.58 reported),
         # https://github.com/Zheng-Chong/CatVTON/issues/133, https://github.com/AlphaGPU/leetgpu-challenges/issues/52
-        Device("t4", _gib(14.56), fp8=False, bf16=False, product_label="Tesla-T4"),
+        Device("t4", _gib(14.56), fp8=False, bf16=False, product_label="Tesla-T4",
+               host_link_bytes_per_s=PCIE_GEN3_X16_BYTES_PER_S),
         # 23.64 GiB: kvpilot issue 13; torch OOM message, https://github.com/ali-vilab/VGen/issues/104
         Device("rtx-4090", _gib(23.64), fp8=True, product_label="NVIDIA-GeForce-RTX-4090"),
         # 23.68 GiB: torch OOM message on an RTX 3090, https://github.com/3DTopia/OpenLRM/issues/42

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvpilot.runtime.memory.devices import GiB
+from kvpilot.runtime.memory.devices import PCIE_GEN4_X16_BYTES_PER_S, GiB
 
-# Host <-> GPU copy bandwidth, one direction, as pinned-memory copies reach it: PCIe Gen4 x16 moves
-# 25 GB/s of its 32 GB/s peak in practice (vLLM's offloading blog measures 20-25 GB/s per GPU for
-# block-sized D2H/H2D copies). Conservative for Gen5 and NVLink-C2C (GH200), which only make swap win
-# more often.
-HOST_LINK_BYTES_PER_S = 25 * 10**9
+# Host <-> GPU copy bandwidth the engine's swap decision assumes: the catalog's PCIe Gen4 x16 figure
+# (memory/devices.py; vLLM's offloading blog measures 20-25 GB/s per GPU for block-sized D2H/H2D copies
+# too). The engine does not know its board's link; conservative for Gen5 and NVLink-C2C (GH200), which
+# only make swap win more often.
+HOST_LINK_BYTES_PER_S = PCIE_GEN4_X16_BYTES_PER_S
 # On the CPU the "host link" is a memcpy inside one RAM: a few GB/s for one thread.
 CPU_COPY_BYTES_PER_S = 4 * 10**9
 # Prefill cost per token per layer. A GPU prefill of a 7-8B model (32 layers) runs ~10k tokens/s on

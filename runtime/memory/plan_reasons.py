@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from kvpilot.runtime.memory.devices import GiB
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.memory.host_tier import describe_host_tier
+from kvpilot.runtime.memory.offload import offload_reasons
 from kvpilot.runtime.memory.quantization import kv_bytes_per_token, tp_compatible
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ def describe(plan: Plan) -> str:
         gpus = f"{plan.tensor_parallel} x {plan.device}"
     else:
         gpus = f"{plan.gpus_per_replica} x {plan.device} (TP {plan.tensor_parallel} x PP {plan.pipeline_parallel})"
-    return f"{plan.quantization} weights + {plan.kv_dtype} KV on {gpus}"
+    offload = f", {plan.offload_layers} layers' weights in host memory" if plan.offload_layers else ""
+    return f"{plan.quantization} weights + {plan.kv_dtype} KV on {gpus}{offload}"
 
 
 def _pipeline_reason(facts: ModelFacts, chosen: Plan) -> str:
@@ -66,7 +68,10 @@ def with_reasons(facts: ModelFacts, chosen: Plan, attempts: list, req: PlanReque
         reasons.append(f"rejected {describe(attempt)}: KV cache short by {shortfall / GiB:.2f} GiB per GPU")
     order = ("more GPUs before lower precision" if req.optimize == "quality"
              else "lower precision before more GPUs")
-    reasons.append(f"chose {describe(chosen)}: optimize={req.optimize} tries {order}")
+    if chosen.offload_layers:
+        reasons += [f"chose {describe(chosen)}", *offload_reasons(chosen, req)]
+    else:
+        reasons.append(f"chose {describe(chosen)}: optimize={req.optimize} tries {order}")
     if widened:
         reasons.append(f"one node of {req.gpus_per_node} GPUs cannot hold the model: "
                        f"spanning {chosen.nodes} nodes")

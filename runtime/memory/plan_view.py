@@ -50,6 +50,11 @@ def render_plan(plan: Plan, console: Console) -> None:
                if plan.sliding_windows else "")
     decision.add_row("capacity", f"{plan.kv_capacity_sequences} sequences at {plan.max_model_len:,} tokens{windows}; "
                                  f"max {plan.max_num_seqs} running, {plan.max_batched_tokens} tokens per step")
+    if plan.offload_layers:
+        pod = f", {_gib(plan.host_weight_bytes_per_pod)} per pod" if plan.tensor_parallel > 1 else ""
+        decision.add_row("weights offload", f"{plan.offload_layers} of {sum(plan.stage_layers)} layers in host memory "
+                                            f"({_gib(plan.host_weight_bytes)} per GPU{pod}); decode at most "
+                                            f"{plan.decode_tokens_per_s:.2f} tokens/s per sequence (host link bound)")
     if plan.num_host_kv_blocks:
         decision.add_row("host KV tier", f"{plan.num_host_kv_blocks} blocks = {plan.host_kv_tokens:,} tokens "
                                          f"({_gib(plan.host_kv_bytes)} of host memory)")
@@ -65,8 +70,13 @@ def render_plan(plan: Plan, console: Console) -> None:
         value = getattr(mem, part)
         label = _LABELS.get(part, part.replace("_", " "))
         memory.add_row(Text(label, style=colour), _gib(value), f"{value / mem.total:.1%}")
+        if part == "weights" and plan.offload_layers:
+            memory.add_row("  staging buffers (in weights)", _gib(plan.staging_bytes),
+                           f"{plan.staging_bytes / mem.total:.1%}")
     memory.add_row("headroom", _gib(mem.headroom), f"{mem.headroom / mem.total:.1%}")
     memory.add_row("usable / total", f"{_gib(mem.usable)} / {_gib(mem.total)}", "")
+    if plan.offload_layers:
+        memory.add_row("weights in host memory", _gib(plan.host_weight_bytes), "host")
     if plan.device_kind == "cuda":
         memory.add_row("CUDA context", f"outside usable ({_gib(mem.total - mem.usable)})", "")
     console.print(memory)

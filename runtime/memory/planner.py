@@ -23,7 +23,6 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from kvpilot.runtime.memory.budget import (
-    KVPILOT_SAMPLER_BYTES_PER_LOGIT,
     EngineLimits,
     activation_bytes,
     engine_limits,
@@ -35,74 +34,16 @@ from kvpilot.runtime.memory.devices import Device, GiB
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.memory.host_tier import host_kv_blocks, host_tier_runs
 from kvpilot.runtime.memory.kv_groups import KVGroups, kv_block_bytes, model_kv_groups
+from kvpilot.runtime.memory.offload import check_offload, offload_clause, offload_plan
 from kvpilot.runtime.memory.plan_reasons import describe, with_reasons
-from kvpilot.runtime.memory.quantization import (
-    DTYPE_BYTES,
-    QUANT_MODES,
-    kv_bytes_per_token,
-    tp_compatible,
-)
+from kvpilot.runtime.memory.quantization import DTYPE_BYTES, kv_bytes_per_token, tp_compatible
+from kvpilot.runtime.memory.request import NoFit, PlanError, PlanRequest
 from kvpilot.runtime.memory.stages import Stage, pipeline_stages
 
 # A CPU run spends no more than this on KV beyond what the request needs: allocating (and
 # zeroing) most of the host's RAM would starve it; vLLM's CPU backend defaults to 4 GiB too.
 CPU_KV_CACHE_BYTES = 4 * GiB
 MAX_NODES_PER_REPLICA = 4
-OPTIMIZE_CHOICES = ("quality", "cost")
-
-
-class PlanError(ValueError):
-    """The request can never be served as asked (independent of memory)."""
-
-
-class NoFit(PlanError):
-    """Nothing fits: carries the best attempt and by how many bytes per GPU it misses."""
-
-    def __init__(self, message: str, shortfall_bytes: int) -> None:
-        super().__init__(message)
-        self.shortfall_bytes = shortfall_bytes
-
-
-@dataclass(frozen=True)
-class PlanRequest:
-    max_context: int | None = None  # default: the model's max positions
-    concurrency: int = 1  # full-context sequences the KV cache must hold at once
-    max_batched_tokens: int | None = None
-    max_num_seqs: int | None = None
-    quantization: str = "auto"
-    kv_dtype: str = "auto"
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.90
-    optimize: str = "quality"
-    gpus_per_node: int = 8
-    max_gpus_per_replica: int | None = None
-    tensor_parallel: int | None = None  # pinned: plan this degree only (None: search)
-    pipeline_parallel: int | None = None  # pinned: plan this many stages only (None: search)
-    # The sampler's peak bytes per logit; another engine's figure plans for that engine
-    sampler_bytes_per_logit: int = KVPILOT_SAMPLER_BYTES_PER_LOGIT
-    host_kv_bytes: int = 0  # host memory (RAM) for the host KV tier; 0: none
-
-    def __post_init__(self) -> None:
-        if self.quantization != "auto" and self.quantization not in QUANT_MODES:
-            raise PlanError(f"quantization {self.quantization!r} is not one of auto, {', '.join(QUANT_MODES)}")
-        if self.kv_dtype != "auto" and self.kv_dtype not in DTYPE_BYTES:
-            raise PlanError(f"kv dtype {self.kv_dtype!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
-        if self.optimize not in OPTIMIZE_CHOICES:
-            raise PlanError(f"optimize {self.optimize!r} is not one of {', '.join(OPTIMIZE_CHOICES)}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise PlanError(f"gpu memory utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.host_kv_bytes < 0:
-            raise PlanError(f"host KV memory must be >= 0 bytes, got {self.host_kv_bytes}")
-        for name in ("concurrency", "block_size", "gpus_per_node"):
-            if getattr(self, name) < 1:
-                raise PlanError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_context", "max_batched_tokens", "max_num_seqs", "max_gpus_per_replica",
-                     "tensor_parallel", "pipeline_parallel"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise PlanError(f"{name} must be >= 1, got {value}")
-
-
 @dataclass(frozen=True)
 class MemoryBreakdown:
     """Bytes on one GPU (or the host, for a CPU run)."""
@@ -160,6 +101,17 @@ class Plan:
     pipeline_parallel: int = 1  # stages, each of tensor_parallel GPUs (gpus_per_replica = TP x PP)
     stage_layers: tuple[int, ...] = ()  # decoder layers per stage (memory/stages.py)
     stage_weight_bytes: tuple[int, ...] = ()  # weights per GPU of each stage
+    # Weights offload (memory/offload.py): layers whose weights live in host memory, 0: none; their bytes
+    # per GPU; the two GPU staging buffers they stream through (counted in memory.weights); decode tokens/s
+    # per sequence the host link allows at most
+    offload_layers: int = 0
+    host_weight_bytes: int = 0
+    staging_bytes: int = 0
+    decode_tokens_per_s: float = 0.0
+
+    @property
+    def host_weight_bytes_per_pod(self) -> int:
+        return self.host_weight_bytes * (self.gpus_per_replica // self.nodes)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -181,6 +133,8 @@ class Plan:
                    "max-num-batched-tokens": self.max_batched_tokens}
         if self.num_host_kv_blocks:
             options["host-kv-memory"] = self.host_kv_bytes
+        if self.offload_layers:
+            options["offload-layers"] = self.offload_layers
         return options
 
     def to_dict(self) -> dict:
@@ -190,6 +144,7 @@ class Plan:
         data["kv_capacity_sequences"] = self.kv_capacity_sequences
         data["host_kv_bytes"] = self.host_kv_bytes
         data["host_kv_tokens"] = self.host_kv_tokens
+        data["host_weight_bytes_per_pod"] = self.host_weight_bytes_per_pod
         return data
 
 
@@ -377,6 +332,7 @@ def plan(facts: ModelFacts, device: Device, req: PlanRequest) -> Plan:
     if req.max_context and req.max_context > facts.max_position_embeddings:
         raise PlanError(f"max context {req.max_context} exceeds {facts.name}'s "
                         f"{facts.max_position_embeddings} positions")
+    check_offload(device, req)
     first, wider = _shapes(facts, device, req)
     chosen, attempts = _search(facts, device, req, first)
     widened = False
@@ -387,9 +343,12 @@ def plan(facts: ModelFacts, device: Device, req: PlanRequest) -> Plan:
     if not attempts:
         raise PlanError(f"no tensor-parallel degree up to {req.max_gpus_per_replica or req.gpus_per_node} GPUs "
                         f"splits {facts.name}'s {facts.num_heads} heads / {facts.num_kv_heads} KV heads")
+    if chosen is None and req.allow_offload:  # the last resort, consented to
+        chosen = offload_plan(facts, device, req, attempts)
     if chosen is None:
         best, shortfall = min(attempts, key=lambda a: a[1])
         raise NoFit(f"{facts.name} does not fit on {device.name}: the best attempt, {describe(best)}, "
                     f"misses by {shortfall / GiB:.2f} GiB per GPU for {req.concurrency} x "
-                    f"{best.max_model_len} tokens of KV cache", shortfall)
+                    f"{best.max_model_len} tokens of KV cache{offload_clause(facts, device, req, attempts)}",
+                    shortfall)
     return with_reasons(facts, chosen, attempts, req, widened)
