@@ -224,6 +224,7 @@ def _dtype_name_or_none(value: str) -> str | None:
 def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
     """The memory model's plan for this config on `device` (default: this machine's device)."""
     from kvpilot.runtime.memory.devices import cpu_device, detect_gpu
+    from kvpilot.runtime.memory.offload import with_offload
     from kvpilot.runtime.memory.planner import PlanRequest, plan, size
 
     if device is None:
@@ -241,6 +242,10 @@ def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
                                                                else config.dtype),
                           kv_dtype=config.kv_cache_dtype,
                           block_size=config.block_size, gpu_memory_utilization=config.gpu_memory_utilization)
+    if config.offload_layers and device.kind != "cpu":  # exactly those layers in host memory, their bytes to KV
+        sized = size(facts, device, request, request.quantization, request.kv_dtype, config.tensor_parallel_size,
+                     gpus_per_node=config.world_size)[0]
+        return with_offload(sized, facts, device, request, config.offload_layers)[0]
     if config.world_size == 1:
         return plan(facts, device, request)
     # given: size that one configuration, fitting or not (the KV blocks say)

@@ -39,7 +39,9 @@ def memory_figures(engine, plan: Plan) -> MemoryFigures:
     kv = engine.runner.kv_cache.nbytes
     measured = {"weights": weights, "kv_cache": kv}
     host_weights = host_weight_bytes(engine.loaded.model)
-    if host_weights:  # offloaded layers' weights, in host memory; "weights" counts their staging buffers
+    if plan.host_weight_bytes:  # offloaded layers, in host memory ("weights" holds their staging buffers)
+        planned["host_weights"] = plan.host_weight_bytes
+    if host_weights:
         measured["host_weights"] = host_weights
     if engine.host_tier is not None:  # host memory, whatever the device
         planned["host_kv_cache"] = config.host_kv_blocks * plan.kv_block_bytes

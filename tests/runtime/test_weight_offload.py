@@ -6,6 +6,8 @@ the host store the offloaded layers' bytes, in memory of its own that every forw
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +16,17 @@ import pytest
 import torch
 from split_engines import GREEDY, LIMITS, assert_same_tokens_and_logprobs
 
-from kvpilot.runtime.engine.config import EngineConfig
+from kvpilot.runtime.engine.config import EngineConfig, memory_plan
 from kvpilot.runtime.engine.llm import LLM
+from kvpilot.runtime.engine.llm_engine import LLMEngine
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.loading.loader import host_weight_bytes, load_model, weight_bytes_held
-from kvpilot.runtime.memory.offload import offloaded_layers
+from kvpilot.runtime.memory.devices import cpu_device, gpu_from_catalog
+from kvpilot.runtime.memory.offload import offloaded_layers, with_offload
+from kvpilot.runtime.memory.planner import PlanRequest, size
 from kvpilot.runtime.memory.support import UnsupportedOption
 from kvpilot.runtime.models.offload import streamer_of
+from kvpilot.runtime.server.engine_flags import add_engine_flags, engine_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +157,29 @@ def test_two_tensor_parallel_ranks_each_stream_their_shard(checkpoint, prompts, 
         assert_same_tokens_and_logprobs(resident[None][0], llm.generate(prompts, GREEDY))
         own = weight_bytes_held(llm.engine.loaded.model)
         assert host_weight_bytes(llm.engine.loaded.model) > 0 and llm.engine.rank_weight_bytes == [own, own]
+
+
+def test_a_plan_that_offloads_reaches_the_engine_through_its_flags_and_agrees_to_the_byte(checkpoint, resident):
+    """Plan.engine_options() -> the flags a pod gets -> the engine: the same layers, the plan's host bytes and
+    device weights (resident + two staging buffers) are what the engine holds."""
+    facts, cpu = resident[None][1].facts, cpu_device()
+    request = PlanRequest(max_context=128, quantization="fp32", kv_dtype="fp32")
+    planned = with_offload(size(facts, cpu, request, "fp32", "fp32", 1, 1)[0], facts, cpu, request, 3)[0]
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    flags = [arg for flag, value in planned.engine_options().items() for arg in (f"--{flag}", str(value))]
+    config = engine_config(parser.parse_args(["--model", checkpoint, "--device", "cpu", *flags]))
+    assert config.offload_layers == 3
+    small = {name: value for name, value in LIMITS.items() if name != "device"}  # not the CPU plan's KV pool
+    model = LLMEngine(dataclasses.replace(config, **small)).loaded.model
+    assert host_weight_bytes(model) == planned.host_weight_bytes
+    assert weight_bytes_held(model) == planned.memory.weights
+    # on a GPU the engine's own plan (no KV limits given) moves exactly its layers and gives their bytes to KV
+    l4, asked = gpu_from_catalog("l4"), EngineConfig(device="cpu", max_model_len=128, offload_layers=LAYERS)
+    offloaded, resident_plan = memory_plan(facts, asked, l4), memory_plan(facts, EngineConfig(device="cpu",
+                                                                                              max_model_len=128), l4)
+    assert offloaded.offload_layers == LAYERS and offloaded.host_weight_bytes > 0
+    assert offloaded.memory.weights < resident_plan.memory.weights
 
 
 def test_bad_offload_values_are_refused_in_one_line(checkpoint, resident):
