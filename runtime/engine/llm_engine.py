@@ -52,9 +52,10 @@ class LLMEngine:
             raise ValueError(f"the model was loaded with {loaded_as or 'no'} weight quantization, the config asks "
                              f"for {config.quantization or 'none'}")
         streamer = streamer_of(self.loaded.model)
-        if (len(streamer.layers) if streamer else 0) != config.offload_layers:
-            raise ValueError(f"the model was loaded with {len(streamer.layers) if streamer else 0} offloaded layers, "
-                             f"the config asks for {config.offload_layers} (offload_weights)")
+        offloaded = len(streamer.layers) if streamer else 0
+        if offloaded != config.offload_layers:
+            raise ValueError(f"the model was loaded with {offloaded} offloaded layers, the config asks for "
+                             f"{config.offload_layers} (offload_weights)")
         self.facts = self.loaded.facts
         self.config = config = config.for_model(self.facts)
         self.tokenizer = self.loaded.tokenizer

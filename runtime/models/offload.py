@@ -134,17 +134,17 @@ def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
 
 
 @torch.no_grad()
-def offload_weights(model: nn.Module, count: int) -> WeightStreamer | None:
+def offload_weights(model: nn.Module, count: int) -> None:
     """Move `count` of the stage's decoder layers (memory/offload.py's choice) into a host store and
-    attach the streamer that feeds them back (`model.model.streamer`); None for 0."""
+    attach the streamer that feeds them back (`model.model.streamer`; none for 0)."""
     body = model.model
     stage_layers = list(body.stage.layers)
     chosen = offloaded_layers(len(stage_layers), count)
     if not chosen:
-        return None
+        return
     groups = {i: _storages(layer_tensors(body.layers[stage_layers[i]])) for i in chosen}
     sizes = {i: sum(storage.nbytes() for storage, _, _ in groups[i]) for i in chosen}
-    device = next(iter(groups[chosen[0]]))[0].device
+    device = groups[chosen[0]][0][0].device  # the first storage's
     pin = device.type == "cuda"
     staging = [torch.empty(max(sizes.values()), dtype=torch.uint8, device=device) for _ in range(2)]
     layers = []
@@ -162,7 +162,6 @@ def offload_weights(model: nn.Module, count: int) -> WeightStreamer | None:
     body.streamer = WeightStreamer(layers, staging)
     if pin:
         torch.cuda.empty_cache()  # the layers' device copies are gone: hand their memory back
-    return body.streamer
 
 
 def streamer_of(model: nn.Module) -> WeightStreamer | None:
