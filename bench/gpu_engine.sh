@@ -5,7 +5,7 @@
 # kvpilot's portions are put on the path, no pydantic/fastapi/kopf/gguf needed); installs only the wheels
 # bench/gpu_wheels.sh saved under .whl (llguidance), into a temporary folder (bench/gpu_env.sh).
 #   bash bench/gpu_engine.sh            # JSON lines under $OUT (default ./out): model.json, throughput.jsonl,
-#                                       # quantization.jsonl, gpu_memory.jsonl
+#                                       # quantization.jsonl, gpu_memory.jsonl, gpu_offload.jsonl
 #   bash bench/gpu_engine.sh --dry-run  # no GPU: the same steps on the CPU with a tiny model, to check the script
 # throughput.py:   continuous batching vs HF generate (static batch and one at a time) on the same GPU;
 # quantization.py: int8 / int4 / fp8 weights and the fp8 KV cache vs the bf16 model (bytes held vs planned,
@@ -14,9 +14,11 @@
 #                  activations, non-torch), after the load, after the KV allocation and at the peak of a
 #                  full-budget step; TP=2 when two GPUs are visible (else one "skipped" line). Exit 1 when a
 #                  measured part is above its plan.
+# gpu_offload.py:  half the layers' weights streamed from pinned host memory vs none: decode tokens/s at batch
+#                  1 and 32, the host->device link measured, the copy-bound prediction, the same tokens.
 # Budget: model build ~30 s, throughput ~3 min (160 requests, was 256), quantization ~2.5 min (48 output tokens,
-# was 64), gpu_memory ~1 min (timeout 150 s; the plan fills the GPU with KV, zeroed in well under a second):
-# under 8 minutes on an H100/H200.
+# was 64), gpu_memory ~1 min (timeout 150 s; the plan fills the GPU with KV, zeroed in well under a second),
+# gpu_offload ~1 min (timeout 150 s): under 9 minutes on an H100/H200.
 # Exit status: 0 all ran, 1 a bench failed, 2 bad usage or no CUDA device.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +42,7 @@ if [ "$dry_run" -eq 1 ]; then
     throughput_args=(--num-requests 4 --sequential-requests 2 --max-num-seqs 4)
     quant_args=(--output-len 4)
     memory_args=(--dry-run)
+    offload_args=(--dry-run)
 else
     if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
         echo "gpu_engine: torch sees no CUDA device, nothing was run (on a machine without a GPU: --dry-run)" >&2
@@ -47,6 +50,7 @@ else
     fi
     device=cuda
     memory_args=()
+    offload_args=()
     model_args=(--shape llama-3.2-1b --device cuda --dtype bf16)
     throughput_args=(--num-requests 160 --max-num-seqs 128)
     quant_args=(--output-len 48)
@@ -62,5 +66,8 @@ timeout 200 python3 quantization.py --device "$device" --model "$model_dir" "${q
 quant_rc=${PIPESTATUS[0]}
 timeout 150 python3 gpu_memory.py "$model_dir" ${memory_args[@]+"${memory_args[@]}"} | tee "$OUT/gpu_memory.jsonl"
 memory_rc=${PIPESTATUS[0]}
-echo "throughput rc=$throughput_rc, quantization rc=$quant_rc, gpu_memory rc=$memory_rc (JSON lines in $OUT)"
-[ "$throughput_rc" -eq 0 ] && [ "$quant_rc" -eq 0 ] && [ "$memory_rc" -eq 0 ] || exit 1
+timeout 150 python3 gpu_offload.py "$model_dir" ${offload_args[@]+"${offload_args[@]}"} | tee "$OUT/gpu_offload.jsonl"
+offload_rc=${PIPESTATUS[0]}
+echo "throughput rc=$throughput_rc, quantization rc=$quant_rc, gpu_memory rc=$memory_rc, gpu_offload rc=$offload_rc" \
+     "(JSON lines in $OUT)"
+[ "$throughput_rc" -eq 0 ] && [ "$quant_rc" -eq 0 ] && [ "$memory_rc" -eq 0 ] && [ "$offload_rc" -eq 0 ] || exit 1

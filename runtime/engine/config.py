@@ -61,6 +61,8 @@ class EngineConfig:
     host_kv_memory: int = 0  # bytes of host memory for the tier instead (for_model divides by the block bytes)
     preemption_mode: str = "auto"  # with a host tier: auto (the swap cost model decides) | swap | recompute
     gpu_memory_utilization: float = 0.90
+    # decoder layers whose weights stay in host memory, streamed to the device ahead of use (models/offload.py)
+    offload_layers: int = 0
     seed: int = 0  # for requests that set no seed of their own
 
     def __post_init__(self) -> None:
@@ -105,6 +107,11 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.offload_layers, int) or self.offload_layers < 0:
+            raise ValueError(f"offload_layers must be an integer >= 0, got {self.offload_layers!r}")
+        if self.offload_layers and self.pipeline_parallel_size > 1:
+            raise UnsupportedOption(f"offload_layers runs with pipeline parallel 1 only (tensor parallel is fine), got "
+                                    f"pipeline parallel {self.pipeline_parallel_size}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode {self.preemption_mode!r} is not one of {', '.join(PREEMPTION_MODES)}")
         if (self.host_kv_blocks or self.host_kv_memory) and self.world_size > 1:
@@ -180,6 +187,8 @@ class EngineConfig:
         if self.max_model_len and self.max_model_len > facts.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds {facts.name}'s "
                              f"{facts.max_position_embeddings} positions")
+        if self.offload_layers > facts.num_layers:
+            raise ValueError(f"offload_layers {self.offload_layers} exceeds {facts.name}'s {facts.num_layers} layers")
         max_model_len = self.max_model_len or facts.max_position_embeddings
         num_kv_blocks, max_num_seqs, max_batched = self.num_kv_blocks, self.max_num_seqs, self.max_num_batched_tokens
         if None in (num_kv_blocks, max_num_seqs, max_batched):
@@ -215,6 +224,7 @@ def _dtype_name_or_none(value: str) -> str | None:
 def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
     """The memory model's plan for this config on `device` (default: this machine's device)."""
     from kvpilot.runtime.memory.devices import cpu_device, detect_gpu
+    from kvpilot.runtime.memory.offload import with_offload
     from kvpilot.runtime.memory.planner import PlanRequest, plan, size
 
     if device is None:
@@ -232,6 +242,10 @@ def memory_plan(facts: ModelFacts, config: EngineConfig, device=None):
                                                                else config.dtype),
                           kv_dtype=config.kv_cache_dtype,
                           block_size=config.block_size, gpu_memory_utilization=config.gpu_memory_utilization)
+    if config.offload_layers and device.kind != "cpu":  # exactly those layers in host memory, their bytes to KV
+        sized = size(facts, device, request, request.quantization, request.kv_dtype, config.tensor_parallel_size,
+                     gpus_per_node=config.world_size)[0]
+        return with_offload(sized, facts, device, request, config.offload_layers)[0]
     if config.world_size == 1:
         return plan(facts, device, request)
     # given: size that one configuration, fitting or not (the KV blocks say)

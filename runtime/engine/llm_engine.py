@@ -28,6 +28,7 @@ from kvpilot.runtime.engine.workers import start_workers
 from kvpilot.runtime.loading.loader import LoadedModel, load_model, weight_bytes_held
 from kvpilot.runtime.memory.host_tier import swap_cost
 from kvpilot.runtime.memory.kv_groups import kv_block_bytes
+from kvpilot.runtime.models.offload import offload_weights, streamer_of
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
 from kvpilot.runtime.models.quantized import weight_quantization
 
@@ -50,6 +51,11 @@ class LLMEngine:
         if loaded_as != config.quantization:
             raise ValueError(f"the model was loaded with {loaded_as or 'no'} weight quantization, the config asks "
                              f"for {config.quantization or 'none'}")
+        streamer = streamer_of(self.loaded.model)
+        offloaded = len(streamer.layers) if streamer else 0
+        if offloaded != config.offload_layers:
+            raise ValueError(f"the model was loaded with {offloaded} offloaded layers, the config asks for "
+                             f"{config.offload_layers} (offload_weights)")
         self.facts = self.loaded.facts
         self.config = config = config.for_model(self.facts)
         self.tokenizer = self.loaded.tokenizer
@@ -295,6 +301,8 @@ def _check_device_memory(device: torch.device, kv_bytes: int) -> None:
 
 
 def load_configured(config: EngineConfig, parallel: Parallel = SINGLE) -> LoadedModel:
-    """The model `config` names, loaded for this rank."""
-    return load_model(config.model, config.torch_dtype, config.device, config.max_model_len, config.quantization,
-                      parallel)
+    """The model `config` names, loaded for this rank (its offloaded layers in host memory)."""
+    loaded = load_model(config.model, config.torch_dtype, config.device, config.max_model_len, config.quantization,
+                        parallel)
+    offload_weights(loaded.model, config.offload_layers)
+    return loaded

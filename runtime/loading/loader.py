@@ -20,6 +20,7 @@ from kvpilot.runtime.memory.facts import ModelFacts, UnknownModel, from_hf_confi
 from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config
 from kvpilot.runtime.models.llama import LlamaForCausalLM
 from kvpilot.runtime.models.moe import stack_experts
+from kvpilot.runtime.models.offload import streamer_of
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
 from kvpilot.runtime.models.quantized import quantized_weight_names, quantizer
 from kvpilot.runtime.models.variant import Variant, variant_from_config
@@ -175,7 +176,16 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
 
 
 def weight_bytes_held(module: torch.nn.Module) -> int:
-    """Bytes of the model's weights as loaded (quantized ones with their scales; tied weights once). The
-    state dict leaves out the rotary cos/sin tables, which are derived, not weights."""
-    tensors = {t.data_ptr(): t for t in module.state_dict().values()}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Device bytes of the model's weights as loaded (quantized ones with their scales; tied weights once;
+    offloaded layers as the two staging buffers they stream through). The state dict leaves out the
+    rotary cos/sin tables, which are derived, not weights."""
+    streamer = streamer_of(module)
+    staging = {b.data_ptr() for b in streamer.staging} if streamer else set()
+    tensors = {t.data_ptr(): t for t in module.state_dict().values() if t.untyped_storage().data_ptr() not in staging}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + (streamer.staging_bytes if streamer else 0)
+
+
+def host_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the offloaded layers' weights in host memory (0 without offload)."""
+    streamer = streamer_of(module)
+    return streamer.host_bytes if streamer else 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from kvpilot.runtime.models.moe import MoEMLP
 from kvpilot.runtime.models.parallel import SINGLE, Parallel, VocabParallelEmbedding
 from kvpilot.runtime.models.quantized import quantized_weight_names, replace_with_quantized
 from kvpilot.runtime.models.variant import Variant
+
+if TYPE_CHECKING:
+    from kvpilot.runtime.models.offload import WeightStreamer
 
 # HF checkpoint projections that live inside one fused matrix here: (fused name, shard index)
 PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -176,6 +180,7 @@ class LlamaModel(nn.Module):
             for i in range(facts.num_layers))
         if parallel.is_last_stage:
             self.norm = make_norm(variant, facts.hidden_size, facts.rms_norm_eps)
+        self.streamer: WeightStreamer | None = None  # layers whose weights stream from host memory (offload.py)
 
     def build_rotary_tables(self, device: torch.device) -> None:
         for rotary in self.rotaries.values():
@@ -192,8 +197,12 @@ class LlamaModel(nn.Module):
             h = h * (torch.tensor(scale, dtype=h.dtype) if self.variant.embedding_scale_in_dtype else scale)
         layers = [self.layers[i] for i in self.stage.layers]
         metas = meta if isinstance(meta, list) else [meta] * len(layers)
-        for layer, k_cache, v_cache, layer_meta in zip(layers, k_caches, v_caches, metas, strict=True):
+        for i, (layer, k_cache, v_cache, layer_meta) in enumerate(zip(layers, k_caches, v_caches, metas, strict=True)):
+            if self.streamer is not None:
+                self.streamer.wait(i)
             h = layer(positions, h, k_cache, v_cache, layer_meta)
+            if self.streamer is not None:
+                self.streamer.release(i)
         return self.norm(h) if self.parallel.is_last_stage else h
 
 

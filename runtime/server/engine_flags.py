@@ -40,6 +40,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-kv-memory", default="0",
                    help="host memory (RAM) for the host KV tier, e.g. 16Gi: evicted prefix blocks and preempted "
                         "sequences wait there instead of being recomputed (default 0: no tier)")
+    p.add_argument("--offload-layers", type=int, default=0,
+                   help="decoder layers whose weights stay in host memory and are streamed to the GPU ahead of "
+                        "use, double-buffered (the last resort when the weights do not fit; default 0)")
     p.add_argument("--preemption-mode", default="auto", choices=("auto", "swap", "recompute"),
                    help="with a host KV tier: swap preempted sequences to it, recompute them, or auto (a cost "
                         "model: bytes over the host link vs prefill time)")
@@ -61,6 +64,6 @@ def engine_config(args: argparse.Namespace, command: str = "kvpilot serve"):
                               gpu_memory_utilization=args.gpu_memory_utilization,
                               enable_prefix_caching=not args.no_prefix_caching,
                               host_kv_memory=parse_quantity(args.host_kv_memory),
-                              preemption_mode=args.preemption_mode)
+                              preemption_mode=args.preemption_mode, offload_layers=args.offload_layers)
     except ValueError as err:  # EngineConfig names the bad option and what is allowed
         raise UsageError(f"{command}: {err}") from None

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kvpilot.runtime.loading.loader import weight_bytes_held
+from kvpilot.runtime.loading.loader import host_weight_bytes, weight_bytes_held
 from kvpilot.runtime.memory.nvml import nvml
 from kvpilot.runtime.memory.planner import Plan
 from kvpilot.runtime.server.metrics import MemoryFigures
@@ -38,6 +38,11 @@ def memory_figures(engine, plan: Plan) -> MemoryFigures:
     weights = weight_bytes_held(engine.loaded.model)
     kv = engine.runner.kv_cache.nbytes
     measured = {"weights": weights, "kv_cache": kv}
+    host_weights = host_weight_bytes(engine.loaded.model)
+    if plan.host_weight_bytes:  # offloaded layers, in host memory ("weights" holds their staging buffers)
+        planned["host_weights"] = plan.host_weight_bytes
+    if host_weights:
+        measured["host_weights"] = host_weights
     if engine.host_tier is not None:  # host memory, whatever the device
         planned["host_kv_cache"] = config.host_kv_blocks * plan.kv_block_bytes
         measured["host_kv_cache"] = engine.host_tier.nbytes
