@@ -61,6 +61,7 @@ class MeasuredMemory(_Model):
     activations: int | None = Field(None, ge=0, description="Peak activations (GPU pods).")
     other: int | None = Field(None, ge=0, description="Outside torch's allocator: CUDA context, NCCL (GPU pods).")
     host_kv_cache: int | None = Field(None, ge=0, description="The host KV tier, in host memory.")
+    host_weights: int | None = Field(None, ge=0, description="Offloaded layers' weights, in host memory.")
     pods: int = Field(ge=1, description="Pods the figures come from.")
 
 

@@ -108,9 +108,10 @@ def test_kvpilot_plan_shows_the_host_tier(capsys):
     assert "host KV tier" in capsys.readouterr().out
 
 
-def test_the_status_reads_the_host_tier_the_pods_report():
+def test_the_status_reads_the_host_tier_and_host_weights_the_pods_report():
     exposition = ('kvpilot:memory_measured_bytes{model_name="m",part="kv_cache"} 7\n'
                   'kvpilot:memory_measured_bytes{model_name="m",part="host_kv_cache"} 1024\n'
+                  'kvpilot:memory_measured_bytes{model_name="m",part="host_weights"} 4096\n'
                   'vllm:kv_cache_usage_perc{model_name="m"} 0.5\n')
     load = parse_load(exposition)
-    assert measured_memory([load]) == {"kvCache": 7, "hostKvCache": 1024, "pods": 1}
+    assert measured_memory([load]) == {"kvCache": 7, "hostKvCache": 1024, "hostWeights": 4096, "pods": 1}
