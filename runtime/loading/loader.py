@@ -18,6 +18,7 @@ from kvpilot.runtime.loading.gguf_file import GGUFModel
 from kvpilot.runtime.loading.prequantized import Prequantized, checkpoint_quantization
 from kvpilot.runtime.memory.facts import ModelFacts, UnknownModel, from_hf_config
 from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config
+from kvpilot.runtime.models.layers import RotaryEmbedding
 from kvpilot.runtime.models.llama import LlamaForCausalLM
 from kvpilot.runtime.models.moe import stack_experts
 from kvpilot.runtime.models.parallel import SINGLE, Parallel
@@ -176,6 +177,12 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
 
 def weight_bytes_held(module: torch.nn.Module) -> int:
     """Bytes of the model's weights as loaded (quantized ones with their scales; tied weights once). The
-    state dict leaves out the rotary cos/sin tables, which are derived, not weights."""
+    state dict leaves out the rotary cos/sin tables, which are derived, not weights (rotary_table_bytes_held)."""
     tensors = {t.data_ptr(): t for t in module.state_dict().values()}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def rotary_table_bytes_held(module: torch.nn.Module) -> int:
+    """Bytes of the rotary cos/sin tables the model built (the plan's memory.rotary_tables)."""
+    return sum(table.numel() * table.element_size() for rotary in module.modules()
+               if isinstance(rotary, RotaryEmbedding) for table in (rotary.cos, rotary.sin))
