@@ -4,12 +4,13 @@ On this machine's GPU, plan the model bench/gpu_model.py built the way a pod's p
 device detection, the default gpu_memory_utilization, the engine's default limits for the device),
 build the engine from exactly `Plan.engine_options()` (parsed by the same flags `kvpilot serve` and
 the pods take), then measure:
-- after_load: the weights (torch.cuda.memory_allocated after loading);
+- after_load: the weights and the rotary cos/sin tables the model builds (torch.cuda.memory_allocated after
+  loading: the tables' own tensor bytes are their row, the rest the weights');
 - after_kv: the KV pool (what the allocator gained when the engine allocated it);
 - peak: one full-budget step (max_num_seqs prompts filling max_num_batched_tokens, then a decode
   step): torch.cuda.max_memory_allocated less weights and KV for the activations, and the process's
   own bytes from NVML (else torch.cuda.mem_get_info) less torch's reserved memory for non-torch.
-Parts: weights, kv_cache, activations, other (non-torch), and two totals: torch_allocated (the
+Parts: weights, rotary_tables, kv_cache, activations, other (non-torch), and two totals: torch_allocated (the
 allocator) and process (NVML) against the plan's sums. One JSON line per part and moment, then a goal
 line per moment: measured within 3% of planned and never above. Exit 1 when a measured part is above
 its plan (below it is reported, not failed); 0 otherwise.
@@ -41,7 +42,7 @@ from kvpilot.runtime.memory.devices import Device, cpu_device, detect_gpu, parse
 from kvpilot.runtime.memory.facts import resolve_model
 from kvpilot.runtime.memory.planner import Plan, PlanRequest, plan
 from kvpilot.runtime.server.engine_flags import add_engine_flags, engine_config
-from kvpilot.runtime.server.memory_report import process_gpu_bytes, weight_bytes_held
+from kvpilot.runtime.server.memory_report import process_gpu_bytes, rotary_table_bytes_held, weight_bytes_held
 
 TOLERANCE = 0.03  # measured within 3% below planned
 GOAL = "measured within 3% of planned, never above"
@@ -115,12 +116,6 @@ def full_budget_step(engine: LLMEngine) -> dict:
     return {"seqs": seqs, "prompt_tokens_each": prompt_len, "step_tokens": seqs * prompt_len, "steps": steps}
 
 
-def buffer_bytes(module: torch.nn.Module) -> int:
-    """Bytes the loaded model holds besides its weights (the rotary cos/sin tables): the allocator counts them
-    in the load, the plan's weights (the checkpoint's bytes) do not."""
-    return sum(b.numel() * b.element_size() for b in module.buffers())
-
-
 def process_bytes(device: torch.device) -> tuple[int | None, str]:
     own = process_gpu_bytes(device.index or 0)
     if own is not None:
@@ -137,10 +132,11 @@ def measure(p: Plan, model: Path, utilization: float, scale: float) -> tuple[lis
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     mem = p.memory
     planned = {part: int(value * scale) for part, value in
-               {"weights": mem.weights, "kv_cache": mem.kv_cache, "activations": mem.activations,
-                "other": mem.overhead}.items()}
+               {"weights": mem.weights, "rotary_tables": mem.rotary_tables, "kv_cache": mem.kv_cache,
+                "activations": mem.activations, "other": mem.overhead}.items()}
     tp = p.tensor_parallel
     rows = []
+    load_parts, tables_how = ["weights", "rotary_tables"], "tensor bytes of the rotary cos/sin tables"
 
     def totals(torch_parts: list[str], torch_measured: int | None, what: str) -> dict:
         if not cuda:
@@ -163,18 +159,20 @@ def measure(p: Plan, model: Path, utilization: float, scale: float) -> tuple[lis
         if cuda:
             torch.cuda.synchronize(dev)
         at_load = torch.cuda.memory_allocated(dev) if cuda else None
-        weights, how = ((at_load - base, "torch.cuda.memory_allocated after the load") if cuda
-                        else (weight_bytes_held(loaded.model), "tensor bytes of the loaded weights"))
+        rotary = rotary_table_bytes_held(loaded.model)
+        weights, how = ((at_load - base - rotary, "torch.cuda.memory_allocated after the load, less the tables")
+                        if cuda else (weight_bytes_held(loaded.model), "tensor bytes of the loaded weights"))
         rows += moment_rows(tp, "after_load", {"weights": (planned["weights"], weights, how),
-                                               **totals(["weights"], None if at_load is None else at_load - base,
+                                               "rotary_tables": (planned["rotary_tables"], rotary, tables_how),
+                                               **totals(load_parts, None if at_load is None else at_load - base,
                                                         "torch.cuda.memory_allocated")})
-        rows[0]["model_buffers"] = buffer_bytes(loaded.model)  # derived tables (rotary cos/sin), not weights
         engine = LLMEngine(config, loaded)
     else:  # the engine loads rank 0's shard itself (and starts the workers): the weights' tensor bytes
         engine = LLMEngine(config)
-        weights = weight_bytes_held(engine.loaded.model)
+        weights, rotary = weight_bytes_held(engine.loaded.model), rotary_table_bytes_held(engine.loaded.model)
         rows += moment_rows(tp, "after_load", {"weights": (planned["weights"], weights,
-                                                           "tensor bytes of rank 0's shard (loaded by the engine)")})
+                                                           "tensor bytes of rank 0's shard (loaded by the engine)"),
+                                               "rotary_tables": (planned["rotary_tables"], rotary, tables_how)})
         at_load = None
     try:
         if cuda:
@@ -185,8 +183,9 @@ def measure(p: Plan, model: Path, utilization: float, scale: float) -> tuple[lis
                    if cuda and tp == 1 else (kv_tensor, "tensor bytes of the KV pool"))
         torch_kv = None if at_kv is None else at_kv - base
         rows += moment_rows(tp, "after_kv", {"weights": (planned["weights"], weights, "as after_load"),
+                                             "rotary_tables": (planned["rotary_tables"], rotary, "as after_load"),
                                              "kv_cache": (planned["kv_cache"], kv, how),
-                                             **totals(["weights", "kv_cache"], torch_kv,
+                                             **totals([*load_parts, "kv_cache"], torch_kv,
                                                       "torch.cuda.memory_allocated")})
         if cuda:
             torch.cuda.reset_peak_memory_stats(dev)
@@ -196,11 +195,12 @@ def measure(p: Plan, model: Path, utilization: float, scale: float) -> tuple[lis
         peak = torch.cuda.max_memory_allocated(dev) - base if cuda else None
         activations = None if peak is None else max(0, peak - torch_kv)
         parts = {"weights": (planned["weights"], weights, "as after_load"),
+                 "rotary_tables": (planned["rotary_tables"], rotary, "as after_load"),
                  "kv_cache": (planned["kv_cache"], kv, "as after_kv"),
                  "activations": (planned["activations"], activations,
                                  "torch.cuda.max_memory_allocated in the step, less weights and KV" if cuda
                                  else "not measurable on the CPU"),
-                 **totals(["weights", "kv_cache", "activations"], peak, "torch.cuda.max_memory_allocated")}
+                 **totals([*load_parts, "kv_cache", "activations"], peak, "torch.cuda.max_memory_allocated")}
         rows += moment_rows(tp, "peak", parts)
         rows[-1]["step"] = step
     finally:

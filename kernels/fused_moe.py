@@ -29,22 +29,27 @@ __all__ = ["fused_moe", "fused_moe_ref"]
 
 
 @triton.jit
+def _expert_block(sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, num_copies, N,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block `pid_m`'s copy ids, which of them are copies (not padding), its expert; tile `pid_n`'s columns."""
+    ids = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return ids, ids < num_copies, tl.load(expert_ids_ptr + pid_m).to(tl.int64), rn, rn < N
+
+
+@triton.jit
 def _moe_gate_up_kernel(
     x_ptr, w_ptr, scale_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_copies, K, N,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_om, stride_on,
     TOP_K: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    ids = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = ids < num_copies
+    ids, valid, expert, rn, n_mask = _expert_block(sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, num_copies, N,
+                                                   BLOCK_M, BLOCK_N)
     tokens = (ids // TOP_K).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
     x_rows = x_ptr + tokens[:, None] * stride_xm
     gate_rows = w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn
     up_rows = gate_rows + N * stride_wn
@@ -76,16 +81,12 @@ def _moe_down_kernel(
     SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    ids = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = ids < num_copies
+    ids, valid, expert, rn, n_mask = _expert_block(sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, num_copies, N,
+                                                   BLOCK_M, BLOCK_N)
     rows = ids.to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
     h_rows = h_ptr + rows[:, None] * stride_hm
     w_rows = w_ptr + expert * stride_we + rn.to(tl.int64)[:, None] * stride_wn
     dot_dtype = tl.float32 if FP32_DOT else h_ptr.dtype.element_ty

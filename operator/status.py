@@ -50,6 +50,8 @@ class MemoryStatus(_Model):
     kv_cache: int = Field(ge=0, description="The KV-cache pool.")
     activations: int = Field(ge=0, description="Peak activations of one engine step.")
     overhead: int = Field(ge=0, description="CUDA context, NCCL buffers or the CPU process.")
+    rotary_tables: int = Field(0, ge=0, description="The rotary cos/sin tables the runtime builds.")
+    margin: int = Field(0, ge=0, description="Left free on purpose (the safety margin).")
 
 
 class MeasuredMemory(_Model):
@@ -58,6 +60,7 @@ class MeasuredMemory(_Model):
 
     weights: int | None = Field(None, ge=0, description="Model weights, as loaded.")
     kv_cache: int | None = Field(None, ge=0, description="The KV-cache pool.")
+    rotary_tables: int | None = Field(None, ge=0, description="The rotary cos/sin tables.")
     activations: int | None = Field(None, ge=0, description="Peak activations (GPU pods).")
     other: int | None = Field(None, ge=0, description="Outside torch's allocator: CUDA context, NCCL (GPU pods).")
     host_kv_cache: int | None = Field(None, ge=0, description="The host KV tier, in host memory.")
@@ -141,7 +144,8 @@ def plan_status(plan: Plan) -> PlanStatus:
         max_model_len=plan.max_model_len, max_num_seqs=plan.max_num_seqs,
         max_batched_tokens=plan.max_batched_tokens,
         per_gpu_bytes=MemoryStatus(total=m.total, usable=m.usable, weights=m.weights, kv_cache=m.kv_cache,
-                                   activations=m.activations, overhead=m.overhead),
+                                   activations=m.activations, overhead=m.overhead, rotary_tables=m.rotary_tables,
+                                   margin=m.margin),
         host_kv_blocks=plan.num_host_kv_blocks, host_kv_bytes=plan.host_kv_bytes, host_kv_tokens=plan.host_kv_tokens,
         offload_layers=plan.offload_layers, host_weight_bytes=plan.host_weight_bytes,
         host_weight_bytes_per_pod=plan.host_weight_bytes_per_pod, staging_bytes=plan.staging_bytes,

@@ -18,6 +18,7 @@ from kvpilot.runtime.loading.gguf_file import GGUFModel
 from kvpilot.runtime.loading.prequantized import Prequantized, checkpoint_quantization
 from kvpilot.runtime.memory.facts import ModelFacts, UnknownModel, from_hf_config
 from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config
+from kvpilot.runtime.models.layers import RotaryEmbedding
 from kvpilot.runtime.models.llama import LlamaForCausalLM
 from kvpilot.runtime.models.moe import stack_experts
 from kvpilot.runtime.models.offload import streamer_of
@@ -189,3 +190,9 @@ def host_weight_bytes(module: torch.nn.Module) -> int:
     """Bytes of the offloaded layers' weights in host memory (0 without offload)."""
     streamer = streamer_of(module)
     return streamer.host_bytes if streamer else 0
+
+
+def rotary_table_bytes_held(module: torch.nn.Module) -> int:
+    """Bytes of the rotary cos/sin tables the model built (the plan's memory.rotary_tables)."""
+    return sum(table.numel() * table.element_size() for rotary in module.modules()
+               if isinstance(rotary, RotaryEmbedding) for table in (rotary.cos, rotary.sin))

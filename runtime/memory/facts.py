@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvpilot.runtime.memory.rotary import rope_set_originals, rotary_dim
 from kvpilot.runtime.memory.support import (
     UnsupportedOption,
     check_hf_config,
@@ -80,6 +81,10 @@ class ModelFacts:
     checkpoint: CheckpointQuantization | None = field(default=None, compare=False)
     # Each layer's sliding attention window (support.layer_windows); () when no layer has one
     layer_windows: tuple[int | None, ...] = ()
+    # The rotary tables the runtime builds (memory/rotary.py): channels that rotate (0: head_dim), and per
+    # rope set (Gemma 3 has two) longrope's original context, else 0
+    rotary_dim: int = 0
+    rope_sets: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
@@ -201,7 +206,7 @@ def from_hf_config(config: dict[str, Any], name: str = "model") -> ModelFacts:
             max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=bool(config.get("qkv_bias", config.get("attention_bias", arch.startswith("Qwen2")))),
-            norms_per_layer=4 if arch.startswith("Gemma2") else 2,
+            norms_per_layer=4 if arch.startswith(("Gemma2", "Gemma3")) else 2,  # sandwich norms
             rope_theta=float(config.get("rope_theta", 10000.0)),
             rope_scaling=config.get("rope_scaling"),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
@@ -210,6 +215,8 @@ def from_hf_config(config: dict[str, Any], name: str = "model") -> ModelFacts:
             **_moe_facts(config),
             checkpoint=read_quantization(config),
             layer_windows=windows if any(windows := layer_windows(config)) else (),
+            rotary_dim=rotary_dim(int(config.get("head_dim") or hidden // heads), config),
+            rope_sets=rope_set_originals(config),
         )
     except KeyError as err:
         raise UnknownModel(f"config of {name} lacks the field {err.args[0]!r}") from None

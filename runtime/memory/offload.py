@@ -90,7 +90,7 @@ def with_offload(plan: Plan, facts: ModelFacts, device: Device, req: PlanRequest
 def _kv_budget(plan: Plan) -> int:
     """Usable bytes per GPU for the weights and the KV cache."""
     mem = plan.memory
-    return mem.usable - mem.overhead - mem.margin - mem.activations
+    return mem.usable - mem.overhead - mem.margin - mem.activations - mem.rotary_tables
 
 
 def _kv_needed(plan: Plan, req: PlanRequest) -> int:

@@ -10,9 +10,9 @@ from kvpilot.runtime.memory.devices import GiB
 from kvpilot.runtime.memory.planner import Plan
 
 _BAR_WIDTH = 48
-_PARTS = (("weights", "magenta"), ("kv_cache", "green"), ("activations", "yellow"), ("overhead", "red"),
-          ("margin", "blue"))
-_LABELS = {"overhead": "non-torch (NCCL)", "margin": "safety margin"}
+_PARTS = (("weights", "magenta"), ("rotary_tables", "cyan"), ("kv_cache", "green"), ("activations", "yellow"),
+          ("overhead", "red"), ("margin", "blue"))
+_LABELS = {"rotary_tables": "rotary cos/sin", "overhead": "non-torch (NCCL)", "margin": "safety margin"}
 
 
 def _gib(n: int) -> str:

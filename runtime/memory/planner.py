@@ -38,6 +38,7 @@ from kvpilot.runtime.memory.offload import check_offload, offload_clause, offloa
 from kvpilot.runtime.memory.plan_reasons import describe, with_reasons
 from kvpilot.runtime.memory.quantization import DTYPE_BYTES, kv_bytes_per_token, tp_compatible
 from kvpilot.runtime.memory.request import NoFit, PlanError, PlanRequest
+from kvpilot.runtime.memory.rotary import rotary_table_bytes
 from kvpilot.runtime.memory.stages import Stage, pipeline_stages
 
 # A CPU run spends no more than this on KV beyond what the request needs: allocating (and
@@ -55,11 +56,13 @@ class MemoryBreakdown:
     activations: int
     overhead: int  # non-torch memory inside the usable part (NCCL's buffers)
     margin: int = 0  # left free on purpose (budget.safety_margin_bytes)
+    rotary_tables: int = 0  # the rotary cos/sin tables the runtime builds (memory/rotary.py): not weights
 
     @property
     def headroom(self) -> int:
         """Usable bytes no part claims: under one KV block, since the KV cache takes the rest."""
-        return self.usable - self.weights - self.kv_cache - self.activations - self.overhead - self.margin
+        spent = self.weights + self.kv_cache + self.activations + self.overhead + self.margin + self.rotary_tables
+        return self.usable - spent
 
 
 @dataclass(frozen=True)
@@ -182,10 +185,11 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
     usable = int(device.memory_bytes * req.gpu_memory_utilization)
     overhead = non_torch_bytes(device, tp, pp)
     margin = safety_margin_bytes(device, usable)
+    rotary = rotary_table_bytes(facts, max_model_len)
     groups = model_kv_groups(facts, max_model_len)
     stages = pipeline_stages(facts.num_layers, pp)
     budgets = [_stage_budget(facts, device, req, quant, kv_dtype, tp, stage, pp, groups, limits,
-                             usable - overhead - margin) for stage in stages]
+                             usable - overhead - margin - rotary) for stage in stages]
     fullest = min(range(pp), key=lambda i: budgets[i].blocks)
     stage, budget = stages[fullest], budgets[fullest]
     per_sequence = groups.blocks_per_sequence(max_model_len, req.block_size)
@@ -206,7 +210,7 @@ def size(facts: ModelFacts, device: Device, req: PlanRequest, quant: str, kv_dty
         max_num_seqs=max(1, min(limits.max_num_seqs, blocks)),
         max_batched_tokens=limits.max_batched_tokens,
         memory=MemoryBreakdown(device.memory_bytes, usable, sum(budget.parts.values()),
-                               blocks * budget.block_bytes, budget.activations, overhead, margin),
+                               blocks * budget.block_bytes, budget.activations, overhead, margin, rotary),
         weights_by_part=budget.parts,
         checkpoint=facts.checkpoint.label if facts.checkpoint else None,
         num_host_kv_blocks=(host_kv_blocks(req.host_kv_bytes, budget.block_bytes)

@@ -93,3 +93,7 @@ def test_plan_status_bytes_and_gpus():
     assert summary["gpus"] == plan.tensor_parallel == summary["tensorParallel"]
     assert summary["kvCapacityTokens"] == plan.num_kv_blocks * plan.block_size
     assert summary["perGpuBytes"]["weights"] == plan.memory.weights
+    per_gpu = summary["perGpuBytes"]
+    assert per_gpu["rotaryTables"] == plan.memory.rotary_tables > 0 and per_gpu["margin"] == plan.memory.margin > 0
+    assert sum(per_gpu[part] for part in ("weights", "kvCache", "activations", "overhead", "rotaryTables",
+                                          "margin")) == per_gpu["usable"] - plan.memory.headroom

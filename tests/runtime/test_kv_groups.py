@@ -84,7 +84,7 @@ def test_engine_from_a_gemma2_plan_holds_the_planned_sequences(tmp_path):
                           quantization="fp32", kv_dtype="fp32", gpu_memory_utilization=1.0)
     probe, _ = size(facts, Device("host", 64 * GiB, fp8=False, kind="cpu"), request, "fp32", "fp32", 1, 1)
     assert probe.kv_blocks_per_sequence == 4 + 2 and probe.kv_groups == 2
-    spent = probe.memory.weights + probe.memory.activations + probe.memory.overhead
+    spent = probe.memory.weights + probe.memory.rotary_tables + probe.memory.activations + probe.memory.overhead
     host = Device("host", spent + (4 * 6 - 1) * probe.kv_block_bytes, fp8=False, kind="cpu")
     chosen = plan(facts, host, request)
     assert chosen.num_kv_blocks == 23 and chosen.kv_capacity_sequences == 3

@@ -102,6 +102,8 @@ def test_metrics_names_and_values(live):
     assert planned == measured > 0  # the pool is exactly the planned bytes
     weights = value(metrics, "kvpilot:memory_measured_bytes", part="weights")
     assert weights == value(metrics, "kvpilot:memory_planned_bytes", part="weights")  # to the byte
+    rotary = value(metrics, "kvpilot:memory_measured_bytes", part="rotary_tables")  # cos/sin, apart from weights
+    assert rotary == value(metrics, "kvpilot:memory_planned_bytes", part="rotary_tables") > 0
     assert "kvpilot:gpu_memory_used_bytes" not in metrics  # no GPU here: absent, not faked
 
 
