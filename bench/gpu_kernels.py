@@ -108,15 +108,6 @@ def _torch_decode(x: DecodeInputs) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5).reshape(batch, heads, head_dim)
 
 
-def _torch_decode(x: DecodeInputs) -> torch.Tensor:
-    """The torch peer: gather every sequence's blocks into a contiguous copy, then SDPA. The query heads
-    of one KV head ride as that head's query positions, so no backend has to repeat K/V for GQA."""
-    batch, heads, head_dim = x.query.shape
-    k, v = x.contiguous_kv()
-    q = x.query.view(batch, k.shape[1], heads // k.shape[1], head_dim)  # [B, KVH, group, D]
-    return F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5).reshape(batch, heads, head_dim)
-
-
 def _kv_bytes(sizes: Sizes, batch: int, context: int, kv_dtype: torch.dtype) -> int:
     return 2 * batch * context * sizes.heads[1] * sizes.heads[2] * kv_dtype.itemsize
 
