@@ -35,8 +35,8 @@ else
         exit 2
     fi
     device=cuda
-    bench_args=(--budget-s 200)
-    tests_limit=300
+    bench_args=(--budget-s 90)
+    tests_limit=240
 fi
 
 # the kernels' own tests: not the bench's tests (the bench runs next, for real) nor the CPU-only compile check
@@ -45,7 +45,7 @@ KVPILOT_KERNEL_DEVICE=$device timeout "$tests_limit" python3 -m pytest tests/ker
     | tee "$OUT/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-timeout 270 python3 bench/gpu_kernels.py --out "$OUT" "${bench_args[@]}"
+timeout 150 python3 bench/gpu_kernels.py --out "$OUT" "${bench_args[@]}"
 bench_rc=$?
 
 echo "kernel tests rc=$tests_rc, bench rc=$bench_rc (JSON lines in $OUT/gpu_kernels.jsonl)"

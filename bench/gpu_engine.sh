@@ -52,21 +52,21 @@ else
     memory_args=()
     offload_args=()
     model_args=(--shape llama-3.2-1b --device cuda --dtype bf16)
-    throughput_args=(--num-requests 160 --max-num-seqs 128)
-    quant_args=(--output-len 48)
+    throughput_args=(--num-requests 64 --max-num-seqs 64)
+    quant_args=(--output-len 24)
 fi
 
 python3 bench/gpu_model.py "$model_dir" "${model_args[@]}" | tee "$OUT/model.json" || exit 1
 cd bench
-timeout 240 python3 throughput.py --device "$device" --model "$model_dir" "${throughput_args[@]}" \
+timeout 120 python3 throughput.py --device "$device" --model "$model_dir" "${throughput_args[@]}" \
     | tee "$OUT/throughput.jsonl"
 throughput_rc=${PIPESTATUS[0]}
-timeout 200 python3 quantization.py --device "$device" --model "$model_dir" "${quant_args[@]}" \
+timeout 120 python3 quantization.py --device "$device" --model "$model_dir" "${quant_args[@]}" \
     | tee "$OUT/quantization.jsonl"
 quant_rc=${PIPESTATUS[0]}
-timeout 150 python3 gpu_memory.py "$model_dir" ${memory_args[@]+"${memory_args[@]}"} | tee "$OUT/gpu_memory.jsonl"
+timeout 90 python3 gpu_memory.py "$model_dir" ${memory_args[@]+"${memory_args[@]}"} | tee "$OUT/gpu_memory.jsonl"
 memory_rc=${PIPESTATUS[0]}
-timeout 150 python3 gpu_offload.py "$model_dir" ${offload_args[@]+"${offload_args[@]}"} | tee "$OUT/gpu_offload.jsonl"
+timeout 90 python3 gpu_offload.py "$model_dir" ${offload_args[@]+"${offload_args[@]}"} | tee "$OUT/gpu_offload.jsonl"
 offload_rc=${PIPESTATUS[0]}
 echo "throughput rc=$throughput_rc, quantization rc=$quant_rc, gpu_memory rc=$memory_rc, gpu_offload rc=$offload_rc" \
      "(JSON lines in $OUT)"
