@@ -14,8 +14,11 @@ Shapes (the paged KV layout shared by the runtime and every kernel):
   p - window + 1 .. p only (HF's `kv_idx > q_idx - sliding_window`); None: every earlier key.
 - softcap (optional, Gemma 2): scores = softcap * tanh(scale * q.k / softcap) before the softmax.
 
-`paged_attention_decode_ref` gathers every sequence's blocks at once and runs one masked SDPA in
-fp32; `paged_attention_prefill_ref` walks the sequences, one causal SDPA each. Both are what the CPU
+`paged_attention_decode_ref` gathers every sequence's blocks at once and runs one masked SDPA;
+`paged_attention_prefill_ref` walks the sequences, one causal SDPA each. SDPA runs in the cache's
+dtype where the query has it too (bf16, fp16: SDPA's CPU kernel accumulates in fp32 anyway, and an
+fp32 copy of the gathered K/V cost 3x the attention itself), in fp32 otherwise (fp8 caches,
+soft-capping, whose scores a plain matmul computes). Both are what the CPU
 engine serves with, so they are built for speed: blocks are gathered with `index_select` (several
 times faster than advanced indexing on CPU), SDPA gets 4-D inputs (its fused CPU kernel; 3-D ones
 fall back to the unfused math path) and `enable_gqa` instead of repeated K/V. The `*_naive`
@@ -93,15 +96,20 @@ def _slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     return slots[keep], keep
 
 
+def compute_dtype(query: torch.Tensor, cache: torch.Tensor, softcap: float | None) -> torch.dtype:
+    """The dtype attention runs in: the cache's when the query shares it and SDPA runs, else fp32."""
+    return cache.dtype if cache.dtype == query.dtype and not softcap else torch.float32
+
+
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                       scale: float, softcap: float | None = None, some_empty: bool = True) -> torch.Tensor:
-    """q [S, n, H, D], k/v [S, L, KVH, D], mask [S, n, L] (True = attend) -> [S, n, H, D] fp32.
+    """q [S, n, H, D], k/v [S, L, KVH, D], mask [S, n, L] (True = attend) -> [S, n, H, D] in k's dtype.
     `some_empty` False promises every query attends to something (no all-False mask row)."""
     if softcap:
-        out = _softcapped_attention(q.float().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        out = _softcapped_attention(q.to(k.dtype).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                     mask.unsqueeze(1), scale, softcap)
     else:
-        out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        out = F.scaled_dot_product_attention(q.to(k.dtype).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
     out = out.transpose(1, 2)
     if not some_empty:
@@ -129,7 +137,8 @@ def paged_attention_decode_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
                                 lambda: _DecodeLayout(block_tables, context_lens, window, k_cache.shape[1]))
     if layout.length == 0:
         return torch.zeros_like(query)
-    k, v = layout.gather(k_cache, k_scale), layout.gather(v_cache, v_scale)
+    dtype = compute_dtype(query, k_cache, softcap)
+    k, v = layout.gather(k_cache, k_scale, dtype), layout.gather(v_cache, v_scale, dtype)
     out = _masked_attention(query.unsqueeze(1), k, v, layout.mask, scale, softcap, layout.some_empty)
     return out.squeeze(1).to(query.dtype)
 
@@ -154,11 +163,11 @@ class _DecodeLayout:
         self.mask = mask.unsqueeze(1)  # [S, 1, L]
         self.some_empty = bool((context_lens == 0).any())
 
-    def gather(self, cache: torch.Tensor, scale: float) -> torch.Tensor:
-        """Every sequence's first `length` slots, [S, length, KVH, D] in fp32. Slots past a sequence's own
-        context length hold whatever block 0 holds: the mask hides them."""
+    def gather(self, cache: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        """Every sequence's first `length` slots, [S, length, KVH, D] in `dtype`. Slots past a sequence's
+        own context length hold whatever block 0 holds: the mask hides them."""
         out = cache.index_select(0, self.table.flatten()).view(*self.table.shape, -1, *cache.shape[2:])
-        out = out.flatten(1, 2)[:, : self.length].float()
+        out = out.flatten(1, 2)[:, : self.length].to(dtype)
         return out.mul_(scale) if cache.dtype == FP8 else out
 
 
@@ -179,10 +188,11 @@ def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_ca
     layout = _prefill_layout.get((block_tables, cu_seqlens_q, context_lens), (window, bool(softcap), k_cache.shape[1]),
                                  lambda: _prefill_chunks(block_tables, cu_seqlens_q, context_lens, window,
                                                          bool(softcap), k_cache.shape[1]))
+    dtype = compute_dtype(query, k_cache, softcap)
     for start, end, length, blocks, mask in layout:
-        k = _gather_one(k_cache, blocks, length, k_scale).transpose(0, 1).unsqueeze(0)
-        v = _gather_one(v_cache, blocks, length, v_scale).transpose(0, 1).unsqueeze(0)
-        q = query[start:end].float().transpose(0, 1).unsqueeze(0)
+        k = _gather_one(k_cache, blocks, length, k_scale, dtype).transpose(0, 1).unsqueeze(0)
+        v = _gather_one(v_cache, blocks, length, v_scale, dtype).transpose(0, 1).unsqueeze(0)
+        q = query[start:end].to(dtype).transpose(0, 1).unsqueeze(0)
         if softcap:
             causal = mask[None, None] if mask is not None else None
             attended = _softcapped_attention(q, k, v, causal, scale, softcap)
@@ -215,8 +225,9 @@ def _prefill_chunks(block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, cont
     return chunks
 
 
-def _gather_one(cache: torch.Tensor, blocks: torch.Tensor, length: int, scale: float) -> torch.Tensor:
-    out = cache.index_select(0, blocks).flatten(0, 1)[:length].float()
+def _gather_one(cache: torch.Tensor, blocks: torch.Tensor, length: int, scale: float,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out = cache.index_select(0, blocks).flatten(0, 1)[:length].to(dtype)
     return out.mul_(scale) if cache.dtype == FP8 else out
 
 

@@ -18,6 +18,7 @@ from kvpilot.runtime.loading.gguf_file import GGUFModel
 from kvpilot.runtime.loading.prequantized import Prequantized, checkpoint_quantization
 from kvpilot.runtime.memory.facts import ModelFacts, UnknownModel, from_hf_config
 from kvpilot.runtime.memory.support import UnsupportedOption, check_hf_config
+from kvpilot.runtime.models.cpu_linear import pack_cpu_linears
 from kvpilot.runtime.models.layers import RotaryEmbedding
 from kvpilot.runtime.models.llama import LlamaForCausalLM
 from kvpilot.runtime.models.moe import stack_experts
@@ -120,6 +121,8 @@ def build_model(facts: ModelFacts, weights: Iterator[tuple[str, torch.Tensor]], 
     model.load_weights(((name, tensor.to(device)) for name, tensor in bar),
                        prequantized or (quantizer(quantization, dtype) if quantization else None))
     stack_experts(model)
+    if device.type == "cpu":
+        pack_cpu_linears(model)
     return model.eval()
 
 
@@ -179,10 +182,12 @@ def load_model(model: str | None, dtype: torch.dtype, device: str | torch.device
 def weight_bytes_held(module: torch.nn.Module) -> int:
     """Device bytes of the model's weights as loaded (quantized ones with their scales; tied weights once;
     offloaded layers as the two staging buffers they stream through). The state dict leaves out the
-    rotary cos/sin tables, which are derived, not weights."""
+    rotary cos/sin tables, which are derived, not weights. A oneDNN-packed weight (models/cpu_linear.py)
+    has no storage to share, and holds exactly its elements' bytes."""
     streamer = streamer_of(module)
     staging = {b.data_ptr() for b in streamer.staging} if streamer else set()
-    tensors = {t.data_ptr(): t for t in module.state_dict().values() if t.untyped_storage().data_ptr() not in staging}
+    tensors = {(t.data_ptr() if t.layout == torch.strided else id(t)): t for t in module.state_dict().values()
+               if t.layout != torch.strided or t.untyped_storage().data_ptr() not in staging}
     return sum(t.numel() * t.element_size() for t in tensors.values()) + (streamer.staging_bytes if streamer else 0)
 
 

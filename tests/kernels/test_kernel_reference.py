@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import make_paged_kv
+from kernel_testing import assert_close, make_paged_kv
 
 from kvpilot.kernels import quant_reference as qr
 from kvpilot.kernels import reference as ref
@@ -24,8 +24,8 @@ def test_batched_decode_matches_oracle(dtype, kv_dtype, heads, kv_heads):
     kv = make_paged_kv(lens, kv_heads, 32, 8, dtype, CPU, kv_dtype=kv_dtype)
     query = torch.randn(len(lens), heads, 32).to(dtype)
     args = (query, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.2, kv.k_scale, kv.v_scale)
-    torch.testing.assert_close(ref.paged_attention_decode_ref(*args), ref.paged_attention_decode_naive(*args),
-                               atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-3)
+    # bf16 / fp16 caches: SDPA runs in their dtype (as HF's does), the oracle in fp32
+    assert_close(ref.paged_attention_decode_ref(*args), ref.paged_attention_decode_naive(*args), dtype)
 
 
 @pytest.mark.parametrize("q_lens,context_lens", [([3, 9, 1], [3, 9, 1]), ([2, 5, 1, 4], [30, 5, 17, 12]),
@@ -39,8 +39,8 @@ def test_batched_prefill_matches_oracle(q_lens, context_lens, dtype, kv_dtype, h
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     query = torch.randn(sum(q_lens), heads, 32).to(dtype)
     args = (query, kv.k_cache, kv.v_cache, kv.block_tables, cu, kv.context_lens, 0.2, kv.k_scale, kv.v_scale)
-    torch.testing.assert_close(ref.paged_attention_prefill_ref(*args), ref.paged_attention_prefill_naive(*args),
-                               atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-3)
+    # bf16 / fp16 caches: SDPA runs in their dtype (as HF's does), the oracle in fp32
+    assert_close(ref.paged_attention_prefill_ref(*args), ref.paged_attention_prefill_naive(*args), dtype)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "k-and-v-interleaved-per-block"])
@@ -136,3 +136,15 @@ def test_per_step_memo_keeps_each_window_groups_layout():
     full[0, 0] = 5  # in place: the version counter moves
     layer(full, None)
     assert builds == [None, 8, None]
+
+
+@pytest.mark.parametrize("query,cache,softcap,expected", [
+    (torch.bfloat16, torch.bfloat16, None, torch.bfloat16),  # SDPA in bf16, as HF's: no fp32 copy of K/V
+    (torch.float16, torch.float16, None, torch.float16),
+    (torch.float32, torch.float32, None, torch.float32),
+    (torch.bfloat16, torch.float8_e4m3fn, None, torch.float32),  # fp8 is scaled back up in fp32
+    (torch.bfloat16, torch.bfloat16, 50.0, torch.float32),  # soft-capping's scores come from a plain matmul
+], ids=["bf16", "fp16", "fp32", "fp8kv", "softcap"])
+def test_attention_runs_in_the_cache_dtype_where_the_query_shares_it(query, cache, softcap, expected):
+    q, k_cache = torch.zeros(1, 1, 8, dtype=query), torch.zeros(1, 16, 1, 8, dtype=cache)
+    assert ref.compute_dtype(q, k_cache, softcap) == expected

@@ -110,6 +110,8 @@ def _hf_named(model: torch.nn.Module):
     """The loaded model's weights under their checkpoint names (fused q/k/v and gate/up split again)."""
     attn = model.model.layers[0].self_attn
     for name, tensor in model.state_dict().items():
+        if tensor.is_mkldnn:  # a oneDNN-packed projection (runtime/models/cpu_linear.py)
+            name, tensor = name.replace(".packed_weight", ".weight"), tensor.to_dense()
         if "qkv_proj" in name:
             for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.split(attn.shard_sizes), strict=True):
                 yield name.replace("qkv_proj", part), chunk.clone()

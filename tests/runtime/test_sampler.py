@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from kvpilot.runtime.engine.sampler import Sampler, apply_min_p, apply_penalties, truncate
+from kvpilot.runtime.engine.sampler import ARGMAX_BLOCK, Sampler, apply_min_p, apply_penalties, greedy_tokens, truncate
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.engine.sequence import Sequence
 
@@ -111,3 +111,16 @@ def test_bad_parameters_are_named(field, value):
 def test_vllm_spellings_are_accepted():
     params = SamplingParams(top_k=-1, stop="END")
     assert params.top_k == 0 and params.stop == ["END"] and not math.isnan(params.temperature)
+
+
+@pytest.mark.parametrize("vocab", [7, ARGMAX_BLOCK, 3 * ARGMAX_BLOCK, 3 * ARGMAX_BLOCK + 5, 49152])
+def test_greedy_tokens_are_argmax_ties_tails_and_empty_rows_included(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    for _ in range(10):
+        logits = torch.randn(6, vocab, generator=gen)
+        logits[torch.rand(6, vocab, generator=gen) < 0.3] = float("-inf")
+        logits[0, [1, vocab - 1]] = 50.0  # a tie across blocks (and the tail): the first index wins
+        logits[1, vocab - 1] = 60.0  # the last token alone
+        logits[2] = float("-inf")  # nothing left: argmax answers 0
+        logits[3, vocab // 2] = float("nan")  # a NaN is argmax's maximum
+        assert greedy_tokens(logits).tolist() == logits.argmax(dim=-1).tolist()
