@@ -42,6 +42,14 @@ class PackedLinear(nn.Module):
             raise TypeError(f"PackedLinear holds {self.dtype} weights, the input is {x.dtype}")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
+    def unpacked(self) -> nn.Linear:
+        """The plain nn.Linear of the same weight (row-major again)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.dtype,
+                           device="meta")
+        linear.weight = nn.Parameter(self.packed_weight.to_dense(), requires_grad=False)
+        linear.bias = self.bias
+        return linear
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, oneDNN-packed"
 
@@ -67,3 +75,12 @@ def pack_cpu_linears(model: nn.Module) -> int:
         setattr(parent, child, PackedLinear(getattr(parent, child)))
     return len(targets)
 
+
+
+def unpack_cpu_linears(module: nn.Module) -> None:
+    """Swap `module`'s PackedLinears back for plain nn.Linear (a layer whose tensors must be strided: the
+    weight streamer packs them into its host store byte for byte)."""
+    for name, child in list(module.named_modules()):
+        if isinstance(child, PackedLinear):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, child.unpacked())

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from kvpilot.runtime.memory.offload import offloaded_layers
+from kvpilot.runtime.models.cpu_linear import unpack_cpu_linears
 from kvpilot.runtime.models.layers import RotaryEmbedding
 from kvpilot.runtime.models.moe import MoEMLP
 from kvpilot.runtime.models.quantized import QuantizedLinear
@@ -142,6 +143,8 @@ def offload_weights(model: nn.Module, count: int) -> None:
     chosen = offloaded_layers(len(stage_layers), count)
     if not chosen:
         return
+    for i in chosen:  # a oneDNN-packed weight is opaque: the host store holds plain row-major bytes
+        unpack_cpu_linears(body.layers[stage_layers[i]])
     groups = {i: _storages(layer_tensors(body.layers[stage_layers[i]])) for i in chosen}
     sizes = {i: sum(storage.nbytes() for storage, _, _ in groups[i]) for i in chosen}
     device = groups[chosen[0]][0][0].device  # the first storage's
