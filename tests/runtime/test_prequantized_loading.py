@@ -10,12 +10,14 @@ import torch
 from prequantized_checkpoints import awq, compressed_fp8, compressed_w4a16, compressed_w8a8, gptq
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from kvpilot.runtime.engine.llm import LLM
 from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.loading.loader import load_model
 from kvpilot.runtime.memory.checkpoint import checkpoint_weight_bytes_by_part
 from kvpilot.runtime.memory.support import UnsupportedOption
+from kvpilot.runtime.models.cpu_linear import PackedLinear
 from kvpilot.runtime.models.quantized import QuantizedLinear, weight_quantization
 from kvpilot.runtime.server.memory_report import weight_bytes_held
 
@@ -45,6 +47,12 @@ def dequantized_copy(folder, meaning, target):
         if (folder / name).is_file():
             (target / name).write_text((folder / name).read_text())
     return target
+
+
+def linear_weights(model):
+    """Each linear layer's row-major weight by module name (a oneDNN-packed one unpacked)."""
+    return {name: (m.unpacked() if isinstance(m, PackedLinear) else m).weight
+            for name, m in model.named_modules() if isinstance(m, (nn.Linear, PackedLinear))}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -78,10 +86,10 @@ def test_projection_weights_equal_what_the_checkpoint_encodes(pair):
     from kvpilot.kernels.quant_reference import dequantize
 
     loaded, reference = pair[1:3]
-    ref = dict(reference.model.named_parameters())
+    ref = linear_weights(reference.model)
     for name, module in loaded.model.named_modules():
         if isinstance(module, QuantizedLinear):
-            assert torch.equal(dequantize(module.weight), ref[f"{name}.weight"].float()), name
+            assert torch.equal(dequantize(module.weight), ref[name].float()), name
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -92,11 +100,11 @@ def test_each_tensor_parallel_rank_holds_its_share_of_the_checkpoint(pair, rank)
 
     folder, reference = pair[3:]
     share = load_model(str(folder), torch.float32, "cpu", parallel=Parallel(rank, 2)).model
-    ref = dict(load_model(str(reference), torch.float32, "cpu", parallel=Parallel(rank, 2)).model.named_parameters())
+    ref = linear_weights(load_model(str(reference), torch.float32, "cpu", parallel=Parallel(rank, 2)).model)
     checked = 0
     for name, module in share.named_modules():
         if isinstance(module, QuantizedLinear):
-            assert torch.equal(dequantize(module.weight), ref[f"{name}.weight"].float()), name
+            assert torch.equal(dequantize(module.weight), ref[name].float()), name
             checked += 1
     assert checked == 8
 
