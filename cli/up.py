@@ -43,8 +43,6 @@ def resolve_source(source: str) -> str | None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from kvpilot.runtime.engine.llm_engine import load_configured
-
     deployment = load_manifest(args.manifest)
     spec = deployment.spec
     plan = local_plan(spec)
@@ -57,6 +55,5 @@ def run_up(args: argparse.Namespace) -> int:
     options = engine_flags.parse_args(flags)
     options.model = resolve_source(spec.model.source)
     config = engine_config(options, "kvpilot up: the plan for this machine cannot run here")
-    loaded = None if config.world_size > 1 else load_configured(config)
     name = spec.model.served_name or deployment.metadata.name
-    return serve_engine(config, loaded, name, args)
+    return serve_engine(config, name, args)

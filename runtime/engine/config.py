@@ -52,7 +52,8 @@ class EngineConfig:
     leader_address: str | None = None  # where ranks meet when nnodes > 1 (the leader's host)
     leader_port: int = 29500
     block_size: int = DEFAULT_BLOCK_SIZE
-    num_kv_blocks: int | None = None  # None: as many as the memory plan gives
+    num_kv_blocks: int | None = None  # None: as many as kv_memory holds, else as the memory plan gives
+    kv_memory: int = 0  # bytes of KV pool instead of num_kv_blocks (for_model divides by the block bytes); 0: unset
     max_model_len: int | None = None  # None: the model's max positions
     max_num_seqs: int | None = None  # None: the memory plan's default for the device
     max_num_batched_tokens: int | None = None  # None: the memory plan's default
@@ -103,7 +104,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("host_kv_blocks", "host_kv_memory"):
+        for name in ("kv_memory", "host_kv_blocks", "host_kv_memory"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -114,6 +115,11 @@ class EngineConfig:
                                     f"pipeline parallel {self.pipeline_parallel_size}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode {self.preemption_mode!r} is not one of {', '.join(PREEMPTION_MODES)}")
+        if self.kv_memory and self.num_kv_blocks:
+            raise ValueError("give num_kv_blocks or kv_memory, not both")
+        if self.kv_memory and self.world_size > 1:
+            raise UnsupportedOption("kv_memory sizes one device's pool: with tensor or pipeline parallel > 1 give "
+                                    "num_kv_blocks (the plan's)")
         if (self.host_kv_blocks or self.host_kv_memory) and self.world_size > 1:
             raise UnsupportedOption("a host KV tier runs on one GPU only (tensor and pipeline parallel 1), got "
                                     f"tensor parallel {self.tensor_parallel_size} x pipeline parallel "
@@ -191,13 +197,18 @@ class EngineConfig:
             raise ValueError(f"offload_layers {self.offload_layers} exceeds {facts.name}'s {facts.num_layers} layers")
         max_model_len = self.max_model_len or facts.max_position_embeddings
         num_kv_blocks, max_num_seqs, max_batched = self.num_kv_blocks, self.max_num_seqs, self.max_num_batched_tokens
+        groups = model_kv_groups(facts, max_model_len)
+        if self.kv_memory:
+            per_block = kv_block_bytes(facts, self.kv_cache_dtype, self.block_size, groups)
+            num_kv_blocks = self.kv_memory // per_block
+            if not num_kv_blocks:
+                raise ValueError(f"kv_memory {self.kv_memory} bytes holds no KV block of {per_block} bytes")
         if None in (num_kv_blocks, max_num_seqs, max_batched):
             plan = memory_plan(facts, dataclasses.replace(self, max_model_len=max_model_len))
             num_kv_blocks = num_kv_blocks or plan.num_kv_blocks
             max_batched = max_batched or max(plan.max_batched_tokens, max_num_seqs or 0)
             max_num_seqs = max_num_seqs or min(plan.max_num_seqs, max_batched)
         prefix_caching, host_blocks = self.enable_prefix_caching, self.host_kv_blocks
-        groups = model_kv_groups(facts, max_model_len)
         if not host_blocks and self.host_kv_memory:
             block_bytes = kv_block_bytes(facts, self.kv_cache_dtype, self.block_size, groups, self.tensor_parallel_size)
             host_blocks = host_kv_blocks(self.host_kv_memory, block_bytes)
@@ -207,7 +218,7 @@ class EngineConfig:
             logger.info("prefix caching and host KV tier off: model=%s keeps layers of different sliding windows "
                         "in separate block tables, and they hold one", facts.name)
             prefix_caching, host_blocks = False, 0
-        return dataclasses.replace(self, max_model_len=max_model_len, num_kv_blocks=num_kv_blocks,
+        return dataclasses.replace(self, max_model_len=max_model_len, num_kv_blocks=num_kv_blocks, kv_memory=0,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
                                    enable_prefix_caching=prefix_caching, host_kv_blocks=host_blocks)
 

@@ -21,7 +21,7 @@ from kvpilot.runtime.engine.model_runner import InFlight, ModelRunner, StepResul
 from kvpilot.runtime.engine.outputs import EngineStats, HostTierStats, RequestOutput
 from kvpilot.runtime.engine.sampler import Sampler, stop_token_ids
 from kvpilot.runtime.engine.sampling import SamplingParams
-from kvpilot.runtime.engine.scheduler import AdmissionError, ScheduledBatch, Scheduler
+from kvpilot.runtime.engine.scheduler import RequestLimits, ScheduledBatch, Scheduler
 from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
 from kvpilot.runtime.engine.threads import set_cpu_threads
 from kvpilot.runtime.engine.workers import start_workers
@@ -76,6 +76,8 @@ class LLMEngine:
             block_bytes = kv_block_bytes(self.facts, DTYPE_NAMES[config.kv_torch_dtype], config.block_size, groups)
             swap = SwapPolicy(config.preemption_mode, swap_cost(self.device.type), block_bytes, self.facts.num_layers)
         self.scheduler = Scheduler(config, self.block_manager, swap)
+        self.limits = RequestLimits(self.facts.vocab_size, config.max_model_len, config.num_kv_blocks,
+                                    config.block_size, tuple(groups.windows))
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.guidance = Guidance(self.tokenizer, self.facts.vocab_size, self.eos_token_ids)
         sampler = Sampler(self.eos_token_ids, generator, self.guidance)
@@ -122,35 +124,16 @@ class LLMEngine:
         return self.config.max_model_len
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation in the model's chat template, ready for `add_request`."""
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                       tokenize=True, return_dict=False))
+        return chat_token_ids(self.tokenizer, messages, add_generation_prompt)
 
     def check_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise `AdmissionError` (a ValueError naming the numbers) for a request that can never be served."""
-        if not prompt_token_ids:
-            raise AdmissionError(f"request {request_id!r}: the prompt is empty")
-        vocab = self.facts.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise AdmissionError(f"request {request_id!r}: prompt token ids {bad[:5]} are outside the vocabulary "
-                             f"0..{vocab - 1}")
-        self.scheduler.check_admission(request_id, len(prompt_token_ids), params.max_tokens)
-        self._params_for_model(request_id, params)
-
-    def _params_for_model(self, request_id: str, params: SamplingParams) -> SamplingParams:
-        """`params` checked and normalised against this model, so that no value reaches the step that
-        could fail it (the step samples every request of the batch together)."""
-        try:
-            return params.for_vocab(self.facts.vocab_size)
-        except ValueError as err:
-            raise AdmissionError(f"request {request_id!r}: {err}") from None
+        self.limits.check(request_id, prompt_token_ids, params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.check_request(request_id, prompt_token_ids, params)
-        params = self._params_for_model(request_id, params)
+        params = self.limits.check(request_id, prompt_token_ids, params)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -287,6 +270,12 @@ class LLMEngine:
             restored_blocks=index.restored_blocks, swapped_out_blocks=index.swapped_out_blocks,
             swapped_in_blocks=index.swapped_in_blocks, bytes_to_host=tier.bytes_to_host,
             bytes_to_gpu=tier.bytes_to_gpu, cache_queries=bm.host_cache_queries, cache_hits=bm.host_cache_hits)
+
+
+def chat_token_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ready for `add_request`."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                              return_dict=False))
 
 
 def _check_device_memory(device: torch.device, kv_bytes: int) -> None:

@@ -23,11 +23,60 @@ from dataclasses import dataclass, field
 from kvpilot.runtime.engine.block_manager import BlockManager
 from kvpilot.runtime.engine.config import EngineConfig
 from kvpilot.runtime.engine.host_kv import SwapPolicy
+from kvpilot.runtime.engine.sampling import SamplingParams
 from kvpilot.runtime.engine.sequence import Sequence, SequenceStatus
+from kvpilot.runtime.memory.kv_groups import blocks_per_sequence
 
 
 class AdmissionError(ValueError):
     """A request that can never be served (HTTP 400): the message names the request's and the limit's numbers."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What decides whether a request can ever be served: the vocabulary, the model length and the
+    KV pool's shape. The engine admits by it; a client in another process checks with the engine's
+    own copy before anything is sent back."""
+
+    vocab_size: int
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int
+    windows: tuple[int | None, ...]
+
+    def check(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """`params` normalised for this vocabulary; raises `AdmissionError` naming the numbers."""
+        if not prompt_token_ids:
+            raise AdmissionError(f"request {request_id!r}: the prompt is empty")
+        vocab = self.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise AdmissionError(f"request {request_id!r}: prompt token ids {bad[:5]} are outside the vocabulary "
+                                 f"0..{vocab - 1}")
+        self.check_length(request_id, len(prompt_token_ids), params.max_tokens)
+        try:
+            return params.for_vocab(vocab)
+        except ValueError as err:
+            raise AdmissionError(f"request {request_id!r}: {err}") from None
+
+    def check_length(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
+        check_length(request_id, num_prompt_tokens, max_tokens, self.max_model_len, self.windows,
+                     self.num_kv_blocks, self.block_size)
+
+
+def check_length(request_id: str, num_prompt_tokens: int, max_tokens: int, max_model_len: int,
+                 windows: tuple[int | None, ...], num_blocks: int, block_size: int) -> None:
+    """Refuse a sequence longer than the model or than the whole KV pool."""
+    total = num_prompt_tokens + max_tokens
+    if total > max_model_len:
+        raise AdmissionError(f"request {request_id!r}: prompt ({num_prompt_tokens} tokens) + max_tokens "
+                             f"({max_tokens}) = {total} tokens exceeds max_model_len {max_model_len}")
+    blocks = blocks_per_sequence(windows, total, block_size)
+    if blocks > num_blocks:
+        tokens = num_blocks // len(windows) * block_size  # for every layer
+        raise AdmissionError(f"request {request_id!r}: prompt ({num_prompt_tokens} tokens) + max_tokens "
+                             f"({max_tokens}) = {total} tokens needs {blocks} KV blocks, but the whole KV cache "
+                             f"holds {num_blocks} blocks ({tokens} tokens)")
 
 
 @dataclass
@@ -65,17 +114,9 @@ class Scheduler:
         self._seq_limit = self.max_num_seqs  # of the step being scheduled
 
     def check_admission(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
-        total = num_prompt_tokens + max_tokens
-        if total > self.max_model_len:
-            raise AdmissionError(f"request {request_id!r}: prompt ({num_prompt_tokens} tokens) + max_tokens "
-                                 f"({max_tokens}) = {total} tokens exceeds max_model_len {self.max_model_len}")
         bm = self.block_manager
-        blocks = bm.blocks_for_sequence(total)
-        tokens = bm.num_blocks // len(bm.windows) * bm.block_size  # for every layer
-        if blocks > bm.num_blocks:
-            raise AdmissionError(f"request {request_id!r}: prompt ({num_prompt_tokens} tokens) + max_tokens "
-                                 f"({max_tokens}) = {total} tokens needs {blocks} KV blocks, but the whole KV cache "
-                                 f"holds {bm.num_blocks} blocks ({tokens} tokens)")
+        check_length(request_id, num_prompt_tokens, max_tokens, self.max_model_len, bm.windows, bm.num_blocks,
+                     bm.block_size)
 
     def add(self, seq: Sequence) -> None:
         self.check_admission(seq.request_id, seq.num_prompt_tokens, seq.params.max_tokens)

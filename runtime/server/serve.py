@@ -16,9 +16,7 @@ from pathlib import Path
 import uvicorn
 
 from kvpilot.runtime.contract import HTTP_PORT
-from kvpilot.runtime.memory.devices import parse_quantity
 from kvpilot.runtime.server.engine_flags import add_engine_flags, engine_config
-from kvpilot.runtime.usage import UsageError
 
 DEFAULT_GRACE_SECONDS = 30.0  # Kubernetes' default terminationGracePeriodSeconds
 
@@ -29,6 +27,9 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("KVPILOT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $KVPILOT_API_KEY)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get HTTP 429")
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="step the engine in a thread of the server's process instead of a process of its own "
+                        "(they then share the GIL: slower under load)")
     p.add_argument("--shutdown-grace", type=float, default=DEFAULT_GRACE_SECONDS,
                    help="seconds in-flight requests get to finish after SIGTERM")
 
@@ -43,31 +44,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from kvpilot.runtime.engine.llm_engine import load_configured
-
     config = engine_config(args)
     if config.node_rank > 0:  # a LeaderWorkerSet worker pod: its ranks only, no server
         from kvpilot.runtime.engine.workers import run_worker_node
 
         return run_worker_node(config)
-    if config.world_size > 1:  # the engine loads every rank's shard itself
-        if args.kv_memory:
-            raise UsageError("kvpilot serve: with --tensor-parallel or --pipeline-parallel > 1 give "
-                             "--num-kv-blocks (the plan's), not --kv-memory")
-        return serve_engine(config, None, args.served_model_name, args)
-    loaded = load_configured(config)
-    if args.kv_memory:
-        from kvpilot.runtime.engine.kv_cache import DTYPE_NAMES
-        from kvpilot.runtime.memory.kv_groups import kv_block_bytes
-
-        per_block = kv_block_bytes(loaded.facts, DTYPE_NAMES[config.kv_torch_dtype], args.block_size,
-                                   config.kv_groups(loaded.facts))
-        blocks = parse_quantity(args.kv_memory) // per_block
-        if blocks < 1:
-            raise UsageError(f"--kv-memory {args.kv_memory} holds no block of {per_block} bytes")
-        config.num_kv_blocks = blocks
-    name = args.served_model_name or _default_name(loaded.source)
-    return serve_engine(config, loaded, name, args)
+    return serve_engine(config, args.served_model_name, args)
 
 
 def _default_name(source: Path) -> str:
@@ -75,26 +57,25 @@ def _default_name(source: Path) -> str:
     return name.split(".")[0] if source.suffix == ".gguf" else name
 
 
-def serve_engine(config, loaded, name: str | None, args: argparse.Namespace) -> int:
-    """Serve until SIGTERM; `loaded` None: the engine loads (its shards, under tensor parallelism);
-    `name` None: the model's own."""
+def serve_engine(config, name: str | None, args: argparse.Namespace) -> int:
+    """Serve until SIGTERM; `name` None: the model's own. The engine loads in a process of its own
+    (runtime/server/engine_process.py), or in this one with --engine-in-process."""
     from rich.console import Console
 
-    from kvpilot.runtime.engine.async_engine import AsyncLLMEngine
-    from kvpilot.runtime.engine.config import memory_plan
-    from kvpilot.runtime.engine.llm_engine import LLMEngine
     from kvpilot.runtime.memory.plan_view import render_plan
     from kvpilot.runtime.server.app import ServerConfig, build_app
-    from kvpilot.runtime.server.memory_report import memory_figures
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = AsyncLLMEngine(LLMEngine(config, loaded=loaded))
-    loaded = engine.engine.loaded
-    name = name or _default_name(loaded.source)
-    plan = memory_plan(loaded.facts, engine.engine.config)
+    if args.engine_in_process:
+        engine, plan, memory, source = _in_process_engine(config)
+    else:
+        from kvpilot.runtime.server.engine_process import EngineProcess
+
+        engine = EngineProcess(config)
+        plan, memory, source = engine.plan, engine.memory_figures, Path(engine.source)
+    name = name or _default_name(source)
     render_plan(plan, Console(stderr=True))
-    app = build_app(engine, ServerConfig(name, args.api_key, args.max_waiting),
-                    lambda: memory_figures(engine.engine, plan))
+    app = build_app(engine, ServerConfig(name, args.api_key, args.max_waiting), memory)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -108,6 +89,17 @@ def serve_engine(config, loaded, name: str | None, args: argparse.Namespace) -> 
                                            timeout_graceful_shutdown=args.shutdown_grace), app)
     asyncio.run(server.serve())
     return 0
+
+
+def _in_process_engine(config):
+    from kvpilot.runtime.engine.async_engine import AsyncLLMEngine
+    from kvpilot.runtime.engine.config import memory_plan
+    from kvpilot.runtime.engine.llm_engine import LLMEngine
+    from kvpilot.runtime.server.memory_report import memory_figures
+
+    core = LLMEngine(config)
+    plan = memory_plan(core.facts, core.config)
+    return AsyncLLMEngine(core), plan, lambda: memory_figures(core, plan), core.loaded.source
 
 
 ABORT_MARGIN_SECONDS = 1.0  # before the grace ends, what is still running is aborted: time to send the ends

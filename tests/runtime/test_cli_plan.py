@@ -66,7 +66,7 @@ def test_plan_local_machine(capsys):
     (["plan", "--model", "smollm2-135m", "--gpu", "cpu", "--quantization", "fp8"], "fp8 needs a GPU"),
     (["serve", "--quantization", "int3"], "quantization 'int3' is not one of none, int8, int4, fp8"),
     (["serve", "--device", "cpu", "--kv-cache-dtype", "fp16"], "KV cache dtype 'fp16' differs from the compute"),
-    (["serve", "--device", "cpu", "--tensor-parallel", "2", "--kv-memory", "1Gi"], "give --num-kv-blocks"),
+    (["serve", "--device", "cpu", "--tensor-parallel", "2", "--kv-memory", "1Gi"], "parallel > 1 give num_kv_blocks"),
     (["serve", "--device", "cpu", "--tensor-parallel", "2", "--nnodes", "2"], "needs leader_address"),
 ])
 def test_mistakes_are_one_line_and_exit_2(args, message):
