@@ -11,7 +11,7 @@ from typing import Any, Literal
 from kvpilot.operator.planning import DEFAULT_CPU_POD_MEMORY, quantity_bytes, target_device
 from kvpilot.operator.spec import DEFAULT_IMAGE, LLMDeployment, ModelSource
 from kvpilot.runtime.contract import ENTRYPOINT, HEALTH_PATH, HTTP_PORT, READY_PATH
-from kvpilot.runtime.memory.budget import CPU_PROCESS_BYTES
+from kvpilot.runtime.memory.budget import RUNTIME_PROCESS_BYTES
 from kvpilot.runtime.memory.devices import GiB, MiB
 from kvpilot.runtime.memory.facts import catalog_aliases
 from kvpilot.runtime.memory.planner import Plan
@@ -110,10 +110,10 @@ def container_resources(deployment: LLMDeployment, plan: Plan) -> dict[str, dict
         gpus = str(plan.gpus_per_replica // plan.nodes)
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = gpus
         if host and "memory" not in requests:  # a request given holds the tier (planning.host_kv_bytes); else
-            # the tier plus what the runtime process holds in RAM before it (Python, torch, the tokenizer)
-            requests["memory"] = _quantity(CPU_PROCESS_BYTES + host)
+            # the tier plus what the runtime processes hold in RAM before it (Python, torch, the tokenizer)
+            requests["memory"] = _quantity(RUNTIME_PROCESS_BYTES + host)
         if plan.host_weight_bytes_per_pod:  # weights offload: pinned host memory on top of whatever was asked
-            _grow(requests, plan.host_weight_bytes_per_pod, "requests", CPU_PROCESS_BYTES)
+            _grow(requests, plan.host_weight_bytes_per_pod, "requests", RUNTIME_PROCESS_BYTES)
             _grow(limits, plan.host_weight_bytes_per_pod, "limits", None)
     return {"requests": requests, "limits": limits}
 

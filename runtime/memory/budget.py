@@ -36,6 +36,11 @@ CUDA_CONTEXT_BYTES = 1 * GiB
 SAFETY_MARGIN_BYTES = 128 * MiB
 # Python, torch and the tokenizer of a CPU runtime process, resident before any weight loads.
 CPU_PROCESS_BYTES = 768 * MiB
+# The API server's own process beside the engine's (runtime/server/engine_process.py): Python, torch,
+# the tokenizer, FastAPI/uvicorn; measured 490 MB resident serving SmolLM2-135M.
+SERVER_PROCESS_BYTES = 512 * MiB
+# What a pod's runtime holds in host memory before any weight or KV byte: both processes.
+RUNTIME_PROCESS_BYTES = CPU_PROCESS_BYTES + SERVER_PROCESS_BYTES
 
 # The sampler's peak per logit (sequences x vocabulary): kvpilot's sampler (runtime/engine/sampler.py)
 # holds the logits in fp32 (4), the log-probabilities (4), the top-k/top-p sort's values (4) and
@@ -112,7 +117,7 @@ def non_torch_bytes(device: Device, tp: int, pipeline_parallel: int = 1) -> int:
     """By TP degree; a pipeline adds a communicator between neighbouring stages, counted (unmeasured)
     as at least the TP 2 figure, the smallest NCCL communicator measured."""
     if device.kind == "cpu":
-        return CPU_PROCESS_BYTES
+        return RUNTIME_PROCESS_BYTES
     if pipeline_parallel > 1:
         tp = max(tp, 2)
     if tp > 4:

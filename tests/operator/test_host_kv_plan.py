@@ -16,7 +16,7 @@ from kvpilot.operator.pod import GPU_RESOURCE
 from kvpilot.operator.render import render
 from kvpilot.operator.spec import SpecError, parse_manifest
 from kvpilot.operator.status import plan_status
-from kvpilot.runtime.memory.budget import CPU_PROCESS_BYTES
+from kvpilot.runtime.memory.budget import RUNTIME_PROCESS_BYTES
 from kvpilot.runtime.memory.devices import GiB
 from kvpilot.runtime.memory.facts import resolve_model
 from kvpilot.runtime.memory.planner import PlanError
@@ -64,7 +64,7 @@ def test_gpu_pods_request_the_host_tier_in_memory():
     requests = resources(GPU_SPEC)["requests"]
     plan = plan_deployment(deployment(GPU_SPEC).spec)
     assert requests[GPU_RESOURCE] == "1"
-    expected = CPU_PROCESS_BYTES + plan.host_kv_bytes
+    expected = RUNTIME_PROCESS_BYTES + plan.host_kv_bytes
     assert requests["memory"] in (f"{expected // (1 << 20)}Mi", str(expected))
     given = {**GPU_SPEC, "runtime": {"resources": {"requests": {"memory": "32Gi"}}}}
     assert resources(given)["requests"]["memory"] == "32Gi"  # the user's request holds the tier

@@ -14,7 +14,7 @@ from kvpilot.operator.planning import plan_deployment
 from kvpilot.operator.render import render
 from kvpilot.operator.spec import parse_manifest
 from kvpilot.operator.status import plan_status
-from kvpilot.runtime.memory.budget import CPU_PROCESS_BYTES
+from kvpilot.runtime.memory.budget import RUNTIME_PROCESS_BYTES
 from kvpilot.runtime.memory.devices import GiB
 from kvpilot.runtime.memory.planner import NoFit
 
@@ -48,7 +48,7 @@ def test_the_pod_runs_the_offload_and_requests_the_host_bytes():
     args = runtime["args"]
     assert args[args.index("--offload-layers") + 1] == str(plan.offload_layers)
     requests = runtime["resources"]["requests"]
-    assert memory_bytes(requests["memory"]) == CPU_PROCESS_BYTES + plan.host_weight_bytes_per_pod
+    assert memory_bytes(requests["memory"]) == RUNTIME_PROCESS_BYTES + plan.host_weight_bytes_per_pod
     assert "memory" not in runtime["resources"]["limits"]
 
 
@@ -65,7 +65,7 @@ def test_the_host_kv_tier_and_the_offload_add_up():
     plan = plan_deployment(deployment(both).spec)
     assert plan.num_host_kv_blocks > 0 and plan.offload_layers > 0
     requests = container(both)["resources"]["requests"]
-    assert memory_bytes(requests["memory"]) == CPU_PROCESS_BYTES + plan.host_kv_bytes + plan.host_weight_bytes
+    assert memory_bytes(requests["memory"]) == RUNTIME_PROCESS_BYTES + plan.host_kv_bytes + plan.host_weight_bytes
 
 
 def test_the_status_shows_the_offload():
@@ -102,7 +102,7 @@ async def test_the_operator_renders_the_offload_and_refuses_it_without_consent()
     assert planned["offloadLayers"] > 0 and planned["hostWeightBytes"] > 0
     args = runtime["args"]
     assert args[args.index("--offload-layers") + 1] == str(planned["offloadLayers"])
-    assert memory_bytes(runtime["resources"]["requests"]["memory"]) == CPU_PROCESS_BYTES + planned["hostWeightBytes"]
+    assert memory_bytes(runtime["resources"]["requests"]["memory"]) == RUNTIME_PROCESS_BYTES + planned["hostWeightBytes"]
     condition = next(c for c in refused["status"]["conditions"] if c["type"] == "Planned")
     assert condition["reason"] == "DoesNotFit"
     assert (f"offloading {planned['offloadLayers']} of 80 layers' weights to host memory" in condition["message"]
