@@ -3,9 +3,11 @@
 The workload: the 32 chat questions of bench/quantization.py sent at once as streaming
 /v1/chat/completions requests over HTTP, greedy, `ignore_eos` + `min_tokens` = `max_tokens` so both
 servers produce the same number of tokens. Both serve the embedded SmolLM2-135M-Instruct as the same
-HF directory (bench/vllm_peer.py makes it from the GGUF). Each server is started, warmed with one
-round of the workload (shorter outputs), then measured `--rounds` times; then it is stopped and the next one
-starts, so the two never share the CPU.
+HF directory (bench/vllm_peer.py makes it from the GGUF). Both servers are started and warmed with one
+round of the workload (shorter outputs); then the measured rounds alternate between them (kvpilot
+first in even rounds, vLLM first in odd ones), so a machine whose speed drifts during the run (a
+shared VM's does, by 20% and more) weighs on both alike. Only one server works at a time: each row
+says how many CPU seconds the idle one spent during the other's round (`idle_peer_cpu_s`).
 
 Counted the same way for both, from what the stream carries:
 - tokens: each chunk's `logprobs.content` has one entry per token it carries (logprobs are asked
@@ -15,6 +17,7 @@ Counted the same way for both, from what the stream carries:
   chunk of k tokens gives k - 1 zero gaps after the gap before it);
 - output tok/s: all completion tokens / wall time of the round.
 One JSON line per (dtype, server, round), then one `vs_vllm_ratio` line per dtype (medians).
+`--servers kvpilot` (or `vllm`) measures one alone.
 Where vLLM is not installed, one line says so and the bench exits 0.
 
     python bench/vs_vllm.py --dtypes fp32 bf16 --rounds 2
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 from http_servers import percentile, start_server
 from quantization import QUESTIONS
 from vllm_peer import DEFAULT_VLLM_PYTHON, embedded_hf_dir, vllm_command, vllm_env, vllm_missing, vllm_version
@@ -87,19 +91,32 @@ def kvpilot_command(model_dir: Path, port: int, dtype: str, max_model_len: int, 
             NAME, "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len), *extra]
 
 
-def _serve_and_measure(name: str, command: list[str], env: dict | None, port: int, args) -> list[dict]:
-    url = f"http://127.0.0.1:{port}"
-    log = Path(args.log_dir) / f"{name}.log"
-    proc = start_server(command, f"{url}/v1/models", 900, log=log, env=env)
-    try:
-        asyncio.run(_round(url, args.requests, args.warm_output_len))  # warm: every batch shape, every code path
-        return [asyncio.run(_round(url, args.requests, args.output_len)) for _ in range(args.rounds)]
-    finally:
-        proc.terminate()
+def _cpu_seconds(proc: subprocess.Popen) -> float:
+    """CPU time of a server and its children (vLLM's engine core, kvpilot's engine process) so far."""
+    tree = psutil.Process(proc.pid)
+    total = 0.0
+    for p in [tree, *tree.children(recursive=True)]:
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _start_warm(name: str, command: list[str], env: dict | None, port: int, args) -> tuple[subprocess.Popen, str]:
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(command, f"{url}/v1/models", 900, log=Path(args.log_dir) / f"{name}.log", env=env)
+    asyncio.run(_round(url, args.requests, args.warm_output_len))  # warm: every batch shape, every code path
+    return proc, url
 
 
 def main() -> None:
@@ -107,7 +124,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=87)
-    parser.add_argument("--rounds", type=int, default=2, help="measured rounds per server, after one warm round")
+    parser.add_argument("--rounds", type=int, default=4, help="measured rounds per server, after one warm round")
     parser.add_argument("--warm-output-len", type=int, default=16, help="tokens per request of the warm round")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON)
@@ -124,18 +141,32 @@ def main() -> None:
         print(json.dumps({"bench": "vs_vllm", "vllm": vllm_version(args.vllm_python)}), flush=True)
     model_dir = embedded_hf_dir()
     for dtype in args.dtypes:
-        medians: dict[str, dict] = {}
-        for server in args.servers:
-            port = free_port()
-            if server == "kvpilot":
-                command, env = kvpilot_command(model_dir, port, dtype, args.max_model_len, args.kvpilot_arg), None
-            else:
-                command = vllm_command(args.vllm_python, model_dir, port, dtype, NAME, args.max_model_len)
-                env = vllm_env(threads=args.vllm_threads)
-            rows = _serve_and_measure(f"{server}-{dtype}", command, env, port, args)
-            for i, row in enumerate(rows):
-                print(json.dumps({"bench": "vs_vllm", "server": server, "dtype": dtype, "round": i, **row}), flush=True)
-            medians[server] = {k: statistics.median(r[k] for r in rows) for k in ("output_tok_s", "ttft_p50_s")}
+        servers: dict[str, tuple[subprocess.Popen, str]] = {}
+        try:
+            for server in args.servers:
+                port = free_port()
+                if server == "kvpilot":
+                    command, env = kvpilot_command(model_dir, port, dtype, args.max_model_len, args.kvpilot_arg), None
+                else:
+                    command = vllm_command(args.vllm_python, model_dir, port, dtype, NAME, args.max_model_len)
+                    env = vllm_env(threads=args.vllm_threads)
+                servers[server] = _start_warm(f"{server}-{dtype}", command, env, port, args)
+            rows: dict[str, list[dict]] = {server: [] for server in servers}
+            for i in range(args.rounds):
+                for server in (list(servers) if i % 2 == 0 else list(reversed(servers))):
+                    idle = [proc for name, (proc, _) in servers.items() if name != server]
+                    before = sum(_cpu_seconds(proc) for proc in idle)
+                    row = asyncio.run(_round(servers[server][1], args.requests, args.output_len))
+                    if idle:
+                        row["idle_peer_cpu_s"] = round(sum(_cpu_seconds(proc) for proc in idle) - before, 2)
+                    rows[server].append(row)
+                    print(json.dumps({"bench": "vs_vllm", "server": server, "dtype": dtype, "round": i, **row}),
+                          flush=True)
+        finally:
+            for proc, _ in servers.values():
+                _stop(proc)
+        medians = {server: {k: statistics.median(r[k] for r in rs) for k in ("output_tok_s", "ttft_p50_s")}
+                   for server, rs in rows.items()}
         if len(medians) == 2:
             ours, peer = medians["kvpilot"], medians["vllm"]
             print(json.dumps({"bench": "vs_vllm_ratio", "dtype": dtype,

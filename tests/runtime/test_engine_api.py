@@ -114,6 +114,17 @@ def test_unset_limits_come_from_the_model_and_the_plan(loaded_model):
         EngineConfig(device="cpu", max_model_len=9000).for_model(facts)
 
 
+def test_kv_memory_becomes_the_blocks_it_holds(loaded_model):
+    facts = loaded_model.facts
+    per_block = kv_bytes_per_token(facts, "fp32") * 16
+    config = EngineConfig(device="cpu", max_model_len=2048, kv_memory=10 * per_block + per_block // 2).for_model(facts)
+    assert config.num_kv_blocks == 10 and config.kv_memory == 0
+    with pytest.raises(ValueError, match=f"holds no KV block of {per_block} bytes"):
+        EngineConfig(device="cpu", max_model_len=2048, kv_memory=per_block - 1).for_model(facts)
+    with pytest.raises(ValueError, match="num_kv_blocks or kv_memory, not both"):
+        EngineConfig(device="cpu", num_kv_blocks=4, kv_memory=per_block)
+
+
 def test_bad_limits_are_named():
     with pytest.raises(ValueError, match=r"block_size must be an integer >= 1, got 0"):
         EngineConfig(device="cpu", block_size=0)
