@@ -102,7 +102,8 @@ async def test_the_operator_renders_the_offload_and_refuses_it_without_consent()
     assert planned["offloadLayers"] > 0 and planned["hostWeightBytes"] > 0
     args = runtime["args"]
     assert args[args.index("--offload-layers") + 1] == str(planned["offloadLayers"])
-    assert memory_bytes(runtime["resources"]["requests"]["memory"]) == RUNTIME_PROCESS_BYTES + planned["hostWeightBytes"]
+    requested = memory_bytes(runtime["resources"]["requests"]["memory"])
+    assert requested == RUNTIME_PROCESS_BYTES + planned["hostWeightBytes"]
     condition = next(c for c in refused["status"]["conditions"] if c["type"] == "Planned")
     assert condition["reason"] == "DoesNotFit"
     assert (f"offloading {planned['offloadLayers']} of 80 layers' weights to host memory" in condition["message"]
