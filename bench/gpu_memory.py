@@ -214,7 +214,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="the CPU and the tiny model, to check the script")
     parser.add_argument("--tp", choices=["1", "2", "all"], default="all", help="all: 1, then 2 when 2 GPUs exist")
     parser.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_UTILIZATION)
-    parser.add_argument("--cpu-memory", default="1Gi", help="--dry-run: host memory the plan may use")
+    parser.add_argument("--cpu-memory", default="2Gi", help="--dry-run: host memory the plan may use")
     parser.add_argument("--plan-scale", type=float, default=1.0,
                         help="multiply every planned figure (below 1: shows an over-plan part failing the run)")
     args = parser.parse_args()
