@@ -7,12 +7,18 @@ with TRITON_INTERPRET=1, then the environment is put back. kvpilot.kernels.ops r
 at call time: the kernel tests set it around each test (tests/kernels/conftest.py), every other
 suite keeps the fast torch reference whatever the collection order, and subprocesses the tests
 start do not inherit it.
+
+Engines the tests build run their decoder eagerly (KVPILOT_ENFORCE_EAGER=1, inherited by the servers
+the tests start): compiling would cost each of them 10-90 s. tests/runtime/test_compiled_decoder.py
+builds compiled engines explicitly.
 """
 
 import importlib
 import os
 
 import torch
+
+os.environ.setdefault("KVPILOT_ENFORCE_EAGER", "1")
 
 if not torch.cuda.is_available():
     _previous = os.environ.get("TRITON_INTERPRET")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +31,11 @@ def _dtype_name(value: str) -> str:
     if name not in DTYPES:
         raise ValueError(f"dtype {value!r} is not one of auto, {', '.join(DTYPES)}")
     return name
+
+
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: 1, true, yes or on is on."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def default_device() -> str:
@@ -65,6 +71,8 @@ class EngineConfig:
     # decoder layers whose weights stay in host memory, streamed to the device ahead of use (models/offload.py)
     offload_layers: int = 0
     seed: int = 0  # for requests that set no seed of their own
+    # True: never torch.compile the decoder (models/compiled.py); default: $KVPILOT_ENFORCE_EAGER, else False
+    enforce_eager: bool = field(default_factory=lambda: env_flag("KVPILOT_ENFORCE_EAGER"))
 
     def __post_init__(self) -> None:
         if self.device == "auto":

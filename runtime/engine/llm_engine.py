@@ -82,6 +82,8 @@ class LLMEngine:
         self.guidance = Guidance(self.tokenizer, self.facts.vocab_size, self.eos_token_ids)
         sampler = Sampler(self.eos_token_ids, generator, self.guidance)
         self.runner = ModelRunner(self.loaded.model, self.facts, config, sampler, self.parallel)
+        if not config.enforce_eager:
+            self.runner.compile()
         self.host_tier = HostKVTier(self.runner.kv_cache.pool, config.host_kv_blocks) if host_index else None
         self.requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
         self.in_flight: deque[tuple[ScheduledBatch, InFlight]] = deque()  # pipeline micro-batches, oldest first

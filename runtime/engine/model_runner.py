@@ -7,6 +7,8 @@ hidden states from the one before it, and the last stage sends the sampled rows'
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -17,9 +19,12 @@ from kvpilot.runtime.engine.sampler import Sampler
 from kvpilot.runtime.engine.scheduler import ScheduledBatch
 from kvpilot.runtime.engine.sequence import Sequence, TokenLogprob
 from kvpilot.runtime.memory.facts import ModelFacts
+from kvpilot.runtime.models.compiled import compile_decoder
 from kvpilot.runtime.models.layers import AttentionMetadata
 from kvpilot.runtime.models.llama import LlamaForCausalLM
 from kvpilot.runtime.models.parallel import SINGLE, Parallel, Sends
+
+logger = logging.getLogger("kvpilot.runtime.engine.model_runner")
 
 
 @dataclass
@@ -185,6 +190,26 @@ class ModelRunner:
         if p.stages > 1 and p.rank == 0:
             p.send_logits(self.sends, logits)
         return logits
+
+    def compile(self) -> None:
+        """Compile the decoder where the model allows (models/compiled.py) and build its graph now, with a
+        forward of two prompt tokens that writes no cache slot; a compile that fails (inductor needs a C++
+        compiler) leaves the decoder eager, with a warning."""
+        decoder = self.model.model
+        decoder.compiled = compile_decoder(decoder)
+        if decoder.compiled is None:
+            return
+        started = time.perf_counter()
+        groups = range(self.kv_groups.num_groups)
+        warm_up = HostInputs([0, 0], [0, 1], [[-1, -1] for _ in groups], 0, [[] for _ in groups], [],
+                             [[[0]] for _ in groups], [0, 2], [2], 2, [1])
+        try:
+            self.execute(warm_up)
+        except Exception as err:  # whatever torch.compile raised: the eager decoder is right too
+            decoder.compiled = None
+            logger.warning("torch.compile failed, the decoder runs eagerly: %s", str(err).strip().splitlines()[0])
+            return
+        logger.info("decoder compiled (torch.compile, inductor) in %.1f s", time.perf_counter() - started)
 
     def stop(self) -> None:
         """Rank 0: tell every other rank to finish; another rank: pass the word to the next stage."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvpilot.runtime.models.compiled import register_packed_weight
+
 PACKED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 BLOCK = 64  # oneDNN's widest weight block on AVX-512 / AMX: dims that are multiples of it need no padding
 BATCH_HINT = 32  # the rows oneDNN picks its blocked layout for: a decode step of a full batch
@@ -36,8 +38,11 @@ class PackedLinear(nn.Module):
         # a buffer: the memory report's weight count and state_dict() see it (runtime/loading/loader.py)
         self.register_buffer("packed_weight", packed)
         self.bias = linear.bias
+        self.handle = register_packed_weight(packed)  # how a compiled graph names it (models/compiled.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.kvpilot.packed_linear(x, self.handle, self.bias, self.out_features)
         if x.dtype != self.dtype:
             raise TypeError(f"PackedLinear holds {self.dtype} weights, the input is {x.dtype}")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")

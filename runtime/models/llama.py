@@ -26,6 +26,7 @@ from kvpilot.kernels.quant_reference import QuantizedWeight
 from kvpilot.runtime.memory.facts import ModelFacts
 from kvpilot.runtime.memory.quantization import kv_heads_per_gpu, tp_compatible
 from kvpilot.runtime.memory.support import UnsupportedOption
+from kvpilot.runtime.models import compiled
 from kvpilot.runtime.models.layers import ACTIVATIONS, AttentionMetadata, GemmaRMSNorm, RMSNorm, RotaryEmbedding
 from kvpilot.runtime.models.moe import MoEMLP
 from kvpilot.runtime.models.parallel import SINGLE, Parallel, VocabParallelEmbedding
@@ -51,7 +52,7 @@ class LlamaAttention(nn.Module):
     def __init__(self, facts: ModelFacts, variant: Variant, layer: int, rotary: RotaryEmbedding | None,
                  parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.parallel = parallel
+        self.parallel, self.layer = parallel, layer
         self.num_heads, self.head_dim = facts.num_heads // parallel.size, facts.head_dim
         self.num_kv_heads = kv_heads_per_gpu(facts, parallel.size)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -84,15 +85,22 @@ class LlamaAttention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if torch.compiler.is_compiling():  # the step's caches and layout: models/compiled.py
+            out = torch.ops.kvpilot.paged_attention(q, k, v, self.layer)
+        else:
+            out = self.attend(q, k, v, k_cache, v_cache, meta)
+        return self.parallel.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Write k/v into the cache, then attend: decodes first, then prefill chunks."""
         ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         n = meta.num_decode_tokens
         if n == q.shape[0]:
-            out = self._decode(q, k_cache, v_cache, meta)
-        elif n == 0:
-            out = self._prefill(q, k_cache, v_cache, meta)
-        else:
-            out = torch.cat((self._decode(q[:n], k_cache, v_cache, meta), self._prefill(q[n:], k_cache, v_cache, meta)))
-        return self.parallel.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
+            return self._decode(q, k_cache, v_cache, meta)
+        if n == 0:
+            return self._prefill(q, k_cache, v_cache, meta)
+        return torch.cat((self._decode(q[:n], k_cache, v_cache, meta), self._prefill(q[n:], k_cache, v_cache, meta)))
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -181,6 +189,7 @@ class LlamaModel(nn.Module):
         if parallel.is_last_stage:
             self.norm = make_norm(variant, facts.hidden_size, facts.rms_norm_eps)
         self.streamer: WeightStreamer | None = None  # layers whose weights stream from host memory (offload.py)
+        self.compiled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # models/compiled.py
 
     def build_rotary_tables(self, device: torch.device) -> None:
         for rotary in self.rotaries.values():
@@ -197,6 +206,12 @@ class LlamaModel(nn.Module):
             h = h * (torch.tensor(scale, dtype=h.dtype) if self.variant.embedding_scale_in_dtype else scale)
         layers = [self.layers[i] for i in self.stage.layers]
         metas = meta if isinstance(meta, list) else [meta] * len(layers)
+        if self.compiled is not None:
+            with compiled.step([compiled.StepLayer(layer.self_attn, *rest)
+                                for layer, *rest in zip(layers, k_caches, v_caches, metas, strict=True)]):
+                for tensor in (h, positions):  # any number of tokens, 1 included: one graph
+                    torch._dynamo.decorators.mark_unbacked(tensor, 0)
+                return self.compiled(positions, h)
         for i, (layer, k_cache, v_cache, layer_meta) in enumerate(zip(layers, k_caches, v_caches, metas, strict=True)):
             if self.streamer is not None:
                 self.streamer.wait(i)
@@ -204,6 +219,13 @@ class LlamaModel(nn.Module):
             if self.streamer is not None:
                 self.streamer.release(i)
         return self.norm(h) if self.parallel.is_last_stage else h
+
+    def run_layers(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The layer stack and the final norm, as models/compiled.py compiles them (attention reads the
+        step's caches and layout from `compiled.step`)."""
+        for i in self.stage.layers:
+            h = self.layers[i](positions, h, None, None, None)
+        return self.norm(h)
 
 
 class LlamaForCausalLM(nn.Module):

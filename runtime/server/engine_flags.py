@@ -46,6 +46,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preemption-mode", default="auto", choices=("auto", "swap", "recompute"),
                    help="with a host KV tier: swap preempted sequences to it, recompute them, or auto (a cost "
                         "model: bytes over the host link vs prefill time)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never torch.compile the CPU decoder (compiling takes a minute or two at start-up and "
+                        "makes steps faster; also $KVPILOT_ENFORCE_EAGER=1)")
 
 
 def engine_config(args: argparse.Namespace, command: str = "kvpilot serve"):
@@ -66,6 +69,7 @@ def engine_config(args: argparse.Namespace, command: str = "kvpilot serve"):
                               gpu_memory_utilization=args.gpu_memory_utilization,
                               enable_prefix_caching=not args.no_prefix_caching,
                               host_kv_memory=parse_quantity(args.host_kv_memory),
-                              preemption_mode=args.preemption_mode, offload_layers=args.offload_layers)
+                              preemption_mode=args.preemption_mode, offload_layers=args.offload_layers,
+                              **({"enforce_eager": True} if args.enforce_eager else {}))
     except ValueError as err:  # EngineConfig names the bad option and what is allowed
         raise UsageError(f"{command}: {err}") from None
