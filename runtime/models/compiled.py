@@ -9,7 +9,7 @@ is kept behind two opaque operators, the way vLLM keeps attention out of its gra
   oneDNN tensor that inductor cannot take as an input, so the operator takes the weight's handle.
 - `kvpilot::paged_attention`: the cache write and paged attention of one layer. Its batch layout (how
   many decodes, the block tables) changes every step; the operator reads it from the step being run
-  (`Step`), so the compiled graph sees only q, k, v and never recompiles for a new batch.
+  (`run`), so the compiled graph sees only q, k, v and never recompiles for a new batch.
 
 The token dimension is dynamic (one graph serves every batch size, 1 included); the graph is built
 on the engine's first step (`warm_up`), not on a user's request. Compiled: a dense model on the CPU
@@ -23,8 +23,7 @@ import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,12 +78,16 @@ class StepLayer:
 _running = threading.local()  # .layers: the step this thread runs, by layer number
 
 
-@contextmanager
-def step(layers: list[StepLayer]) -> Iterator[None]:
-    """Run a forward with these layers' caches and batch layout (what kvpilot::paged_attention reads)."""
-    _running.layers = {layer.attention.layer: layer for layer in layers}
+def run(decoder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], attentions: list[LlamaAttention],
+        positions: torch.Tensor, h: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+        metas: list[AttentionMetadata]) -> torch.Tensor:
+    """The compiled decoder's forward, its attention operators reading these layers' caches and layouts."""
+    _running.layers = {attention.layer: StepLayer(attention, k, v, meta)
+                       for attention, k, v, meta in zip(attentions, k_caches, v_caches, metas, strict=True)}
     try:
-        yield
+        for tensor in (h, positions):  # any number of tokens, 1 included: one graph
+            torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        return decoder(positions, h)
     finally:
         _running.layers = {}
 

@@ -207,11 +207,8 @@ class LlamaModel(nn.Module):
         layers = [self.layers[i] for i in self.stage.layers]
         metas = meta if isinstance(meta, list) else [meta] * len(layers)
         if self.compiled is not None:
-            with compiled.step([compiled.StepLayer(layer.self_attn, *rest)
-                                for layer, *rest in zip(layers, k_caches, v_caches, metas, strict=True)]):
-                for tensor in (h, positions):  # any number of tokens, 1 included: one graph
-                    torch._dynamo.decorators.mark_unbacked(tensor, 0)
-                return self.compiled(positions, h)
+            return compiled.run(self.compiled, [layer.self_attn for layer in layers], positions, h, k_caches, v_caches,
+                                metas)
         for i, (layer, k_cache, v_cache, layer_meta) in enumerate(zip(layers, k_caches, v_caches, metas, strict=True)):
             if self.streamer is not None:
                 self.streamer.wait(i)
@@ -221,8 +218,7 @@ class LlamaModel(nn.Module):
         return self.norm(h) if self.parallel.is_last_stage else h
 
     def run_layers(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """The layer stack and the final norm, as models/compiled.py compiles them (attention reads the
-        step's caches and layout from `compiled.step`)."""
+        """The layer stack and the final norm, as compiled by models/compiled.py (which runs it)."""
         for i in self.stage.layers:
             h = self.layers[i](positions, h, None, None, None)
         return self.norm(h)
