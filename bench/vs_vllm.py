@@ -7,7 +7,9 @@ HF directory (bench/vllm_peer.py makes it from the GGUF). Both servers are start
 round of the workload (shorter outputs); then the measured rounds alternate between them (kvpilot
 first in even rounds, vLLM first in odd ones), so a machine whose speed drifts during the run (a
 shared VM's does, by 20% and more) weighs on both alike. Only one server works at a time: each row
-says how many CPU seconds the idle one spent during the other's round (`idle_peer_cpu_s`).
+says how many CPU seconds the idle one spent during the other's round (`idle_peer_cpu_s`), and how
+many the measured one's API server process (`api_cpu_s`) and its other processes (`engine_cpu_s`:
+vLLM's EngineCore and worker, kvpilot's engine process) spent in it.
 
 Counted the same way for both, from what the stream carries:
 - tokens: each chunk's `logprobs.content` has one entry per token it carries (logprobs are asked
@@ -91,17 +93,23 @@ def kvpilot_command(model_dir: Path, port: int, dtype: str, max_model_len: int, 
             NAME, "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len), *extra]
 
 
-def _cpu_seconds(proc: subprocess.Popen) -> float:
-    """CPU time of a server and its children (vLLM's engine core, kvpilot's engine process) so far."""
+def _cpu_split(proc: subprocess.Popen) -> tuple[float, float]:
+    """CPU seconds so far of a server's own (API) process and of its children (vLLM's engine core and
+    worker, kvpilot's engine process)."""
     tree = psutil.Process(proc.pid)
-    total = 0.0
+    spent = []
     for p in [tree, *tree.children(recursive=True)]:
         try:
             times = p.cpu_times()
-            total += times.user + times.system
+            spent.append(times.user + times.system)
         except psutil.NoSuchProcess:
-            pass
-    return total
+            spent.append(0.0)
+    return spent[0], sum(spent[1:])
+
+
+def _cpu_seconds(proc: subprocess.Popen) -> float:
+    """CPU seconds so far of a server and its children."""
+    return sum(_cpu_split(proc))
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -156,7 +164,10 @@ def main() -> None:
                 for server in (list(servers) if i % 2 == 0 else list(reversed(servers))):
                     idle = [proc for name, (proc, _) in servers.items() if name != server]
                     before = sum(_cpu_seconds(proc) for proc in idle)
+                    api, engine = _cpu_split(servers[server][0])
                     row = asyncio.run(_round(servers[server][1], args.requests, args.output_len))
+                    api_after, engine_after = _cpu_split(servers[server][0])
+                    row["api_cpu_s"], row["engine_cpu_s"] = round(api_after - api, 2), round(engine_after - engine, 2)
                     if idle:
                         row["idle_peer_cpu_s"] = round(sum(_cpu_seconds(proc) for proc in idle) - before, 2)
                     rows[server].append(row)
