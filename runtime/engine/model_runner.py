@@ -192,24 +192,19 @@ class ModelRunner:
         return logits
 
     def compile(self) -> None:
-        """Compile the decoder where the model allows (models/compiled.py) and build its graphs now, with
-        forwards that write no cache slot: a two-token prompt (the decoder's graph), then one decode
-        beside it (the decode attention's, built as steps will call it: from the compiled graph, not
-        while it compiles); a compile that fails (inductor needs a C++ compiler) leaves the decoder
-        eager, with a warning."""
+        """Compile the decoder where the model allows (models/compiled.py) and build its graph now, with a
+        forward of two prompt tokens that writes no cache slot; a compile that fails (inductor needs a C++
+        compiler) leaves the decoder eager, with a warning."""
         decoder = self.model.model
         decoder.compiled = compile_decoder(decoder)
         if decoder.compiled is None:
             return
         started = time.perf_counter()
         groups = range(self.kv_groups.num_groups)
-        prompt = HostInputs([0, 0], [0, 1], [[-1, -1] for _ in groups], 0, [[] for _ in groups], [],
-                            [[[0]] for _ in groups], [0, 2], [2], 2, [1])
-        decode_and_prompt = HostInputs([0, 0, 0], [0, 0, 1], [[-1, -1, -1] for _ in groups], 1,
-                                       [[[0]] for _ in groups], [1], [[[0]] for _ in groups], [0, 2], [2], 2, [0, 2])
+        warm_up = HostInputs([0, 0], [0, 1], [[-1, -1] for _ in groups], 0, [[] for _ in groups], [],
+                             [[[0]] for _ in groups], [0, 2], [2], 2, [1])
         try:
-            self.execute(prompt)
-            self.execute(decode_and_prompt)
+            self.execute(warm_up)
         except Exception as err:  # whatever torch.compile raised: the eager decoder is right too
             decoder.compiled = None
             logger.warning("torch.compile failed, the decoder runs eagerly: %s", str(err).strip().splitlines()[0])

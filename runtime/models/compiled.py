@@ -30,8 +30,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kvpilot.kernels import inductor_decode, ops
-
 if TYPE_CHECKING:
     from kvpilot.runtime.models.layers import AttentionMetadata
     from kvpilot.runtime.models.llama import LlamaAttention, LlamaModel
@@ -75,7 +73,6 @@ class StepLayer:
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     meta: AttentionMetadata
-    decode: inductor_decode.DecodeSlots | None  # None: no decodes, or an fp8 cache (the reference's path)
 
 
 _running = threading.local()  # .layers: the step this thread runs, by layer number
@@ -85,19 +82,7 @@ def run(decoder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], attention
         positions: torch.Tensor, h: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
         metas: list[AttentionMetadata]) -> torch.Tensor:
     """The compiled decoder's forward, its attention operators reading these layers' caches and layouts."""
-    slots: dict[tuple[int, int | None], inductor_decode.DecodeSlots] = {}  # per layout and window: a step has few
-
-    def decode_slots(attention: LlamaAttention, cache: torch.Tensor, meta: AttentionMetadata):
-        if not meta.num_decode_tokens or cache.dtype == torch.float8_e4m3fn:
-            return None
-        window = attention.extra.get("window")
-        key = (id(meta), window)
-        if key not in slots:
-            slots[key] = inductor_decode.DecodeSlots(meta.decode_block_tables, meta.decode_context_lens,
-                                                     meta.decode_max_context_len, cache.shape[1], window)
-        return slots[key]
-
-    _running.layers = {attention.layer: StepLayer(attention, k, v, meta, decode_slots(attention, k, meta))
+    _running.layers = {attention.layer: StepLayer(attention, k, v, meta)
                        for attention, k, v, meta in zip(attentions, k_caches, v_caches, metas, strict=True)}
     try:
         for tensor in (h, positions):  # any number of tokens, 1 included: one graph
@@ -108,17 +93,8 @@ def run(decoder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], attention
 
 
 def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-    """As LlamaAttention.attend, the decodes through inductor's decode attention (kernels/inductor_decode.py)."""
     entry = _running.layers[layer]
-    attention, meta, n = entry.attention, entry.meta, entry.meta.num_decode_tokens
-    if entry.decode is None:
-        return attention.attend(q, k, v, entry.k_cache, entry.v_cache, meta)
-    ops.write_kv_cache(k, v, entry.k_cache, entry.v_cache, meta.slot_mapping)
-    decoded = inductor_decode.paged_attention_decode(q[:n], entry.k_cache, entry.v_cache, entry.decode,
-                                                     attention.scale, attention.extra.get("softcap"))
-    if n == q.shape[0]:
-        return decoded
-    return torch.cat((decoded, attention.prefill(q[n:], entry.k_cache, entry.v_cache, meta)))
+    return entry.attention.attend(q, k, v, entry.k_cache, entry.v_cache, entry.meta)
 
 
 @torch.library.register_fake("kvpilot::paged_attention")
