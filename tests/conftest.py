@@ -10,7 +10,8 @@ start do not inherit it.
 
 Engines the tests build run their decoder eagerly (KVPILOT_ENFORCE_EAGER=1, inherited by the servers
 the tests start): compiling would cost each of them 10-90 s. tests/runtime/test_compiled_decoder.py
-builds compiled engines explicitly.
+builds compiled engines explicitly. They compute with one torch thread (KVPILOT_CPU_THREADS=1): pytest
+and the servers they start share the machine's cores with them.
 """
 
 import importlib
@@ -19,6 +20,7 @@ import os
 import torch
 
 os.environ.setdefault("KVPILOT_ENFORCE_EAGER", "1")
+os.environ.setdefault("KVPILOT_CPU_THREADS", "1")
 
 if not torch.cuda.is_available():
     _previous = os.environ.get("TRITON_INTERPRET")

@@ -95,9 +95,12 @@ def _in_process_engine(config):
     from kvpilot.runtime.engine.async_engine import AsyncLLMEngine
     from kvpilot.runtime.engine.config import memory_plan
     from kvpilot.runtime.engine.llm_engine import LLMEngine
+    from kvpilot.runtime.engine.threads import set_cpu_threads
     from kvpilot.runtime.server.memory_report import memory_figures
 
     core = LLMEngine(config)
+    if core.device.type == "cpu":
+        set_cpu_threads(shares_process=True)  # a core for the event loop (engine/threads.py)
     plan = memory_plan(core.facts, core.config)
     return AsyncLLMEngine(core), plan, lambda: memory_figures(core, plan), core.loaded.source
 

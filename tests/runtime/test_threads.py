@@ -1,4 +1,5 @@
-"""The CPU engine's thread count: the user's choice wins, else one core stays free for the event loop."""
+"""The CPU engine's thread count: the user's choice wins, else every core, or all but one for the event
+loop when the engine shares the API server's process."""
 
 import pytest
 
@@ -11,11 +12,12 @@ def _no_thread_env(monkeypatch):
     monkeypatch.delenv("KVPILOT_CPU_THREADS", raising=False)
 
 
-def test_leaves_one_core_for_the_event_loop(monkeypatch):
+def test_every_core_unless_the_engine_shares_the_event_loop_s_process(monkeypatch):
     monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
-    assert threads.default_cpu_threads() == 7
+    assert threads.default_cpu_threads() == 8
+    assert threads.default_cpu_threads(shares_process=True) == 7
     monkeypatch.setattr(threads, "usable_cpus", lambda: 1)
-    assert threads.default_cpu_threads() == 1
+    assert threads.default_cpu_threads(shares_process=True) == 1
 
 
 def test_environment_wins_kvpilot_first(monkeypatch):
