@@ -118,10 +118,9 @@ def compilable(model: LlamaModel) -> str | None:
         return "parallel ranks"
     if model.streamer is not None:
         return "layers streamed from host memory"
-    layers = [model.layers[i] for i in model.stage.layers]
-    params = [p for layer in layers for p in layer.parameters()] + list(model.norm.parameters())
-    if any(p.device.type != "cpu" for p in params):
+    if model.norm.weight.device.type != "cpu":  # one rank, one device: the final norm's is the model's
         return "not on the CPU"
+    layers = [model.layers[i] for i in model.stage.layers]
     linears = [m for layer in layers for m in layer.modules() if isinstance(m, (nn.Linear, PackedLinear))]
     if len(linears) != 4 * len(layers):  # qkv, o, gate_up and down of every layer, none quantized or expert
         return "quantized or expert projections"
